@@ -1,0 +1,1 @@
+"""DeepSpeed JSON presets and accelerate configs that point at them (package data)."""

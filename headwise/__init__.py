@@ -1,0 +1,18 @@
+"""headwise: fine-tune Hugging Face causal LMs with head-wise efficient attention from YAML recipes.
+
+    headwise train quickstart          # or: accelerate launch -m headwise train RECIPE
+    headwise export runs/quickstart
+    loaded = headwise.load("runs/quickstart/export"); loaded.generate("...")
+"""
+
+__version__ = "0.1.0"
+
+
+def load(*args, **kwargs):
+    """Load a headwise export (or any causal LM) with its KV policy; see `headwise.inference.load`."""
+    from headwise.inference import load as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = ["__version__", "load"]

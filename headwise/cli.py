@@ -1,0 +1,170 @@
+"""The `headwise` command line (also `python -m headwise`, so `accelerate launch -m headwise ...` works).
+
+    headwise train RECIPE [key.sub=value ...]      train (resumes from the last checkpoint)
+    headwise export RUN_DIR [--format merged]      adapter/merged folder + model card + inference config
+    headwise push PATH --repo-id owner/name        upload an export to the Hugging Face Hub
+    headwise generate PATH "prompt"                generate with an export (or any model)
+    headwise recipe show|validate|list|fields      inspect recipes
+
+Errors in user input print one message naming the field or file and the fix, and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from headwise.data_builders import DataError
+    from headwise.errors import HeadwiseError
+
+    return (HeadwiseError, DataError, FileNotFoundError)
+
+
+def _cmd_train(args) -> int:
+    from headwise.recipe_loader import load_recipe
+    from headwise.run_dir import is_main_process
+    from headwise.training import train
+
+    loaded = load_recipe(args.recipe, args.overrides)
+    if is_main_process():
+        print(f"headwise: training {args.recipe} -> {loaded.recipe.training.output_dir}", file=sys.stderr)
+    final = train(loaded)
+    if is_main_process():
+        print(f"headwise: done; weights in {final}. Next: headwise export {loaded.recipe.training.output_dir}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from headwise.export import export_run
+
+    out = export_run(args.run_dir, out_dir=args.out, format=args.format, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    print(f"headwise: exported to {out}")
+    return 0
+
+
+def _cmd_push(args) -> int:
+    from headwise.hub import plan_push, push
+
+    plan = plan_push(args.path, args.repo_id, args.private)
+    print(f"headwise: {len(plan.files)} files from {plan.folder} -> {plan.repo_id} ({'private' if plan.private else 'public'})")
+    for f in plan.files:
+        print(f"  {f}")
+    if args.dry_run:
+        print("headwise: dry run, nothing uploaded")
+        return 0
+    url = push(plan)
+    print(f"headwise: pushed {url}")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from headwise.inference import load
+
+    loaded = load(args.path, dtype=args.dtype)
+    print(loaded.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _cmd_recipe(args) -> int:
+    from headwise.recipe_loader import RecipeError, list_shipped_recipes, load_recipe
+
+    if args.action == "list":
+        for name in list_shipped_recipes():
+            print(name)
+        return 0
+    if args.action == "fields":
+        from headwise.recipe_reference import render_recipe_reference
+
+        print(render_recipe_reference())
+        return 0
+    if args.action == "show":
+        if len(args.recipes) != 1:
+            raise RecipeError("recipe show takes one recipe (then optional key=value overrides)")
+        print(load_recipe(args.recipes[0], args.overrides).resolved_yaml(), end="")
+        return 0
+    failed = 0
+    for r in args.recipes:
+        try:
+            load_recipe(r, args.overrides)
+            print(f"ok      {r}")
+        except RecipeError as e:
+            failed += 1
+            print(f"invalid {e}")
+    return 2 if failed else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="headwise", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command")
+
+    t = sub.add_parser("train", help="train a recipe (resumes from the last checkpoint in its output_dir)")
+    t.add_argument("recipe", help="recipe file or shipped recipe name (see `headwise recipe list`)")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides (beat the file); ~key removes a key")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("export", help="write the adapter or merged model, inference config and model card")
+    e.add_argument("run_dir")
+    e.add_argument("--out", help="export folder (default: export.dir of the recipe, else RUN_DIR/export)")
+    e.add_argument("--format", choices=["adapter", "merged"], help="override export.format")
+    e.add_argument("--checkpoint", help="export checkpoint-N instead of the final weights")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    e.set_defaults(func=_cmd_export)
+
+    pu = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub")
+    pu.add_argument("path", help="export folder, or a run directory with an export")
+    pu.add_argument("--repo-id", help="owner/name (default: export.hub.repo_id of the recipe)")
+    vis = pu.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repo private")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    pu.add_argument("--dry-run", action="store_true", help="check the folder and list the files; upload nothing")
+    pu.set_defaults(func=_cmd_push)
+
+    g = sub.add_parser("generate", help="generate text with an export folder or any causal LM")
+    g.add_argument("path")
+    g.add_argument("prompt")
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.set_defaults(func=_cmd_generate)
+
+    r = sub.add_parser("recipe", help="show, validate or list recipes")
+    r.add_argument("action", choices=["show", "validate", "list", "fields"])
+    r.add_argument("recipes", nargs="*", help="recipe files or names; after them, key=value overrides")
+    r.set_defaults(func=_cmd_recipe)
+    return p
+
+
+def _split_overrides(args) -> None:
+    """`recipe` takes recipes then overrides in one list: overrides are the items with `=` or a `~` prefix."""
+    if getattr(args, "command", None) == "recipe":
+        items = args.recipes
+        args.recipes = [i for i in items if "=" not in i and not i.startswith("~")]
+        args.overrides = [i for i in items if "=" in i or i.startswith("~")]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from headwise import __version__
+
+        print(__version__)
+        return 0
+    if not args.command:
+        parser.print_help()
+        return 2
+    _split_overrides(args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"headwise: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

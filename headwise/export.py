@@ -1,0 +1,136 @@
+"""`headwise export RUN_DIR`: a Hub-ready folder from a finished (or checkpointed) run.
+
+The folder holds either the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) or
+merged full weights, the tokenizer, `headwise_inference.json` and a model card (`README.md`). It is
+written to a temporary sibling and renamed into place, so an interrupted export never leaves a
+half-written folder, and an existing export is only replaced with `overwrite=True`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from headwise import __version__
+from headwise.errors import HeadwiseError
+from headwise.inference_config import BaseModelRef, InferenceConfig
+from headwise.methods import method_for
+from headwise.model_cards import write_model_card
+from headwise.model_loading import load_config, load_model, load_tokenizer, resolve_model_source
+from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, RunDirError, checkpoint_problem, read_run_recipe
+
+
+class ExportError(HeadwiseError):
+    pass
+
+
+def _weights_dir(run_dir: Path, checkpoint: str | None) -> Path:
+    if checkpoint:
+        src = run_dir / checkpoint if not Path(checkpoint).is_absolute() else Path(checkpoint)
+        problem = checkpoint_problem(src) if src.is_dir() else "it does not exist"
+        if problem:
+            raise ExportError(f"--checkpoint {checkpoint}: {problem}")
+        return src
+    final = run_dir / FINAL_DIR
+    if not final.is_dir():
+        raise ExportError(
+            f"{final} does not exist: the run has not finished. Finish it (run the same `headwise train` command "
+            "again: it resumes) or export a checkpoint with --checkpoint checkpoint-N"
+        )
+    return final
+
+
+def build_inference_config(recipe, *, weights: str) -> InferenceConfig:
+    method = method_for(recipe.method)
+    config = load_config(recipe.model)
+    rope = getattr(config, "rope_parameters", None) if recipe.model.rope_scaling else None
+    return InferenceConfig(
+        headwise_version=__version__,
+        method=recipe.method.name,
+        weights=weights,
+        base_model=BaseModelRef(name=recipe.model.name, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision),
+        rope_parameters=dict(rope) if rope else None,
+        max_position_embeddings=recipe.model.context_length,
+        attention=method.inference_attention(),
+        kv_policy=recipe.export.kv_policy,
+        extra_modules=method.extra_modules(),
+    )
+
+
+def export_run(
+    run_dir: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    format: str | None = None,
+    checkpoint: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Export a run directory; returns the export folder."""
+    run_dir = Path(run_dir)
+    try:
+        recipe = read_run_recipe(run_dir)
+    except RunDirError as e:
+        raise ExportError(str(e)) from e
+    fmt = format or recipe.export.format
+    if fmt not in ("adapter", "merged"):
+        raise ExportError(f"--format {fmt!r}: use `adapter` or `merged`")
+    if fmt == "adapter" and recipe.peft.type == "none":
+        raise ExportError("this run trained without LoRA (peft.type none): export it with --format merged")
+    src = _weights_dir(run_dir, checkpoint)
+    out = Path(out_dir) if out_dir else (Path(recipe.export.dir) if recipe.export.dir else run_dir / "export")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it, or --out another folder")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tokenizer = load_tokenizer(recipe.model)
+        if fmt == "adapter":
+            for name in ("adapter_config.json", "adapter_model.safetensors"):
+                if not (src / name).is_file():
+                    raise ExportError(f"{src / name} is missing; the run did not save a PEFT adapter")
+                shutil.copy2(src / name, tmp / name)
+            _point_adapter_at_base(tmp / "adapter_config.json", recipe)
+        else:
+            _save_merged(recipe, src, tmp)
+        tokenizer.save_pretrained(str(tmp))
+        inference = build_inference_config(recipe, weights=fmt)
+        inference.save(tmp)
+        (tmp / "headwise_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
+        write_model_card(tmp, recipe, inference, summary, run_dir=run_dir)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _point_adapter_at_base(adapter_config: Path, recipe) -> None:
+    """Record the base model's public id in the adapter config (not a path on the training machine)."""
+    cfg = json.loads(adapter_config.read_text())
+    src = resolve_model_source(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
+    cfg["base_model_name_or_path"] = src.hub_id or recipe.model.name
+    adapter_config.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
+def _save_merged(recipe, src: Path, dest: Path) -> None:
+    from peft import PeftModel
+
+    model = load_model(recipe.model, training=False)
+    method = method_for(recipe.method)
+    method.prepare_model(model)
+    if (src / "adapter_config.json").is_file():
+        model = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+    else:  # peft.type none: the run saved full weights
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=model.dtype)
+    model.config.use_cache = True
+    model.save_pretrained(str(dest), safe_serialization=True)

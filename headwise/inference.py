@@ -1,0 +1,108 @@
+"""`headwise.load`: open any headwise export (or a plain model) ready to generate with its KV policy.
+
+An export folder's `headwise_inference.json` says whether it holds an adapter (then the base model
+is loaded, the recipe's RoPE parameters are applied, the method's extra modules are re-attached and
+the adapter is loaded on top) or merged weights (loaded directly), which attention runs at
+inference and which KV-cache policy generation uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, KVPolicy
+from headwise.model_loading import resolve_dtype, resolve_model_source
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    config: InferenceConfig | None
+    policy: Any
+
+    def make_cache(self):
+        """A fresh KV cache for one `generate` call, built from the policy (None: transformers' default)."""
+        return None  # `full`: transformers' DynamicCache
+
+    @torch.inference_mode()
+    def generate(self, prompt: str | list[str], *, max_new_tokens: int = 32, **kwargs) -> str | list[str]:
+        """Greedy by default; returns only the generated continuation(s)."""
+        single = isinstance(prompt, str)
+        prompts = [prompt] if single else list(prompt)
+        self.tokenizer.padding_side = "left"
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        kwargs.setdefault("do_sample", False)
+        cache = self.make_cache()
+        if cache is not None:
+            kwargs["past_key_values"] = cache
+        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        return texts[0] if single else texts
+
+
+def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | None):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    torch_dtype = resolve_dtype(dtype)
+    if config.weights == "merged":
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    else:
+        from peft import PeftModel
+
+        base = config.base_model
+        src = resolve_model_source(base.name, base.gguf_file, base.revision)
+        kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        if src.revision:
+            kw["revision"] = src.revision
+        model_config = AutoConfig.from_pretrained(src.path, **kw)
+        if config.rope_parameters:
+            model_config.rope_parameters = dict(config.rope_parameters)
+        if config.max_position_embeddings:
+            model_config.max_position_embeddings = config.max_position_embeddings
+        model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype, **kw)
+        model = PeftModel.from_pretrained(model, str(path))
+    if device:
+        model.to(device)
+    model.eval()
+    model.config.use_cache = True
+    return model, tokenizer
+
+
+def load(
+    path_or_id: str | Path,
+    *,
+    policy: KVPolicy | dict | None = None,
+    dtype: str = "auto",
+    device: str | None = None,
+) -> LoadedModel:
+    """Load a headwise export folder, or any causal LM (Hub id, local path, alias) with a KV policy.
+
+    `policy` overrides the export's KV policy (a dict such as `{"type": "full"}` is validated).
+    """
+    from pydantic import TypeAdapter
+
+    path = Path(path_or_id)
+    policy_obj = TypeAdapter(KVPolicy).validate_python(policy) if isinstance(policy, dict) else policy
+    if (path / INFERENCE_CONFIG_NAME).is_file():
+        config = InferenceConfig.read(path)
+        model, tokenizer = _load_export(path, config, dtype, device)
+        return LoadedModel(model, tokenizer, config, policy_obj or config.kv_policy)
+    if path.is_dir() and any(path.glob("adapter_config.json")):
+        raise FileNotFoundError(f"{path} has an adapter but no {INFERENCE_CONFIG_NAME}; export it with `headwise export RUN_DIR`")
+    from headwise.model_loading import load_model, load_tokenizer
+    from headwise.recipe import ModelSection
+
+    section = ModelSection(name=str(path_or_id), dtype=dtype)
+    model = load_model(section, training=False)
+    if device:
+        model.to(device)
+    model.eval()
+    from headwise.inference_config import FullPolicy
+
+    return LoadedModel(model, load_tokenizer(section), None, policy_obj or FullPolicy())

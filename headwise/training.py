@@ -1,0 +1,255 @@
+"""Train a recipe: the one function behind `headwise train` (and `accelerate launch -m headwise train`).
+
+Order matters and is chosen so that every cheap check runs before anything expensive:
+recipe validated -> run directory checked (resume point found) -> model config read and checked by
+the method -> data sources checked -> tokenizer -> model weights -> method patch -> PEFT wrap ->
+data built -> Trainer (HF `Trainer`, or TRL `SFTTrainer` for chat data) -> final adapter saved and
+verified non-empty (the ZeRO-3 empty-adapter trap) -> run summary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from headwise.errors import HeadwiseError
+from headwise.losses import resolve_fused_loss
+from headwise.methods import Method, method_for
+from headwise.model_loading import load_config, load_model, load_tokenizer
+from headwise.recipe import DEEPSPEED_PRESETS, Recipe
+from headwise.recipe_loader import LoadedRecipe
+from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, is_main_process, prepare_run_dir
+
+logger = logging.getLogger(__name__)
+
+
+def deepspeed_config_path(value: str | None) -> str | None:
+    """A recipe's `deepspeed` (preset name or JSON path) as a JSON path."""
+    if value is None:
+        return None
+    if value in DEEPSPEED_PRESETS:
+        from importlib import resources
+
+        return str(resources.files("headwise.ds_configs") / f"{value}.json")
+    return value
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class MethodLossMixin:
+    """Adds a method's extra loss and the optional fused (logit-free) LM loss to a Trainer."""
+
+    method: Method
+    fused_loss: Any = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.fused_loss is not None:
+            # Ask the model for the final hidden states and a (B, 0, V) logits tensor; the loss
+            # function projects chunk by chunk (see headwise.losses).
+            inputs = {**inputs, "output_hidden_states": True, "logits_to_keep": torch.empty(0, dtype=torch.long)}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        extra = self.method.extra_loss(model, inputs, outputs)
+        if extra is not None:
+            if num_items_in_batch is not None:  # the LM loss is already scaled for accumulation
+                extra = extra / self.current_gradient_accumulation_steps
+            loss = loss + extra
+        return (loss, outputs) if return_outputs else loss
+
+
+def _make_fused_loss_func(fn, model):
+    def compute_loss_func(outputs, labels, num_items_in_batch=None):
+        head = model.get_output_embeddings()
+        return fn(outputs.hidden_states[-1], head, labels, num_items_in_batch=num_items_in_batch)
+
+    return compute_loss_func
+
+
+def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.nn.Module:
+    """LoRA (or plain full training of the listed modules), with the method's extra trainables saved."""
+    peft_cfg = recipe.peft
+    save = list(dict.fromkeys(peft_cfg.trainable_modules + method.modules_to_save()))
+    names = [n for n, _ in model.named_modules()]
+    for field_name, wanted in (("peft.trainable_modules", save), ("peft.target_modules", peft_cfg.target_modules)):
+        if wanted == "all-linear":
+            continue
+        missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
+            raise HeadwiseError(f"{field_name}: {missing} match no module of this model; module names include {leaves[:40]}")
+    if peft_cfg.type == "none":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for n, m in model.named_modules():
+            if any(n == w or n.endswith("." + w) for w in save):
+                for p in m.parameters():
+                    p.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(
+        r=peft_cfg.r,
+        lora_alpha=peft_cfg.alpha,
+        lora_dropout=peft_cfg.dropout,
+        target_modules=peft_cfg.target_modules,
+        modules_to_save=save or None,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def training_arguments(recipe: Recipe, *, sft: bool) -> Any:
+    """TrainingArguments (or TRL's SFTConfig for chat data) from the recipe's `training` section."""
+    t = recipe.training
+    cuda = torch.cuda.is_available()
+    bf16 = t.bf16 if t.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
+    if bf16 and not cuda:
+        raise HeadwiseError("training.bf16 is true but no CUDA GPU is visible; set training.bf16: false on CPU")
+    kwargs: dict[str, Any] = dict(
+        output_dir=t.output_dir,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        bf16=bf16,
+        gradient_checkpointing=t.gradient_checkpointing,
+        # Non-reentrant checkpointing works with frozen embeddings (LoRA) without enable_input_require_grads.
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        seed=t.seed,
+        data_seed=t.seed,
+        report_to=t.report_to or "none",
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=cuda,
+        remove_unused_columns=False,  # position_ids must reach the model (packed samples)
+        deepspeed=deepspeed_config_path(recipe.deepspeed),
+    )
+    if not cuda and _world_size() > 1:
+        kwargs["ddp_backend"] = "gloo"  # DeepSpeed/DDP on CPU (accelerate picks no backend otherwise)
+    if not sft:
+        from transformers import TrainingArguments
+
+        return TrainingArguments(**kwargs)
+    from trl import SFTConfig
+
+    kwargs.pop("remove_unused_columns")
+    return SFTConfig(
+        **kwargs,
+        max_length=recipe.data.max_length,
+        packing=recipe.data.packing,
+        completion_only_loss=True,
+    )
+
+
+def build_trainer(recipe: Recipe, model, tokenizer, method: Method, train_dataset, collator, resume: Path | None):
+    sft = recipe.data.builder == "sft"
+    args = training_arguments(recipe, sft=sft)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    fused = resolve_fused_loss(recipe.training.fused_cross_entropy, device_type)
+    callbacks = method.callbacks(str(recipe.run_dir()))
+    common = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)
+    if fused is not None:
+        common["compute_loss_func"] = _make_fused_loss_func(fused, model)
+    if sft:
+        from trl import SFTTrainer
+
+        cls = type("HeadwiseSFTTrainer", (MethodLossMixin, SFTTrainer), {})
+    else:
+        from transformers import Trainer
+
+        cls = type("HeadwiseTrainer", (MethodLossMixin, Trainer), {})
+        common["data_collator"] = collator
+    trainer = cls(**common)
+    trainer.method = method
+    trainer.fused_loss = fused
+    return trainer
+
+
+def verify_saved_weights(directory: Path) -> int:
+    """Count the tensors saved in `directory`; raise when any is empty (ZeRO-3 saves empty shards if not gathered)."""
+    from safetensors import safe_open
+
+    files = list(directory.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"{directory} holds no *.safetensors weights after training")
+    count = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                shape = st.get_slice(name).get_shape()
+                if 0 in shape:
+                    raise RuntimeError(f"{f}: tensor {name} is empty {shape}; with ZeRO-3 set stage3_gather_16bit_weights_on_model_save")
+                count += 1
+    return count
+
+
+def train(loaded: LoadedRecipe) -> Path:
+    """Run the recipe. Returns the directory of the final adapter/weights."""
+    from headwise.data import build_training_data, check_data_sources
+
+    recipe = loaded.recipe
+    method = method_for(recipe.method)
+    resolved = recipe.model_dump(mode="json")
+    resume = prepare_run_dir(recipe, resolved, loaded.resolved_yaml())
+    model_config = load_config(recipe.model)
+    method.check_model_config(model_config)
+    check_data_sources(recipe.data)
+
+    t0 = time.time()
+    tokenizer = load_tokenizer(recipe.model)
+    model = load_model(recipe.model, training=True, config=model_config)
+    method.prepare_model(model)
+    model = wrap_peft(model, recipe, method)
+    if is_main_process() and hasattr(model, "print_trainable_parameters"):
+        model.print_trainable_parameters()
+    train_dataset, collator = build_training_data(recipe, tokenizer)
+
+    trainer = build_trainer(recipe, model, tokenizer, method, train_dataset, collator, resume)
+    if resume is not None and is_main_process():
+        logger.warning("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    final = recipe.run_dir() / FINAL_DIR
+    trainer.save_model(str(final))
+    if is_main_process():
+        tokenizer.save_pretrained(str(final))
+        n_tensors = verify_saved_weights(final)
+        summary = {
+            "global_step": trainer.state.global_step,
+            "train_loss": result.training_loss,
+            "log_history": trainer.state.log_history,
+            "train_runtime_s": round(time.time() - t0, 1),
+            "resumed_from": str(resume) if resume else None,
+            "saved_tensors": n_tensors,
+            "world_size": _world_size(),
+            "versions": _versions(),
+        }
+        (recipe.run_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return final
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("headwise", "torch", "transformers", "peft", "trl", "accelerate", "deepspeed"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
