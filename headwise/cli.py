@@ -32,7 +32,7 @@ def _cmd_train(args) -> int:
     loaded = load_recipe(args.recipe, args.overrides)
     if is_main_process():
         print(f"headwise: training {args.recipe} -> {loaded.recipe.training.output_dir}", file=sys.stderr)
-    final = train(loaded)
+    final = train(loaded).final_dir
     if is_main_process():
         print(f"headwise: done; weights in {final}. Next: headwise export {loaded.recipe.training.output_dir}")
     return 0
@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.set_defaults(func=_cmd_generate)
+
+    ev = sub.add_parser("eval", help="perplexity on long text and passkey retrieval (with a heatmap PNG)")
+    from headwise.evaluation import configure_eval_parser
+
+    configure_eval_parser(ev)  # adds the arguments and sets func
 
     r = sub.add_parser("recipe", help="show, validate or list recipes")
     r.add_argument("action", choices=["show", "validate", "list", "fields"])

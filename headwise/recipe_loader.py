@@ -216,7 +216,11 @@ def _describe(err: dict[str, Any], data: dict[str, Any], provenance: dict[tuple,
     if kind == "missing":
         return f"{dotted}: required but missing; add it to the recipe (see `headwise recipe fields`)"
     if kind == "union_tag_invalid":
-        return f"{dotted} (set in {where}): {msg}"
+        ctx = err.get("ctx", {})
+        known = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",") if t.strip()]
+        hint = difflib.get_close_matches(str(ctx.get("tag")), known, n=1, cutoff=0.5)
+        fix = f"did you mean `{hint[0]}`? " if hint else ""
+        return f"{dotted}.{ctx.get('discriminator', 'name').strip(chr(39))} (set in {where}): {ctx.get('tag')!r} is unknown; {fix}known: {', '.join(known)}"
     if "input" in err and kind not in ("value_error", "assertion_error") and not isinstance(err["input"], dict):
         return f"{dotted} (set in {where}): {msg}, got {err['input']!r}"
     return f"{dotted} (set in {where}): {msg}"

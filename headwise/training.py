@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,23 +73,50 @@ def _make_fused_loss_func(fn, model):
     return compute_loss_func
 
 
+def _matches(name: str, suffixes: list[str]) -> bool:
+    # PEFT's rule for modules_to_save (suffix match); for target_modules it also matches on the full name.
+    return any(name == w or name.endswith("." + w) for w in suffixes)
+
+
+def check_module_names(model: torch.nn.Module, recipe: Recipe, method: Method) -> None:
+    """Every name in peft.target_modules / peft.trainable_modules must match a module of the model.
+
+    Runs on a meta-device copy built from the config before the weights load, so a typo costs
+    nothing.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    wanted = {
+        "peft.trainable_modules": recipe.peft.trainable_modules + method.modules_to_save(),
+        "peft.target_modules": recipe.peft.target_modules if recipe.peft.type == "lora" else [],
+    }
+    for field_name, suffixes in wanted.items():
+        if suffixes == "all-linear":
+            continue
+        missing = [w for w in suffixes if not any(_matches(n, [w]) for n in names)]
+        if missing:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise HeadwiseError(
+                f"{field_name}: {missing} match no module of this model; its module names end in {leaves}"
+            )
+
+
+def meta_model(model_config) -> torch.nn.Module:
+    """The model's module tree without weights (device `meta`): for name checks before loading."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_config)
+
+
 def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.nn.Module:
     """LoRA (or plain full training of the listed modules), with the method's extra trainables saved."""
     peft_cfg = recipe.peft
     save = list(dict.fromkeys(peft_cfg.trainable_modules + method.modules_to_save()))
-    names = [n for n, _ in model.named_modules()]
-    for field_name, wanted in (("peft.trainable_modules", save), ("peft.target_modules", peft_cfg.target_modules)):
-        if wanted == "all-linear":
-            continue
-        missing = [w for w in wanted if not any(n == w or n.endswith("." + w) for n in names)]
-        if missing:
-            leaves = sorted({n.rsplit(".", 1)[-1] for n in names if n})
-            raise HeadwiseError(f"{field_name}: {missing} match no module of this model; module names include {leaves[:40]}")
     if peft_cfg.type == "none":
         for p in model.parameters():
             p.requires_grad_(False)
         for n, m in model.named_modules():
-            if any(n == w or n.endswith("." + w) for w in save):
+            if _matches(n, save):
                 for p in m.parameters():
                     p.requires_grad_(True)
         return model
@@ -139,11 +167,15 @@ def training_arguments(recipe: Recipe, *, sft: bool) -> Any:
         remove_unused_columns=False,  # position_ids must reach the model (packed samples)
         deepspeed=deepspeed_config_path(recipe.deepspeed),
     )
+    from transformers import TrainingArguments
+
+    if "activation_checkpointing" in TrainingArguments.__dataclass_fields__:
+        # transformers >= 5.24 renamed these (the old names warn); 5.17 only knows the old ones.
+        kwargs["activation_checkpointing"] = kwargs.pop("gradient_checkpointing")
+        kwargs["activation_checkpointing_kwargs"] = kwargs.pop("gradient_checkpointing_kwargs")
     if not cuda and _world_size() > 1:
         kwargs["ddp_backend"] = "gloo"  # DeepSpeed/DDP on CPU (accelerate picks no backend otherwise)
     if not sft:
-        from transformers import TrainingArguments
-
         return TrainingArguments(**kwargs)
     from trl import SFTConfig
 
@@ -198,17 +230,30 @@ def verify_saved_weights(directory: Path) -> int:
     return count
 
 
-def train(loaded: LoadedRecipe) -> Path:
-    """Run the recipe. Returns the directory of the final adapter/weights."""
+@dataclass
+class TrainResult:
+    final_dir: Path  # the saved adapter (or weights) and tokenizer
+    model: Any  # the trained model in memory (PEFT-wrapped)
+    tokenizer: Any
+    trainer: Any
+
+
+def train(loaded: LoadedRecipe) -> TrainResult:
+    """Run the recipe: returns where the final adapter/weights were saved, and the trained model."""
     from headwise.data import build_training_data, check_data_sources
 
     recipe = loaded.recipe
     method = method_for(recipe.method)
-    resolved = recipe.model_dump(mode="json")
-    resume = prepare_run_dir(recipe, resolved, loaded.resolved_yaml())
+    # Cheap checks first: a bad model name, an unsupported architecture, a module typo or a missing
+    # data file fails here, before the run directory is touched or any weights are read.
     model_config = load_config(recipe.model)
     method.check_model_config(model_config)
+    skeleton = meta_model(model_config)
+    with torch.device("meta"):
+        method.prepare_model(skeleton)  # the method's extra modules count as names too
+    check_module_names(skeleton, recipe, method)
     check_data_sources(recipe.data)
+    resume = prepare_run_dir(recipe, recipe.model_dump(mode="json"), loaded.resolved_yaml())
 
     t0 = time.time()
     tokenizer = load_tokenizer(recipe.model)
@@ -240,7 +285,7 @@ def train(loaded: LoadedRecipe) -> Path:
             "versions": _versions(),
         }
         (recipe.run_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return final
+    return TrainResult(final, trainer.model, tokenizer, trainer)
 
 
 def _versions() -> dict[str, str]:

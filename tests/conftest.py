@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, saved once per session.
+
+Tests that need real weights load the embedded SmolLM2-135M (alias `smollm2-135m`); tests that only
+need shapes and the pipeline use the tiny model (49K-token vocabulary, 2 layers, hidden 64), which
+trains a step in milliseconds.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from headwise.model_loading import load_tokenizer
+    from headwise.recipe import ModelSection
+
+    return load_tokenizer(ModelSection(name="smollm2-135m"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A saved random LlamaForCausalLM (2 layers, 4 heads, 2 KV heads) + SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = smollm2_tokenizer
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tok),
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def write_recipe(directory: Path, data: dict, name: str = "recipe.yaml") -> Path:
+    path = Path(directory) / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def tiny_recipe(model_dir: Path, output_dir: Path, **training) -> dict:
+    """A recipe that trains the tiny model on a slice of the built-in corpus in seconds."""
+    return {
+        "model": {"name": str(model_dir)},
+        "data": {"builder": "corpus", "max_length": 64, "num_samples": 64, "limit_documents": 20},
+        "training": {"output_dir": str(output_dir), "max_steps": 4, "logging_steps": 1, "save_steps": 2, **training},
+    }
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m headwise ARGS` in a subprocess (the real entry point), output captured."""
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "headwise", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
