@@ -28,8 +28,10 @@ from headwise.errors import HeadwiseError
 IGNORE_INDEX = -100
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight, bias).float()  # fp32 softmax: bf16 log-sum-exp loses ~2 digits
+def _chunk_ce_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = lm_head(hidden)
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # fp32 softmax: a bf16 log-sum-exp over 100K+ classes loses ~2 digits
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -49,26 +51,18 @@ def chunked_lm_loss(
     """Mean next-token cross-entropy computed chunk by chunk.
 
     hidden: (B, T, d) final hidden states; labels: (B, T) unshifted (as passed to the model);
-    lm_head: a Linear-like module (PEFT-wrapped is fine: we call it only through weight/bias when it
-    is a plain Linear, else through the module per chunk). Returns the same value as the model's own
+    lm_head: the output projection, called as a module per chunk (so PEFT wrappers and ZeRO-3's
+    parameter gathering hooks work). Returns the same value as the model's own
     loss (sum over valid tokens / number of valid tokens, or / `num_items_in_batch` when given).
     """
     targets = shift_labels(labels).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    plain = type(lm_head) is torch.nn.Linear
-    total = flat.new_zeros((), dtype=torch.float32)
+    total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     for start in range(0, flat.shape[0], chunk_size):
         h, y = flat[start : start + chunk_size], targets[start : start + chunk_size]
         if not (y != IGNORE_INDEX).any():
             continue
-        if plain:
-            part = checkpoint(_chunk_ce_sum, h, lm_head.weight, lm_head.bias, y, use_reentrant=False)
-        else:
-            part = checkpoint(
-                lambda h_, y_: F.cross_entropy(lm_head(h_).float(), y_, ignore_index=IGNORE_INDEX, reduction="sum"),
-                h, y, use_reentrant=False,
-            )
-        total = total + part
+        total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=False)
     denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
 

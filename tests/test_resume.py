@@ -1,0 +1,131 @@
+"""A killed run resumes: SIGKILL mid-training, run the same command, it continues from the last
+checkpoint and finishes. Plus what the run directory refuses to do (it never clobbers a run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from headwise.run_dir import checkpoints
+from tests.conftest import run_cli, tiny_recipe, write_recipe
+
+MAX_STEPS = 60
+
+
+def _launch(recipe_path):
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "headwise", "train", str(recipe_path)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _logged_steps(run_dir) -> list[int]:
+    history = json.loads((run_dir / "run_summary.json").read_text())["log_history"]
+    return [h["step"] for h in history if "loss" in h]
+
+
+def test_sigkill_then_same_command_resumes_and_finishes(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=MAX_STEPS, save_steps=5))
+    proc = _launch(recipe)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        done = [c for c in checkpoints(run_dir) if (c / "trainer_state.json").is_file()]
+        if done and int(done[0].name.split("-")[1]) >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"training ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "final").exists()
+    killed_at = int(checkpoints(run_dir)[0].name.split("-")[1])
+    assert 10 <= killed_at < MAX_STEPS
+
+    res = run_cli("train", str(recipe))
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["global_step"] == MAX_STEPS
+    resumed = summary["resumed_from"]
+    assert resumed is not None and int(resumed.rsplit("-", 1)[1]) >= killed_at - 5
+    # The second process trained only the remaining steps: its progress bar starts past the
+    # checkpoint, and the merged log has every step exactly once.
+    start = int(resumed.rsplit("-", 1)[1])
+    assert f" {start + 1}/{MAX_STEPS} [" in res.stderr and f" 1/{MAX_STEPS} [" not in res.stderr
+    assert _logged_steps(run_dir) == list(range(1, MAX_STEPS + 1))
+    assert (run_dir / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_truncated_checkpoint_is_skipped_for_the_previous_one(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=4, save_steps=2, save_total_limit=5))
+    assert run_cli("train", str(recipe)).returncode == 0
+    # Simulate a kill during the save of checkpoint-4 and of the final folder.
+    import shutil
+
+    shutil.rmtree(run_dir / "final")
+    weights = run_dir / "checkpoint-4" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    res = run_cli("train", str(recipe), "training.max_steps=6")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "skipping" in res.stderr and "checkpoint-4" in res.stderr
+    assert json.loads((run_dir / "run_summary.json").read_text())["resumed_from"].endswith("checkpoint-2")
+
+
+def test_explicit_corrupt_checkpoint_is_refused(tmp_path, tiny_model_dir):
+    ckpt = tmp_path / "checkpoint-3"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text("{not json")
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, tmp_path / "run", resume=str(ckpt)))
+    res = run_cli("train", str(recipe))
+    assert res.returncode == 2
+    assert "training.resume" in res.stderr and "trainer_state.json is not valid JSON" in res.stderr
+
+
+def test_run_dir_of_another_recipe_is_never_clobbered(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=2))
+    assert run_cli("train", str(recipe)).returncode == 0
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    res = run_cli("train", str(recipe), "peft.r=4")
+    assert res.returncode == 2
+    assert "holds a run of a different recipe" in res.stderr and "peft.r: 8 -> 4" in res.stderr
+    assert before == {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "thesis.txt").write_text("mine")
+    res = run_cli("train", str(recipe), f"training.output_dir={foreign}")
+    assert res.returncode == 2 and "is not a headwise run" in res.stderr
+    assert sorted(p.name for p in foreign.iterdir()) == ["thesis.txt"]
+
+
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("peft.target_modules=[q_projj]", "peft.target_modules: ['q_projj'] match no module"),
+        ("peft.trainable_modules=[embedding]", "peft.trainable_modules: ['embedding'] match no module"),
+        ("data.files=[missing.txt]", "data.files: missing.txt does not exist"),
+    ],
+)
+def test_model_and_data_mistakes_fail_before_training(tmp_path, tiny_model_dir, override, needle):
+    run_dir = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model_dir, run_dir)
+    if override.startswith("data.files"):
+        recipe["data"] = {"builder": "text", "max_length": 64}
+    res = run_cli("train", str(write_recipe(tmp_path, recipe)), override)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert needle in res.stderr
+    assert not run_dir.exists()
+
+
+def test_unknown_model_path_is_named(tmp_path):
+    recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "nope")}, "training": {"output_dir": str(tmp_path / "r")}})
+    res = run_cli("train", str(recipe))
+    assert res.returncode == 2 and "model.name" in res.stderr
