@@ -76,7 +76,7 @@ class ModelSection(Section):
 class FullMethod(Section):
     """Dense attention: the baseline every other method is compared against."""
 
-    name: Literal["full"] = "full"
+    name: Literal["full"] = Field("full", description="`full`: dense attention (the baseline).")
 
 
 # Later methods add their config model to this union (discriminated by `name`).
