@@ -13,17 +13,13 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from headwise.inference_config import KVPolicy, FullPolicy
+from headwise.inference_config import FullPolicy, KVPolicy
+from headwise.patches.sinklora import SinkLoRAMethod
+from headwise.schema_base import Section
 
 DEEPSPEED_PRESETS = ("zero2", "zero3", "zero3_offload")
-
-
-class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -79,8 +75,9 @@ class FullMethod(Section):
     name: Literal["full"] = Field("full", description="`full`: dense attention (the baseline).")
 
 
-# Later methods add their config model to this union (discriminated by `name`).
-MethodSection = Annotated[Union[FullMethod], Field(discriminator="name")]
+# Each method's config model joins this union (discriminated by `name`); its module in
+# `headwise.patches` holds the config, the attention function and the `Method` hooks.
+MethodSection = Annotated[Union[FullMethod, SinkLoRAMethod], Field(discriminator="name")]
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -122,6 +122,11 @@ def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.n
         return model
     from peft import LoraConfig, get_peft_model
 
+    extra = {}
+    if save and getattr(model.config, "tie_word_embeddings", False):
+        # A trained copy of embed_tokens must stay tied to lm_head (SmolLM2 ties them); without
+        # this PEFT trains the input embedding while the output head keeps the frozen original.
+        extra["ensure_weight_tying"] = True
     lora = LoraConfig(
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
@@ -129,6 +134,7 @@ def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.n
         target_modules=peft_cfg.target_modules,
         modules_to_save=save or None,
         task_type="CAUSAL_LM",
+        **extra,
     )
     return get_peft_model(model, lora)
 
