@@ -64,8 +64,8 @@ def _cmd_push(args) -> int:
 def _cmd_generate(args) -> int:
     from headwise.inference import load
 
-    loaded = load(args.path, dtype=args.dtype)
-    print(loaded.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+    loaded = load(args.path, dtype=args.dtype, policy=args.policy)
+    print(loaded.generate(args.prompt, max_new_tokens=args.max_new_tokens, static=args.static))
     return 0
 
 
@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument(
+        "--policy",
+        help="KV-cache policy overriding the export's: JSON ('{\"type\": \"h2o\", \"heavy_ratio\": 0.1, \"recent_ratio\": 0.1}') "
+        "or TYPE[:key=value,...] (h2o:heavy_ratio=0.1,recent_ratio=0.1; streaming:sink=4,recent=1024; full)",
+    )
+    g.add_argument("--static", action="store_true", help="greedy decoding with static shapes (a CUDA graph per step on GPU)")
     g.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="perplexity on long text and passkey retrieval (with a heatmap PNG)")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 
 from headwise.errors import HeadwiseError
 from headwise.recipe import Recipe
+from headwise.schema_base import section_models
 
 RECIPE_FILENAME = "recipe.yaml"
 
@@ -82,12 +82,22 @@ def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
-def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+# Sections that are discriminated unions: when a child names another member (another method,
+# another KV policy), its block replaces the base's instead of merging into it, since the base's
+# keys belong to a different schema.
+DISCRIMINATED_SECTIONS: dict[tuple[str, ...], str] = {("method",): "name", ("export", "kv_policy"): "type"}
+
+
+def deep_merge(base: dict[str, Any], over: dict[str, Any], _path: tuple[str, ...] = ()) -> dict[str, Any]:
     """Mappings merge recursively; anything else (lists included) in `over` replaces `base`."""
     out = copy.deepcopy(base)
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
+        path = _path + (k,)
+        tag = DISCRIMINATED_SECTIONS.get(path)
+        old = out.get(k)
+        switched = tag is not None and isinstance(v, dict) and isinstance(old, dict) and tag in v and v[tag] != old.get(tag)
+        if isinstance(v, dict) and isinstance(old, dict) and not switched:
+            out[k] = deep_merge(old, v, path)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -159,27 +169,22 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str], provenance: 
 # ------------------------------------------------------------------------------- error reporting
 
 
-def _unwrap(annotation: Any) -> list[Any]:
-    """The pydantic model classes an annotation can hold (through Optional, Union, Annotated)."""
-    origin = typing.get_origin(annotation)
-    if origin is typing.Annotated:
-        return _unwrap(typing.get_args(annotation)[0])
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        return [m for a in typing.get_args(annotation) for m in _unwrap(a)]
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return []
-
-
-def _model_at(loc: Sequence[Any]) -> tuple[type[BaseModel] | None, list[str]]:
-    """The section model at `loc` (field names only) and the field names it allows."""
+def _model_at(loc: Sequence[Any], data: dict[str, Any]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The section model at `loc` (field names only) and the field names it allows; for a
+    discriminated union, the member the data names."""
     model: type[BaseModel] | None = Recipe
+    node: Any = data
     for part in loc:
         if model is None or part not in model.model_fields:
             return None, []
-        candidates = _unwrap(model.model_fields[part].annotation)
+        node = node.get(part) if isinstance(node, dict) else None
+        candidates = section_models(model.model_fields[part].annotation)
+        if len(candidates) > 1:
+            tag = DISCRIMINATED_SECTIONS.get(tuple(loc[: loc.index(part) + 1]), "name")
+            chosen = [c for c in candidates if isinstance(node, dict) and c.model_fields.get(tag) and c.model_fields[tag].default == node.get(tag)]
+            candidates = chosen or candidates
         model = candidates[0] if len(candidates) == 1 else None
-        if len(candidates) > 1:  # a discriminated union: allowed names are the union of members'
+        if model is None:
             return None, sorted({n for c in candidates for n in c.model_fields})
     return model, list(model.model_fields) if model else []
 
@@ -209,7 +214,7 @@ def _describe(err: dict[str, Any], data: dict[str, Any], provenance: dict[tuple,
     where = _source_of(loc, provenance)
     kind, msg = err["type"], err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden":
-        _, allowed = _model_at([p for p in loc[:-1] if isinstance(p, str)])
+        _, allowed = _model_at([p for p in loc[:-1] if isinstance(p, str)], data)
         hint = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.5)
         fix = f"did you mean `{hint[0]}`?" if hint else f"allowed keys here: {', '.join(allowed)}"
         return f"{dotted} (set in {where}): unknown key; {fix}"

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from headwise.recipe import Recipe
+from headwise.schema_base import section_models
 
 
 def _type_name(annotation: typing.Any) -> str:
@@ -34,8 +35,7 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     for name, f in model.model_fields.items():
         key = f"{prefix}{name}"
         ann = f.annotation
-        inner = [a for a in (typing.get_args(typing.get_args(ann)[0]) if typing.get_origin(ann) is typing.Annotated else (ann,))]
-        sections = [a for a in inner if isinstance(a, type) and issubclass(a, BaseModel)]
+        sections = section_models(ann)
         if len(sections) == 1 and not f.description:
             rows += _rows(sections[0], key + ".")
             continue
@@ -59,3 +59,24 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
 def render_recipe_reference() -> str:
     header = "| key | type | default | what it does |\n|---|---|---|---|"
     return header + "\n" + "\n".join(_rows(Recipe, ""))
+
+
+def update_readme(path: str = "README.md") -> bool:
+    """Rewrite the block between the recipe-reference markers of `path`; True when it changed."""
+    import re
+    from pathlib import Path
+
+    p = Path(path)
+    text = p.read_text()
+    new = re.sub(
+        r"(<!-- recipe-reference:start -->\n).*?(\n<!-- recipe-reference:end -->)",
+        lambda m: m.group(1) + render_recipe_reference() + m.group(2),
+        text,
+        flags=re.S,
+    )
+    p.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m headwise.recipe_reference  (from the repository root)
+    print("README.md updated" if update_readme() else "README.md already current")

@@ -172,7 +172,7 @@ def test_cli_train_fails_fast_without_touching_disk(tmp_path):
 
 def test_readme_recipe_reference_is_current():
     """The README's recipe reference is rendered from the schema's help strings; regenerate it with
-    `headwise recipe fields` when this fails."""
+    `python -m headwise.recipe_reference` when this fails."""
     from headwise.recipe_reference import render_recipe_reference
 
     readme = (REPO / "README.md").read_text()
