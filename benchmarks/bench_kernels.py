@@ -1,0 +1,251 @@
+"""Side-by-side timing of headwise's attention kernels (GPU only).
+
+For every layout: ours (``sparse_attention``; for shifted groups also both exact forms), FlexAttention
+on the same token-level mask (``torch.compile``'d ``flex_attention`` + ``create_block_mask``),
+SDPA-cuDNN dense causal and SDPA-flash (FlashAttention-2) dense causal, all in one process. B=1,
+32 query heads, 32 or 8 KV heads, head_dim 128, bf16. Times are medians of
+``triton.testing.do_bench`` (CUDA events, warm-up first). One JSON line per result is appended to
+``--out`` (default ``benchmarks/results/kernels.jsonl``) as soon as it is measured.
+
+    python benchmarks/bench_kernels.py                       # everything (needs ~25 min)
+    python benchmarks/bench_kernels.py --T 32768 --passes fwd+bwd --hkv 32 --layouts s2,sf
+    python benchmarks/bench_kernels.py --budget-s 500        # stop cleanly before a time limit
+
+Columns: ``density`` = allowed (q, k) pairs over causal pairs (dense causal = 1);
+``tile_density`` = pairs in the tiles our kernel computes over causal pairs (what its work scales
+with); ``eff_vs_cudnn`` = ms_cudnn * tile_density / ms_headwise (throughput on computed tiles
+relative to cuDNN's on the dense causal problem).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+
+
+def _layouts():
+    from headwise.kernels import LayoutSpec
+
+    return {
+        "dense": LayoutSpec("dense"),
+        "sliding_window": LayoutSpec("sliding_window", window=4096),
+        "streaming": LayoutSpec("streaming", sink=128, recent=256),
+        "sf": LayoutSpec("shifted_groups", group_ratio=0.25, sink=4),
+        "longlora": LayoutSpec("shifted_groups", group_ratio=0.25, sink=0),
+        "s2": LayoutSpec("s2", block=64, local_blocks=16, vert_stride=8),
+    }
+
+
+def mask_mod_for(spec, n_heads, device):
+    """FlexAttention mask_mod with the same token rule as DESIGN.md's table."""
+    kind = spec.kind
+    hp = torch.tensor(spec.head_params(n_heads), device=device, dtype=torch.int64)
+    if kind == "dense":
+        return lambda b, h, q, k: q >= k
+    if kind == "sliding_window":
+        w = spec.window
+        return lambda b, h, q, k: (q >= k) & (q - k < w)
+    if kind == "streaming":
+        s, r = spec.sink, spec.recent
+        return lambda b, h, q, k: (q >= k) & ((k < s) | (q - k < r))
+    if kind == "shifted_groups":
+        s, g = spec.sink, spec.group_size
+        if s:
+            return lambda b, h, q, k: (q >= k) & ((k < s) | ((q + hp[h]) // g == (k + hp[h]) // g))
+        return lambda b, h, q, k: (q >= k) & ((q + hp[h]) // g == (k + hp[h]) // g)
+    if kind == "s2":
+        bl, loc, v = spec.block, spec.local_blocks, spec.vert_stride
+        return lambda b, h, q, k: (q >= k) & ((q // bl - k // bl < loc) | ((k // bl + hp[h] + 1) % v == 0))
+    raise ValueError(kind)
+
+
+def tile_density(spec, t, h, device):
+    from headwise.kernels.block_sparse_attention import _layout_for, pick_config
+
+    cfg = pick_config(128, spec, device)
+    lay = _layout_for(spec, t, h, cfg.fwd_m, cfg.fwd_n, device)
+    return lay.nnz * cfg.fwd_m * cfg.fwd_n / (h * t * (t + 1) / 2)
+
+
+def bench(fn, args, quick):
+    import triton
+
+    try:
+        torch.cuda.synchronize()
+        fn()  # compile / warm
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once = (time.perf_counter() - t0) * 1e3
+        rep = max(3 * once, 30.0) if quick else max(10 * once, 100.0)
+        return triton.testing.do_bench(fn, warmup=max(once, 10.0), rep=min(rep, 2000.0), return_mode="median")
+    except Exception as e:  # a failed backend is recorded, not fatal
+        print(f"  ! {args}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return None
+
+
+def make_fn(kind, q, k, v, do, spec, passes, extra=None):
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from headwise.kernels import shifted_group_attention, sparse_attention, sparse_attention_triton
+
+    hq, hkv = q.shape[1], k.shape[1]
+    if kind == "headwise":
+        f = lambda: sparse_attention(q, k, v, spec)  # noqa: E731
+    elif kind == "block_sparse":
+        f = lambda: sparse_attention_triton(q, k, v, spec)[0]  # noqa: E731
+    elif kind == "regrouped":
+        f = lambda: shifted_group_attention(q, k, v, spec)  # noqa: E731
+    elif kind == "flex":
+        flex, bm = extra
+        f = lambda: flex(q, k, v, block_mask=bm, enable_gqa=hq != hkv)  # noqa: E731
+    elif kind in ("cudnn", "fa2"):
+        backend = SDPBackend.CUDNN_ATTENTION if kind == "cudnn" else SDPBackend.FLASH_ATTENTION
+        kk, vv = (k, v) if hq == hkv else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
+        if hq != hkv:
+            kk, vv = kk.detach().requires_grad_(k.requires_grad), vv.detach().requires_grad_(v.requires_grad)
+
+        def f():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kk, vv, is_causal=True)
+
+        if passes == "fwd+bwd":
+            def g():
+                f().backward(do.transpose(1, 2))
+
+            return g, [q, kk, vv]
+        return f, []
+    else:
+        raise ValueError(kind)
+    if passes == "fwd+bwd":
+        def g():
+            out = f()
+            out.backward(do if out.shape == do.shape else do.transpose(1, 2))
+
+        return g, [q, k, v]
+    return f, []
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layouts", default="s2,sf,longlora,streaming,sliding_window,dense")
+    ap.add_argument("--plan", default="32768:fwd+bwd:32,131072:fwd:32,32768:fwd+bwd:8,8192:fwd+bwd:32,"
+                    "8192:fwd:32,8192:fwd+bwd:8,8192:fwd:8,131072:fwd:8",
+                    help="comma list of T:pass:Hkv, run in this order")
+    ap.add_argument("--no-flex", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this")
+    ap.add_argument("--out", default="benchmarks/results/kernels.jsonl")
+    ap.add_argument("--quick", action="store_true", help="shorter repetitions")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    device = "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    import torch._dynamo as dynamo
+
+    dynamo.config.cache_size_limit = 512
+    if hasattr(dynamo.config, "accumulated_cache_size_limit"):
+        dynamo.config.accumulated_cache_size_limit = 4096
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    create_block_mask = torch.compile(create_block_mask)  # the _compile flag is deprecated
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    layouts = _layouts()
+    gpu = torch.cuda.get_device_name()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
+    h, d = 32, 128
+    dense_cache = {}
+    rows = []
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    for item in args.plan.split(","):
+        t_s, passes, hkv_s = item.split(":")
+        t, hkv = int(t_s), int(hkv_s)
+        g = torch.Generator(device=device).manual_seed(0)
+        need_grad = passes == "fwd+bwd"
+        q = torch.randn(1, h, t, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(need_grad)
+        k = torch.randn(1, hkv, t, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(need_grad)
+        v = torch.randn(1, hkv, t, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(need_grad)
+        do = torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, generator=g)
+        key = (t, passes, hkv)
+        if key not in dense_cache:
+            res = {}
+            for kind in ("cudnn", "fa2"):
+                fn, grads = make_fn(kind, q, k, v, do, None, passes)
+                res[kind] = bench(lambda: (fn(), [setattr(x, "grad", None) for x in grads]), (kind, key), args.quick)
+            dense_cache[key] = res
+        for name in args.layouts.split(","):
+            if time.time() - t_start > args.budget_s:
+                print(f"budget reached: stopping before {name} {key}", flush=True)
+                return rows
+            spec = layouts[name].resolve(t)
+            row = dict(layout=name, T=t, H=h, Hkv=hkv, D=d, dtype="bf16", B=1, **{"pass": passes})
+            row["density"] = round(spec.density(t, h), 4)
+            row["tile_density"] = round(tile_density(spec, t, h, device), 4)
+            times = {}
+            kinds = ["headwise"] + (["block_sparse", "regrouped"] if spec.kind == "shifted_groups" else [])
+            for kind in kinds:
+                fn, grads = make_fn(kind, q, k, v, do, spec, passes)
+                times[kind] = bench(lambda: (fn(), [setattr(x, "grad", None) for x in grads]), (kind, name, key),
+                                    args.quick)
+            if not args.no_flex:
+                try:
+                    bm = create_block_mask(mask_mod_for(spec, h, device), 1, h, t, t, device=device)
+                    fn, grads = make_fn("flex", q, k, v, do, spec, passes, (flex, bm))
+                    times["flex"] = bench(lambda: (fn(), [setattr(x, "grad", None) for x in grads]),
+                                          ("flex", name, key), args.quick)
+                except Exception as e:
+                    print(f"  ! flex {name} {key}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    times["flex"] = None
+            row.update(
+                ms_headwise=times.get("headwise"), ms_flex=times.get("flex"),
+                ms_cudnn=dense_cache[key]["cudnn"], ms_fa2=dense_cache[key]["fa2"],
+            )
+            if spec.kind == "shifted_groups":
+                row.update(ms_block_sparse=times.get("block_sparse"), ms_regrouped=times.get("regrouped"))
+            from headwise.kernels import _use_regrouped
+
+            row["impl"] = "regrouped" if spec.kind == "shifted_groups" and _use_regrouped(spec) else "block_sparse"
+            if row["ms_headwise"] and row["ms_cudnn"]:
+                row["eff_vs_cudnn"] = round(row["ms_cudnn"] * row["tile_density"] / row["ms_headwise"], 3)
+            row.update(gpu=gpu, date=date, command=command, torch=torch.__version__,
+                       triton=__import__("triton").__version__)
+            for kk in list(row):
+                if isinstance(row[kk], float) and kk.startswith("ms_"):
+                    row[kk] = round(row[kk], 3)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            _print_row(row)
+        del q, k, v, do
+        torch.cuda.empty_cache()
+    return rows
+
+
+def _ratio(a, b):
+    return f"{a / b:5.2f}x" if a and b else "   - "
+
+
+def _print_row(r):
+    hw = r["ms_headwise"]
+    extra = ""
+    if "ms_regrouped" in r:
+        extra = f" bs={r['ms_block_sparse']} rg={r['ms_regrouped']}"
+    print(f"{r['layout']:>14} T={r['T']:>6} Hkv={r['Hkv']:>2} {r['pass']:>7} dens={r['density']:.3f} "
+          f"ours={hw} flex={r['ms_flex']} cudnn={r['ms_cudnn']} fa2={r['ms_fa2']} | "
+          f"flex/ours={_ratio(r['ms_flex'], hw)} cudnn/ours={_ratio(r['ms_cudnn'], hw)} "
+          f"eff={r.get('eff_vs_cudnn')}{extra}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

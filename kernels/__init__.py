@@ -1,0 +1,116 @@
+"""headwise.kernels: block-sparse causal attention over per-head layouts, and its torch reference.
+
+Public API::
+
+    from headwise.kernels import LayoutSpec, sparse_attention
+
+    spec = LayoutSpec("s2", block=64, local_blocks=16, vert_stride=8)
+    out = sparse_attention(q, k, v, spec)            # q (B, Hq, T, D), k/v (B, Hkv, T, D)
+    out, lse = sparse_attention(q, k, v, spec, return_lse=True)
+
+Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts without sinks take the
+regrouped dense form, measured faster; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
+``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run in the interpreter (how CI tests
+them).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Union
+
+import torch
+
+from .block_sparse_attention import KernelConfig, interpret_mode, sparse_attention_triton
+from .layouts import (
+    BlockLayout,
+    LayoutSpec,
+    build_dense_causal_layout,
+    build_layout,
+    build_s2_layout,
+    build_shifted_group_layout,
+    build_sliding_window_layout,
+    build_streaming_layout,
+)
+from .reference import reference_attention, token_mask
+from .shifted_groups import shifted_group_attention
+
+__all__ = [
+    "BlockLayout",
+    "KernelConfig",
+    "LayoutSpec",
+    "SHIFTED_GROUPS_IMPL",
+    "sparse_attention_triton",
+    "build_dense_causal_layout",
+    "build_layout",
+    "build_s2_layout",
+    "build_shifted_group_layout",
+    "build_sliding_window_layout",
+    "build_streaming_layout",
+    "reference_attention",
+    "shifted_group_attention",
+    "sparse_attention",
+    "token_mask",
+]
+
+# Which exact form runs shifted-group layouts on CUDA when both apply (16-bit inputs, no cu_seqlens,
+# no lse requested): "regrouped" (dense cuDNN on regrouped tensors + sink merge,
+# kernels/shifted_groups.py), "block_sparse" (the Triton kernel), or "auto": regrouped without
+# sinks, block-sparse with sinks. Measured on H200, T=32K, 32/32 heads, D=128, bf16, fwd+bwd
+# (benchmarks/results/kernels.jsonl, 2026-11): LongLoRA (no sinks) regrouped 22.4 ms vs block-sparse
+# 23.7 ms; SF (4 sinks) regrouped 30.7 ms vs block-sparse 25.7 ms (the separate sink attention and
+# its merge cost more than they save).
+SHIFTED_GROUPS_IMPL = os.environ.get("HEADWISE_SHIFTED_GROUPS_IMPL", "auto")
+
+
+def _use_regrouped(spec: LayoutSpec) -> bool:
+    if SHIFTED_GROUPS_IMPL == "auto":
+        return spec.sink == 0
+    return SHIFTED_GROUPS_IMPL == "regrouped"
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: Union[LayoutSpec, BlockLayout],
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    max_seqlen: Optional[int] = None,
+    config: Optional[KernelConfig] = None,
+):
+    """Causal attention restricted to ``layout``, with transformers' attention-function layouts.
+
+    Args:
+        q: ``(B, Hq, T, D)`` queries (after RoPE); any strides with a unit last stride.
+        k, v: ``(B, Hkv, T, D)``, ``Hq % Hkv == 0``; not repeated (GQA handled in the kernel).
+        layout: a ``LayoutSpec`` (or a ``BlockLayout``, whose spec is used; tile lists are rebuilt
+            for the kernel's tile shape from the cache).
+        scale: softmax scale, default ``1/sqrt(D)``.
+        cu_seqlens: int32 ``(n+1,)`` boundaries of sequences packed along T (needs ``B == 1``); the
+            layout applies inside each sequence.
+        return_lse: also return the log-sum-exp ``(B, Hq, T)`` fp32 (differentiable).
+        max_seqlen: longest packed sequence, if known (saves a host sync).
+        config: tile shapes / warps override for the Triton path.
+
+    Returns:
+        ``out (B, T, Hq, D)`` contiguous, and ``lse`` if ``return_lse``.
+    """
+    spec = layout.spec if isinstance(layout, BlockLayout) else layout
+    use_triton = q.is_cuda or interpret_mode()
+    if not use_triton:
+        return reference_attention(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    if (
+        q.is_cuda
+        and spec.kind == "shifted_groups"
+        and _use_regrouped(spec)
+        and q.dtype in (torch.float16, torch.bfloat16)  # cuDNN / flash take 16-bit inputs only
+        and cu_seqlens is None
+        and not return_lse
+    ):
+        return shifted_group_attention(q, k, v, spec, scale=scale)
+    out, lse = sparse_attention_triton(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens,
+                                      max_seqlen=max_seqlen, config=config)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,496 @@
+"""Block-sparse causal flash attention over a per-head ``BlockLayout`` (forward + backward, Triton).
+
+One kernel family serves every headwise layout (DESIGN.md, "The one kernel, many layouts idea"):
+each program walks its tile list (``kernels/layouts.py``), first the *full* tiles with no masking,
+then the *partial* tiles with the layout's token rule evaluated in registers (``_token_rule``).
+
+- Accumulation in fp32; inputs bf16, fp16 or fp32 (fp32 dots use IEEE precision, not tf32, so the
+  fp32 path is an exact check under the tolerance rule).
+- Head dims up to 256; dims that are not a power of two are padded to the next power of two with
+  masked loads (80 -> 128, 96 -> 128).
+- GQA without repeating K/V: query head ``h`` reads KV head ``h // (Hq // Hkv)``. The dK/dV program of
+  one KV head and key tile loops over the query heads of its group and their column lists, so the
+  gradients of shared K/V heads are summed in registers: **no atomics**, deterministic. dQ comes from
+  a separate program per query tile (P is recomputed in both; that costs one extra QK^T per tile
+  but avoids atomics on dQ; the Triton flash-attention tutorial makes the same trade).
+- Any length; packed sequences via ``cu_seqlens`` (int32 ``(n+1,)``, B == 1): the grid's third axis
+  runs over (batch, sequence) and every position is relative to its sequence's start, so the
+  layout applies inside each sequence. Keys and queries past a sequence's end are masked at load.
+- Returns the log-sum-exp (natural log, fp32, ``(B, Hq, T)``) so partial results can be merged; its
+  gradient is honoured in the backward (``delta -= dlse``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .layouts import BlockLayout, LayoutSpec, build_layout
+
+# exp2 is a single MUFU instruction; exp is exp2 plus a multiply. Scores are scaled by log2(e) once.
+_LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(_LOG2E)  # jit code may only read constexpr globals
+LN2 = tl.constexpr(0.6931471805599453)
+# Masked scores get a large finite negative instead of -inf: a row whose first visited tile is fully
+# masked then gets m = NEG and p = 1 garbage that the first valid tile wipes out (alpha = 2^(NEG - m)
+# = 0), instead of NaN from (-inf) - (-inf). Every valid row visits its diagonal tile (all layouts
+# allow k == q), which comes last in its row list, so the garbage never survives.
+NEG = tl.constexpr(-1.0e30)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile shapes and launch parameters. ``fwd_*`` are also used by dQ; ``bwd_*`` by dK/dV."""
+
+    fwd_m: int = 128
+    fwd_n: int = 64
+    bwd_m: int = 64
+    bwd_n: int = 128
+    fwd_warps: int = 8
+    fwd_stages: int = 3
+    dq_warps: int = 8
+    dq_stages: int = 2
+    dkdv_warps: int = 8
+    dkdv_stages: int = 2
+
+
+# Fixed configs per padded head dim (no autotune: the first call must not take minutes, and the
+# layout is built per tile shape). Chosen, not yet tuned: the usual flash-attention Triton shapes
+# (128x64 forward/dQ tiles, 64x128 dK/dV tiles, 8 warps for D = 128); D = 256 halves the tiles to fit
+# shared memory. BENCHMARKS.md has what they give on an H200 and what is left to tune.
+GPU_CONFIGS = {
+    64: KernelConfig(128, 64, 64, 128, 4, 3, 4, 2, 4, 2),
+    128: KernelConfig(128, 64, 64, 128, 8, 3, 8, 2, 8, 2),
+    256: KernelConfig(64, 32, 32, 64, 4, 2, 4, 1, 4, 1),
+}
+# The interpreter runs each program in numpy: small tiles keep CPU tests in seconds.
+INTERPRET_CONFIG = KernelConfig(32, 32, 32, 32, 4, 1, 4, 1, 4, 1)
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def pick_config(head_dim: int, spec: LayoutSpec, device) -> KernelConfig:
+    if interpret_mode() or torch.device(device).type != "cuda":
+        cfg = INTERPRET_CONFIG
+    else:
+        d = triton.next_power_of_2(head_dim)
+        cfg = GPU_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256]
+    if spec.kind == "s2" and spec.block >= 16 and spec.block & (spec.block - 1) == 0:
+        # Key tiles wider than the S2 block would turn every stride column into a half-masked tile.
+        cfg = KernelConfig(
+            cfg.fwd_m, min(cfg.fwd_n, spec.block), cfg.bwd_m, min(cfg.bwd_n, spec.block),
+            cfg.fwd_warps, cfg.fwd_stages, cfg.dq_warps, cfg.dq_stages, cfg.dkdv_warps, cfg.dkdv_stages,
+        )
+    return cfg
+
+
+# ------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _token_rule(q_pos, k_pos, hp, P0, P1, P2, KIND: tl.constexpr):
+    """allowed(q, k) of DESIGN.md's table; q_pos/k_pos broadcastable int tensors (sequence-relative),
+    hp the head's parameter (group offset or S2 stride offset). Kind codes from layouts.py."""
+    ok = k_pos <= q_pos
+    if KIND == 1:  # sliding window: P0 = window
+        ok = ok & (q_pos - k_pos < P0)
+    elif KIND == 2:  # streaming: P0 = sink, P1 = recent
+        ok = ok & ((k_pos < P0) | (q_pos - k_pos < P1))
+    elif KIND == 3:  # shifted groups: P0 = sink, P1 = G, hp = 0 or G/2
+        ok = ok & ((k_pos < P0) | ((q_pos + hp) // P1 == (k_pos + hp) // P1))
+    elif KIND == 4:  # S2: P0 = block, P1 = local blocks, P2 = vertical stride, hp = o_h
+        kb = k_pos // P0
+        ok = ok & (((q_pos // P0) - kb < P1) | ((kb + hp + 1) % P2 == 0))
+    return ok
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt, qk_scale,
+              hp, P0, P1, P2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_k = kb * BLOCK_N + offs_n
+    kt = tl.load(k_base + offs_k[None, :] * skt + offs_d[:, None],
+                 mask=(offs_k[None, :] < seqlen) & d_ok[:, None], other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if MASKED:
+        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & (offs_k[None, :] < seqlen)
+        qk = tl.where(ok, qk, NEG)
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    p = tl.math.exp2(qk - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_k[:, None] * svt + offs_d[None, :],
+                mask=(offs_k[:, None] < seqlen) & d_ok[None, :], other=0.0)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _d_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    # A splat of True when the head dim is a power of two: the compiler then sees a mask that is
+    # constant along D and keeps 16-byte vector loads (offs_d < HEAD_DIM would not fold).
+    if HEAD_DIM == BLOCK_D:
+        return tl.full([BLOCK_D], 1, tl.int1)
+    else:
+        return offs_d < HEAD_DIM
+
+
+# ----------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
+                qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, slb, slh,
+                n_seq, n_qblocks, P0, P1, P2,
+                GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    bs = tl.program_id(2)
+    b = (bs // n_seq).to(tl.int64)
+    s = bs % n_seq
+    start = tl.load(CU + s).to(tl.int64)
+    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    kvh = h // GQA
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    m_ok = offs_m < seqlen
+    q = tl.load(Q + b * sqb + h * sqh + (start + offs_m[:, None]) * sqt + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + kvh * skh + start * skt
+    v_base = V + b * svb + kvh * svh + start * svt
+    row = h * n_qblocks + pid_m
+    r0 = tl.load(ROW_PTR + row)
+    r1 = tl.load(ROW_PTR + row + 1)
+    nf = tl.load(ROW_NFULL + row)
+    hp = tl.load(HP + h)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for e in range(r0, r0 + nf):
+        kb = tl.load(ROW_IDX + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
+    for e in range(r0 + nf, r1):
+        kb = tl.load(ROW_IDX + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
+    acc = acc / l_i[:, None]
+    tl.store(O + b * sob + (start + offs_m[:, None]) * sot + h * soh + offs_d[None, :],
+             acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    tl.store(LSE + b * slb + h * slh + start + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, sot, soh, sdob, sdot, sdoh, slb, slh, T, H,
+                           HAS_DLSE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr):
+    """delta[b, h, t] = sum_d O * dO - dlse (the softmax-gradient row term)."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < T) & _d_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    o = tl.load(O + b * sob + offs_m[:, None] * sot + h * soh + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * sdob + offs_m[:, None] * sdot + h * sdoh + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + b * slb + h * slh + offs_m, mask=offs_m < T, other=0.0)
+    tl.store(DELTA + b * slb + h * slh + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
+                 qk_scale, hp, P0, P1, P2, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_k = kb * BLOCK_N + offs_n
+    kv_mask = (offs_k[None, :] < seqlen) & d_ok[:, None]
+    kt = tl.load(k_base + offs_k[None, :] * skt + offs_d[:, None], mask=kv_mask, other=0.0)
+    vt = tl.load(v_base + offs_k[None, :] * svt + offs_d[:, None], mask=kv_mask, other=0.0)
+    qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    p = tl.math.exp2(qk - lse2[:, None])
+    if MASKED:
+        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & (offs_k[None, :] < seqlen)
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, vt, input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
+                   qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
+                   sdqb, sdqh, sdqt, slb, slh, n_seq, n_qblocks, P0, P1, P2,
+                   GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    bs = tl.program_id(2)
+    b = (bs // n_seq).to(tl.int64)
+    s = bs % n_seq
+    start = tl.load(CU + s).to(tl.int64)
+    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    if pid_m * BLOCK_M >= seqlen:
+        return
+    kvh = h // GQA
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    m_ok = offs_m < seqlen
+    qd_mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + (start + offs_m[:, None]) * sqt + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * sdob + (start + offs_m[:, None]) * sdot + h * sdoh + offs_d[None, :],
+                 mask=qd_mask, other=0.0)
+    lse2 = tl.load(LSE + b * slb + h * slh + start + offs_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + b * slb + h * slh + start + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * skb + kvh * skh + start * skt
+    v_base = V + b * svb + kvh * svh + start * svt
+    row = h * n_qblocks + pid_m
+    r0 = tl.load(ROW_PTR + row)
+    r1 = tl.load(ROW_PTR + row + 1)
+    nf = tl.load(ROW_NFULL + row)
+    hp = tl.load(HP + h)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for e in range(r0, r0 + nf):
+        kb = tl.load(ROW_IDX + e)
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
+                          qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
+    for e in range(r0 + nf, r1):
+        kb = tl.load(ROW_IDX + e)
+        dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
+                          qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
+    dq = dq * sm_scale
+    tl.store(DQ + b * sdqb + h * sdqh + (start + offs_m[:, None]) * sdqt + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm, offs_d, d_ok,
+                   seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
+                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    offs_m = qb * BLOCK_M + offs_mm
+    m_ok = offs_m < seqlen
+    mask = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=mask, other=0.0)
+    lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+    pT = tl.math.exp2(qkT - lse2[None, :])
+    if MASKED:
+        ok = _token_rule(offs_m[None, :], offs_n[:, None], hp, P0, P1, P2, KIND) & m_ok[None, :]
+        pT = tl.where(ok, pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dsT = pT * (dpT - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL,
+                     qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
+                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2,
+                     GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    kvh = tl.program_id(1)
+    bs = tl.program_id(2)
+    b = (bs // n_seq).to(tl.int64)
+    s = bs % n_seq
+    start = tl.load(CU + s).to(tl.int64)
+    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_mm = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    kd_mask = (offs_n[:, None] < seqlen) & d_ok[None, :]
+    k = tl.load(K + b * skb + kvh * skh + (start + offs_n[:, None]) * skt + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + (start + offs_n[:, None]) * svt + offs_d[None, :], mask=kd_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(GQA):  # the query heads sharing this KV head: their gradients sum here
+        h = kvh * GQA + g
+        q_base = Q + b * sqb + h * sqh + start * sqt
+        do_base = DO + b * sdob + h * sdoh + start * sdot
+        lse_base = LSE + b * slb + h * slh + start
+        delta_base = DELTA + b * slb + h * slh + start
+        col = h * n_kblocks + pid_n
+        c0 = tl.load(COL_PTR + col)
+        c1 = tl.load(COL_PTR + col + 1)
+        nf = tl.load(COL_NFULL + col)
+        hp = tl.load(HP + h)
+        for e in range(c0, c0 + nf):
+            qb = tl.load(COL_IDX + e)
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
+                                    offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
+                                    False, KIND, DOT_PREC)
+        for e in range(c0 + nf, c1):
+            qb = tl.load(COL_IDX + e)
+            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
+                                    offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
+                                    True, KIND, DOT_PREC)
+    dk = dk * sm_scale
+    tl.store(DK + b * sdkb + kvh * sdkh + (start + offs_n[:, None]) * sdkt + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * sdvb + kvh * sdvh + (start + offs_n[:, None]) * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+
+def _dot_prec(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Optional[int]):
+    """(cu int32 on device, n_seq, max_len) with tokens past cu[-1] forming one more sequence."""
+    if cu_seqlens is None:
+        return torch.tensor([0, t], dtype=torch.int32, device=device), 1, t
+    cu_list = [int(x) for x in cu_seqlens.tolist()]
+    if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])) or cu_list[-1] > t:
+        raise ValueError(f"bad cu_seqlens {cu_list} for T={t}")
+    if cu_list[-1] < t:
+        cu_list.append(t)
+    lens = [b - a for a, b in zip(cu_list, cu_list[1:])]
+    max_len = max(lens) if max_seqlen is None else max_seqlen
+    return torch.tensor(cu_list, dtype=torch.int32, device=device), len(cu_list) - 1, max_len
+
+
+def _layout_for(spec: LayoutSpec, max_len: int, n_heads: int, bm: int, bn: int, device) -> BlockLayout:
+    tile = max(bm, bn)
+    padded = -(-max_len // tile) * tile  # lengths with the same tile count share one cached layout
+    return build_layout(spec, padded, n_heads, bm, bn, device)
+
+
+def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
+    o = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
+    p0, p1, p2, _ = spec.scalar_params()
+    grid = (triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)
+    _fwd_kernel[grid](
+        q, k, v, o, lse, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
+        scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
+        n_seq, lay.n_qblocks, p0, p1, p2,
+        GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, DOT_PREC=_dot_prec(q.dtype),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+    )
+    return o, lse
+
+
+def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    do = do if do.stride(-1) == 1 else do.contiguous()
+    delta = torch.empty_like(lse)
+    has_dlse = dlse is not None
+    if has_dlse:
+        dlse = dlse.to(torch.float32).contiguous()
+    pre_m = 64
+    _bwd_preprocess_kernel[(triton.cdiv(t, pre_m), hq, b)](
+        o, do, dlse if has_dlse else lse, delta, o.stride(0), o.stride(1), o.stride(2),
+        do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1), t, hq,
+        HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m,
+    )
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    p0, p1, p2, _ = spec.scalar_params()
+    common = dict(GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
+    lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
+    _bwd_dq_kernel[(triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)](
+        q, k, v, do, dq, lse, delta, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
+        scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
+        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
+    )
+    lay = _layout_for(spec, max_len, hq, cfg.bwd_m, cfg.bwd_n, q.device)
+    _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, b * n_seq)](
+        q, k, v, do, dk, dv, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
+        scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2,
+        BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
+    )
+    return dq, dk, dv
+
+
+def _ensure_last_dim_contiguous(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _interp_upcast(*xs):
+    # Triton 3.9's interpreter computes bf16 tl.dot wrongly (garbage of order 1e10 on a 16x16
+    # product; fp16 and fp32 are right), so under TRITON_INTERPRET=1 bf16 runs as fp32 and the result
+    # is rounded back to bf16. The bf16 path itself is checked by the GPU tests.
+    if interpret_mode() and xs[0].dtype == torch.bfloat16:
+        return tuple(x.float() for x in xs)
+    return xs
+
+
+class BlockSparseAttentionFunction(torch.autograd.Function):
+    """out (B, T, Hq, D), lse (B, Hq, T) = attention of q (B, Hq, T, D), k/v (B, Hkv, T, D) over a
+    layout. Use through ``headwise.kernels.sparse_attention``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, spec, scale, cu_seqlens, max_seqlen, config):
+        q, k, v = (_ensure_last_dim_contiguous(x) for x in (q, k, v))
+        b, hq, t, d = q.shape
+        if k.shape[1] == 0 or hq % k.shape[1]:
+            raise ValueError(f"{hq} query heads are not a multiple of {k.shape[1]} KV heads")
+        if cu_seqlens is not None and b != 1:
+            raise ValueError("cu_seqlens needs B == 1 (sequences packed along T)")
+        cu, n_seq, max_len = _seq_info(t, cu_seqlens, q.device, max_seqlen)
+        spec = spec.resolve(max_len)
+        cfg = config or pick_config(d, spec, q.device)
+        o, lse = _fwd(*_interp_upcast(q, k, v), spec, scale, cu, n_seq, max_len, cfg)
+        o = o.to(q.dtype)
+        ctx.set_materialize_grads(False)  # an unused lse output then gives dlse=None, not zeros
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.meta = (spec, scale, n_seq, max_len, cfg)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        spec, scale, n_seq, max_len, cfg = ctx.meta
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv = _bwd(*_interp_upcast(do, q, k, v, o), lse, dlse, spec, scale, cu, n_seq, max_len, cfg)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None, None
+
+
+def sparse_attention_triton(q, k, v, spec: LayoutSpec, scale: Optional[float] = None,
+                           cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
+                           config: Optional[KernelConfig] = None):
+    """Triton path of ``sparse_attention``: returns (out (B, T, Hq, D), lse (B, Hq, T) fp32)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return BlockSparseAttentionFunction.apply(q, k, v, spec, scale, cu_seqlens, max_seqlen, config)

@@ -1,0 +1,168 @@
+"""Pure-torch reference of every layout, and the CPU execution path.
+
+The token-level mask is built straight from ``LayoutSpec``'s definition (DESIGN.md's semantics
+table), never from a ``BlockLayout``'s tile lists, so the kernels' agreement with this module checks
+the tile-list construction too. Attention is computed in chunks of queries (``q_chunk`` rows of the
+score matrix at a time), so long sequences on CPU need O(q_chunk * T) memory, not O(T^2).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from .layouts import BlockLayout, LayoutSpec
+
+# Query rows per chunk of the score matrix: 1024 x 32K fp32 scores per head = 128 MB per head-batch;
+# small enough for CPU runs, large enough that the matmuls stay efficient.
+Q_CHUNK = 1024
+
+
+def _as_spec(layout) -> LayoutSpec:
+    return layout.spec if isinstance(layout, BlockLayout) else layout
+
+
+def token_rule(spec: LayoutSpec, q: torch.Tensor, k: torch.Tensor, head: int, n_heads: int) -> torch.Tensor:
+    """Boolean ``allowed(q, k)`` for broadcastable position tensors ``q``, ``k`` of one head."""
+    allowed = k <= q
+    kind = spec.kind
+    if kind == "dense":
+        return allowed
+    if kind == "sliding_window":
+        return allowed & (q - k < spec.window)
+    if kind == "streaming":
+        return allowed & ((k < spec.sink) | (q - k < spec.recent))
+    if kind == "shifted_groups":
+        g = spec.group_size
+        if g <= 0:
+            raise ValueError("resolve() the spec for a sequence length first")
+        off = g // 2 if head in set(spec.shifted(n_heads)) else 0
+        same = torch.div(q + off, g, rounding_mode="floor") == torch.div(k + off, g, rounding_mode="floor")
+        return allowed & ((k < spec.sink) | same)
+    if kind == "s2":
+        v = spec.vert_stride
+        o = spec.head_offset_base % v if spec.same_for_all_heads else (head + spec.head_offset_base) % v
+        qb = torch.div(q, spec.block, rounding_mode="floor")
+        kb = torch.div(k, spec.block, rounding_mode="floor")
+        return allowed & ((qb - kb < spec.local_blocks) | ((kb + o + 1) % v == 0))
+    raise AssertionError(kind)
+
+
+def token_mask(spec, seq_len: int, head: int, n_heads: int, device="cpu") -> torch.Tensor:
+    """Full ``(T, T)`` boolean mask of one head (tests and small T only)."""
+    spec = _as_spec(spec).resolve(seq_len)
+    pos = torch.arange(seq_len, device=device)
+    return token_rule(spec, pos.view(-1, 1), pos.view(1, -1), head, n_heads)
+
+
+def allowed_per_query(spec, seq_len: int, head: int, n_heads: int) -> torch.Tensor:
+    """Number of keys each query of one head may attend to, in closed form (int64 ``(T,)``).
+
+    Used for densities at long T where a ``(T, T)`` mask would not fit; tests check it against
+    ``token_mask``.
+    """
+    spec = _as_spec(spec).resolve(seq_len)
+    q = torch.arange(seq_len, dtype=torch.int64)
+    kind = spec.kind
+    if kind == "dense":
+        return q + 1
+    if kind == "sliding_window":
+        return torch.clamp(q + 1, max=spec.window)
+    if kind == "streaming":
+        win = torch.clamp(q + 1, max=spec.recent)
+        # sinks outside the window: keys k < sink with k <= q - recent
+        return win + torch.clamp(torch.clamp(q - spec.recent + 1, min=0), max=spec.sink)
+    if kind == "shifted_groups":
+        g = spec.group_size
+        off = g // 2 if head in set(spec.shifted(n_heads)) else 0
+        start = torch.clamp(torch.div(q + off, g, rounding_mode="floor") * g - off, min=0)
+        return (q - start + 1) + torch.clamp(start, max=spec.sink)
+    if kind == "s2":
+        b, loc, v = spec.block, spec.local_blocks, spec.vert_stride
+        o = spec.head_offset_base % v if spec.same_for_all_heads else (head + spec.head_offset_base) % v
+        qb = torch.div(q, b, rounding_mode="floor")
+        first_local = torch.clamp(qb - loc + 1, min=0)  # first key block inside the local band
+        local = q - first_local * b + 1
+        # key blocks kb in [0, first_local - 1] with (kb + o + 1) % v == 0, each fully visible
+        n = torch.div(first_local + o, v, rounding_mode="floor") - (o // v)
+        return local + n * b
+    raise AssertionError(kind)
+
+
+def _attend_one(q, k, v, spec, scale, n_heads):
+    """q (Hq, L, D), k/v (Hkv, L, D) of one sequence -> out (Hq, L, D), lse (Hq, L) fp32."""
+    hq, length, _ = q.shape
+    hkv = k.shape[0]
+    rep = hq // hkv
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, length, dtype=torch.float32, device=q.device)
+    kpos = torch.arange(length, device=q.device).view(1, -1)
+    for h in range(hq):
+        kh, vh = k[h // rep], v[h // rep]
+        for s in range(0, length, Q_CHUNK):
+            e = min(length, s + Q_CHUNK)
+            qpos = torch.arange(s, e, device=q.device).view(-1, 1)
+            # keys past the chunk's last query are never allowed (causal): skip them.
+            scores = (q[h, s:e] @ kh[:e].transpose(0, 1)).to(torch.float32) * scale
+            mask = token_rule(spec, qpos, kpos[:, :e], h, n_heads)
+            scores = scores.masked_fill(~mask, float("-inf"))
+            m = scores.amax(-1, keepdim=True)
+            p = torch.exp(scores - m)
+            denom = p.sum(-1, keepdim=True)
+            out[h, s:e] = ((p / denom).to(v.dtype) @ vh[:e]).to(q.dtype)
+            lse[h, s:e] = (m + torch.log(denom)).squeeze(-1)
+    return out, lse
+
+
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout,
+    scale: Optional[float] = None,
+    cu_seqlens: Optional[torch.Tensor] = None,
+    return_lse: bool = False,
+    upcast: bool = False,
+):
+    """Masked attention with the token-level rule of ``layout`` (a ``LayoutSpec`` or ``BlockLayout``).
+
+    q ``(B, Hq, T, D)``, k/v ``(B, Hkv, T, D)`` (GQA: not repeated). Returns ``(B, T, Hq, D)`` and, if
+    asked, the log-sum-exp ``(B, Hq, T)`` fp32. ``cu_seqlens`` (int32 ``(n+1,)``, needs ``B == 1``)
+    splits T into packed sequences; the rule applies inside each (tokens after ``cu_seqlens[-1]``
+    form one more sequence). ``upcast`` computes in fp32 and returns fp32 (the tolerance rule's exact
+    reference). Differentiable with plain autograd. A ``group_ratio`` resolves against the longest
+    sequence, as in the kernel path (one group size per call).
+    """
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    if upcast:
+        q, k, v = q.float(), k.float(), v.float()
+    if cu_seqlens is None:
+        bounds = [(0, t)]
+    else:
+        if b != 1:
+            raise ValueError("cu_seqlens needs B == 1 (sequences packed along T)")
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        if cu[-1] < t:
+            cu.append(t)
+        bounds = list(zip(cu[:-1], cu[1:]))
+    max_len = max(e - s for s, e in bounds)
+    spec = _as_spec(layout).resolve(max_len)
+    outs, lses = [], []
+    for bi in range(b):
+        o_parts, l_parts = [], []
+        for s, e in bounds:
+            o, l = _attend_one(q[bi, :, s:e], k[bi, :, s:e], v[bi, :, s:e], spec, scale, hq)
+            o_parts.append(o)
+            l_parts.append(l)
+        outs.append(torch.cat(o_parts, dim=1))
+        lses.append(torch.cat(l_parts, dim=1))
+    out = torch.stack(outs).transpose(1, 2).contiguous()
+    if return_lse:
+        return out, torch.stack(lses)
+    return out
