@@ -12,6 +12,9 @@ Public API::
     cu_seqlens_from_position_ids(position_ids) -> (cu_seqlens int32, max_len)
     load_sft_dataset(*, files=None, dataset=None, split="train", limit=None) -> datasets.Dataset
     corpus_qa_dataset(n, seed=0) -> datasets.Dataset
+    build_passkey_sample(tokenizer, *, context_tokens, depth, seed, filler="corpus", n_keys=1, key_format="digits5", ...) -> PasskeySample
+    build_passkey_eval_set(tokenizer, lengths, depths, samples_per_cell, seed=0, ...) -> list[PasskeySample]
+    build_duo_training_set(tokenizer, n, *, min_tokens, max_tokens, n_keys=10, seed=0, ...) -> datasets.Dataset
     DataError
 """
 
@@ -33,7 +36,13 @@ __all__ = [
     "IGNORE_INDEX",
     "DataError",
     "PackedCollator",
+    "PasskeySample",
+    "answer_labels",
     "available_corpora",
+    "build_duo_training_sample",
+    "build_duo_training_set",
+    "build_passkey_eval_set",
+    "build_passkey_sample",
     "corpus_qa_dataset",
     "corpus_text",
     "cu_seqlens_from_position_ids",
@@ -47,3 +56,11 @@ __all__ = [
     "pack_unpacked",
     "tokenize_documents",
 ]
+from .passkey import (
+    PasskeySample,
+    answer_labels,
+    build_duo_training_sample,
+    build_duo_training_set,
+    build_passkey_eval_set,
+    build_passkey_sample,
+)
