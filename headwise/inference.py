@@ -3,7 +3,11 @@
 An export folder's `headwise_inference.json` says whether it holds an adapter (then the base model
 is loaded, the recipe's RoPE parameters are applied, the method's extra modules are re-attached and
 the adapter is loaded on top) or merged weights (loaded directly), which attention runs at
-inference and which KV-cache policy generation uses.
+inference and which KV-cache policy generation uses. Any KV policy also applies to a plain model:
+
+    loaded = headwise.load("smollm2-135m", policy="h2o:heavy_ratio=0.1,recent_ratio=0.1")
+    loaded.generate("...")                 # transformers' generate with the policy's cache
+    loaded.generate("...", static=True)    # static-shape greedy decoding (CUDA graph on GPU)
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from typing import Any
 
 import torch
 
-from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, KVPolicy
+from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, KVPolicy  # noqa: F401 (re-exported)
 from headwise.model_loading import resolve_dtype, resolve_model_source
 
 
 @dataclass
 class LoadedModel:
+    """A model, its tokenizer, the export's inference config (None for a plain model) and the KV policy."""
+
     model: Any
     tokenizer: Any
     config: InferenceConfig | None
@@ -27,22 +33,49 @@ class LoadedModel:
 
     def make_cache(self):
         """A fresh KV cache for one `generate` call, built from the policy (None: transformers' default)."""
-        return None  # `full`: transformers' DynamicCache
+        from headwise.kv_cache import make_cache
+
+        return make_cache(self.model, self.policy)
 
     @torch.inference_mode()
-    def generate(self, prompt: str | list[str], *, max_new_tokens: int = 32, **kwargs) -> str | list[str]:
-        """Greedy by default; returns only the generated continuation(s)."""
+    def generate(
+        self, prompt: str | list[str], *, max_new_tokens: int = 32, static: bool = False, **kwargs
+    ) -> str | list[str]:
+        """Greedy by default; returns only the generated continuation(s).
+
+        Several prompts run as one left-padded batch (every policy supports it). `static=True` decodes
+        greedily with static shapes (`headwise.static_decode`; a CUDA graph per step on GPU).
+        """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
         self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
-        kwargs.setdefault("do_sample", False)
-        cache = self.make_cache()
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-        out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
-        texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        if static:
+            if kwargs:
+                raise TypeError(f"static=True decodes greedily and takes no generation options (got {', '.join(kwargs)})")
+            from headwise.static_decode import StaticDecoder
+
+            decoder = StaticDecoder(self.model, self.policy, max_new_tokens=max_new_tokens)
+            tokens = decoder.generate(enc["input_ids"], enc["attention_mask"])
+            texts = [self._until_eos(row) for row in tokens.tolist()]
+        else:
+            kwargs.setdefault("do_sample", False)
+            cache = self.make_cache()
+            if cache is not None:
+                from headwise.static_decode import cache_kwarg
+
+                kwargs[cache_kwarg(self.model)] = cache
+            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return texts[0] if single else texts
+
+    def _until_eos(self, ids: list[int]) -> str:
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
+        eos = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        cut = next((i for i, t in enumerate(ids) if t in eos), len(ids))
+        return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
 def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | None):
@@ -77,22 +110,24 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
 def load(
     path_or_id: str | Path,
     *,
-    policy: KVPolicy | dict | None = None,
+    policy: KVPolicy | dict | str | None = None,
     dtype: str = "auto",
     device: str | None = None,
 ) -> LoadedModel:
     """Load a headwise export folder, or any causal LM (Hub id, local path, alias) with a KV policy.
 
-    `policy` overrides the export's KV policy (a dict such as `{"type": "full"}` is validated).
+    `policy` overrides the export's KV policy; it works for any causal LM (H2O on a plain model). It
+    may be a policy model, a dict (`{"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}`), a JSON
+    string or a shorthand (`h2o:heavy_ratio=0.1,recent_ratio=0.1`); errors name the field.
     """
-    from pydantic import TypeAdapter
+    from headwise.inference_config import parse_kv_policy
 
     path = Path(path_or_id)
-    policy_obj = TypeAdapter(KVPolicy).validate_python(policy) if isinstance(policy, dict) else policy
+    policy_obj = parse_kv_policy(policy) if policy is not None else None
     if (path / INFERENCE_CONFIG_NAME).is_file():
         config = InferenceConfig.read(path)
         model, tokenizer = _load_export(path, config, dtype, device)
-        return LoadedModel(model, tokenizer, config, policy_obj or config.kv_policy)
+        return _with_policy(model, tokenizer, config, policy_obj or config.kv_policy)
     if path.is_dir() and any(path.glob("adapter_config.json")):
         raise FileNotFoundError(f"{path} has an adapter but no {INFERENCE_CONFIG_NAME}; export it with `headwise export RUN_DIR`")
     from headwise.model_loading import load_model, load_tokenizer
@@ -105,4 +140,13 @@ def load(
     model.eval()
     from headwise.inference_config import FullPolicy
 
-    return LoadedModel(model, load_tokenizer(section), None, policy_obj or FullPolicy())
+    return _with_policy(model, load_tokenizer(section), None, policy_obj or FullPolicy())
+
+
+def _with_policy(model, tokenizer, config, policy) -> LoadedModel:
+    """Check the policy against the model now (Duo mask shape, attention layer types), not at generate."""
+    if policy.type != "full":
+        from headwise.kv_cache import check_policy
+
+        check_policy(model, policy)
+    return LoadedModel(model, tokenizer, config, policy)

@@ -6,7 +6,15 @@ routing and S2 layouts join when those methods land) and which KV-cache policy g
 `headwise.load` reads it; `format_version` lets later releases read old exports.
 
 The KV policy is a discriminated union on `type`; each policy is its own model so a new policy is a
-new class plus an entry in `KVPolicy`.
+new class plus an entry in `KVPolicy`:
+
+    {"type": "full"}
+    {"type": "streaming", "sink": 4, "recent": 1024}                      (or "recent_ratio": 0.2)
+    {"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}              (or "heavy": 512, "recent": 512)
+    {"type": "duo", "retrieval_heads": [[1, 0], ...], "sink": 128, "recent": 256}
+    {"type": "duo", ..., "retrieval_policy": {"type": "h2o", ...}}        (H2O on Duo's retrieval heads)
+
+Validation errors name the field (`kv_policy.heavy_ratio: ...`).
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from headwise.errors import HeadwiseError
 
@@ -33,7 +41,163 @@ class FullPolicy(_Strict):
     type: Literal["full"] = "full"
 
 
-KVPolicy = Annotated[Union[FullPolicy], Field(discriminator="type")]
+class _PromptBudget(_Strict):
+    """Budgets given either as token counts or as ratios of the prompt length (exactly one form).
+
+    Ratios are resolved once, at the first forward (the prompt), as `max(1, int(ratio * T))` where
+    `T` is the padded prompt length (the longest prompt of a batch), as in H2O's own code.
+    """
+
+    @staticmethod
+    def _check_form(policy: Any, counts: tuple[str, ...], ratios: tuple[str, ...]) -> None:
+        given_counts = [f for f in counts if getattr(policy, f) is not None]
+        given_ratios = [f for f in ratios if getattr(policy, f) is not None]
+        if given_counts and given_ratios:
+            raise ValueError(
+                f"give the budget either as token counts ({', '.join(counts)}) or as ratios of the prompt length "
+                f"({', '.join(ratios)}), not both (got {', '.join(given_counts + given_ratios)})"
+            )
+        for form in (counts, ratios):
+            given = [f for f in form if getattr(policy, f) is not None]
+            if given and len(given) != len(form):
+                missing = [f for f in form if f not in given]
+                raise ValueError(f"{', '.join(missing)} is missing: {', '.join(given)} needs {', '.join(missing)} too")
+        if not given_counts and not given_ratios:
+            raise ValueError(f"set the budget: {', '.join(counts)} (tokens) or {', '.join(ratios)} (ratios of the prompt length)")
+
+
+_Tokens = Annotated[int, Field(gt=0)]
+_Ratio = Annotated[float, Field(gt=0, le=1)]
+
+
+class StreamingPolicy(_PromptBudget):
+    """StreamingLLM: every head keeps the first `sink` tokens plus the most recent ones.
+
+    Keys stay post-RoPE at their absolute positions (no re-rotation), as in DuoAttention's
+    streaming heads and kvpress's StreamingLLMPress. The recent window counts the current token.
+    """
+
+    type: Literal["streaming"] = "streaming"
+    sink: int = Field(4, ge=0, description="Initial tokens (attention sinks) every head keeps; StreamingLLM uses 4.")
+    recent: _Tokens | None = Field(None, description="Most recent tokens kept (token count).")
+    recent_ratio: _Ratio | None = Field(None, description="Most recent tokens kept, as a ratio of the prompt length.")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "StreamingPolicy":
+        self._check_form(self, ("recent",), ("recent_ratio",))
+        return self
+
+
+class H2OPolicy(_PromptBudget):
+    """H2O (heavy-hitter oracle), with real eviction.
+
+    Per layer and KV head: keep the `recent` most recent tokens plus the `heavy` tokens with the
+    largest accumulated attention. The score of a key is the sum of the softmax probabilities it
+    has received from every query so far (all prompt rows at prefill, then each generated token),
+    summed over the query heads of its GQA group; it is not normalised by the number of queries.
+    Eviction runs after the prompt and after every decode step; evicted tokens never come back.
+    """
+
+    type: Literal["h2o"] = "h2o"
+    heavy: _Tokens | None = Field(None, description="Heavy-hitter tokens kept per KV head (token count).")
+    recent: _Tokens | None = Field(None, description="Most recent tokens kept per KV head (token count).")
+    heavy_ratio: _Ratio | None = Field(None, description="Heavy-hitter budget as a ratio of the prompt length (H2O: 0.1).")
+    recent_ratio: _Ratio | None = Field(None, description="Recent-window budget as a ratio of the prompt length (H2O: 0.1).")
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "H2OPolicy":
+        self._check_form(self, ("heavy", "recent"), ("heavy_ratio", "recent_ratio"))
+        return self
+
+
+class DuoPolicy(_Strict):
+    """DuoAttention: retrieval heads keep every token, streaming heads keep `sink` + `recent`.
+
+    `retrieval_heads[layer][kv_head]` is 1 (retrieval) or 0 (streaming), one row per layer and one
+    column per KV head, as DuoAttention's binarised gates. Streaming heads hold genuinely smaller
+    tensors. Combination: with `retrieval_policy` set to an `h2o` policy, the retrieval heads run
+    H2O eviction instead of keeping every token (H2O on Duo's retrieval heads).
+    """
+
+    type: Literal["duo"] = "duo"
+    retrieval_heads: list[list[int]] = Field(
+        description="Per layer, per KV head: 1 = retrieval head (keeps all tokens), 0 = streaming head (sink + recent)."
+    )
+    sink: int = Field(128, ge=0, description="Sink tokens of the streaming heads (DuoAttention: 128).")
+    recent: _Tokens = Field(256, description="Recent tokens of the streaming heads (DuoAttention: 256).")
+    retrieval_policy: H2OPolicy | None = Field(
+        None, description="Optional policy for the retrieval heads: an `h2o` policy (default: keep every token)."
+    )
+
+    @field_validator("retrieval_heads")
+    @classmethod
+    def _rectangular_binary(cls, rows: list[list[int]]) -> list[list[int]]:
+        if not rows or not rows[0]:
+            raise ValueError("needs one row per layer with one 0/1 entry per KV head; got an empty mask")
+        width = len(rows[0])
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                raise ValueError(f"row {i} has {len(row)} entries, row 0 has {width}: one entry per KV head in every layer")
+            bad = [v for v in row if v not in (0, 1)]
+            if bad:
+                raise ValueError(f"row {i} holds {bad[0]!r}: entries are 1 (retrieval) or 0 (streaming)")
+        return rows
+
+
+KVPolicy = Annotated[Union[FullPolicy, StreamingPolicy, H2OPolicy, DuoPolicy], Field(discriminator="type")]
+KV_POLICY_TYPES = ("full", "streaming", "h2o", "duo")
+
+
+def _format_errors(e: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in e.errors():
+        # pydantic puts the union tag after the union field (`kv_policy.h2o.heavy`); name what the user wrote
+        raw = [str(x) for x in err["loc"]]
+        loc = [x for i, x in enumerate(raw) if not (x in KV_POLICY_TYPES and (i == 0 or raw[i - 1] == "kv_policy"))]
+        field = ".".join(([prefix] if prefix else []) + loc)
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{field}: {msg}" if field else msg)
+    return "; ".join(parts)
+
+
+def parse_kv_policy(policy: Any, *, field: str = "kv_policy"):
+    """Validate a KV policy given as a model, a dict, a JSON string or a shorthand.
+
+    Shorthand: `TYPE` or `TYPE:key=value,key=value`, e.g. `h2o:heavy_ratio=0.1,recent_ratio=0.1`,
+    `streaming:sink=4,recent=1024`. Errors are `HeadwiseError`s naming the field.
+    """
+    from pydantic import TypeAdapter
+
+    if policy is None:
+        return FullPolicy()
+    if isinstance(policy, BaseModel):
+        return policy
+    if isinstance(policy, str):
+        text = policy.strip()
+        if text.startswith("{"):
+            try:
+                policy = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise HeadwiseError(f"{field}: not valid JSON ({e.msg} at column {e.colno}): {text}") from e
+        else:
+            kind, _, rest = text.partition(":")
+            policy = {"type": kind.strip()}
+            for item in filter(None, (p.strip() for p in rest.split(","))):
+                key, eq, value = item.partition("=")
+                if not eq:
+                    raise HeadwiseError(f"{field}: {item!r} is not key=value (shorthand: TYPE:key=value,key=value)")
+                try:
+                    policy[key.strip()] = json.loads(value)
+                except json.JSONDecodeError:
+                    policy[key.strip()] = value.strip()
+    if not isinstance(policy, dict):
+        raise HeadwiseError(f"{field}: expected a mapping with a `type` ({', '.join(KV_POLICY_TYPES)}), got {type(policy).__name__}")
+    if policy.get("type") not in KV_POLICY_TYPES:
+        raise HeadwiseError(f"{field}.type: {policy.get('type')!r} is not a KV policy; use one of {', '.join(KV_POLICY_TYPES)}")
+    try:
+        return TypeAdapter(KVPolicy).validate_python(policy)
+    except ValidationError as e:
+        raise HeadwiseError(_format_errors(e, field)) from e
 
 
 class FullAttention(_Strict):
@@ -93,5 +257,4 @@ class InferenceConfig(_Strict):
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
-            problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-            raise HeadwiseError(f"{path}: {problems}") from e
+            raise HeadwiseError(f"{path}: {_format_errors(e)}") from e

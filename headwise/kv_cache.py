@@ -103,7 +103,7 @@ class HeadwiseLayer(DynamicLayer):
     def _new_tokens(self, prompt_mask, position_ids, B, T, device):
         """Validity (B, T) and absolute positions (B, T) of this step's tokens."""
         if prompt_mask is not None:
-            valid = prompt_mask[:, 0, -1, -T:]  # the last prompt row sees every real token (left or right padding)
+            valid = prompt_mask[:, 0, -1, -T:].expand(B, T)  # the last prompt row sees every real token (left or right padding)
         else:
             valid = torch.ones(B, T, dtype=torch.bool, device=device)
         if position_ids is not None:

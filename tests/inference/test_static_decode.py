@@ -1,0 +1,71 @@
+"""The static-shape decode step: same tokens and kept sets as the dynamic path, no graph breaks or recompiles."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.kv_cache import make_cache
+from headwise.static_decode import StaticDecoder
+from inference_helpers import random_ids
+
+POLICIES = [
+    {"type": "full"},
+    {"type": "streaming", "sink": 4, "recent": 8},
+    {"type": "h2o", "heavy": 6, "recent": 6},
+    {"type": "h2o", "heavy_ratio": 0.2, "recent_ratio": 0.1},
+    {"type": "h2o", "heavy": 100, "recent": 100},  # budget larger than the sequence
+    {"type": "duo", "retrieval_heads": [[1, 0], [0, 1]], "sink": 2, "recent": 6},
+    {"type": "duo", "retrieval_heads": [[1, 0], [1, 1]], "sink": 2, "recent": 6,
+     "retrieval_policy": {"type": "h2o", "heavy": 5, "recent": 4}},
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["type"] + str(len(str(p))))
+def test_static_decode_equals_generate(llama, policy):
+    ids = random_ids(2, 36, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0  # left padding in row 1
+    ids[1, :7] = 0
+    cache = make_cache(llama, policy)
+    kw = {"past_key_values": cache} if cache is not None else {}
+    dynamic = llama.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, **kw)[:, 36:]
+    decoder = StaticDecoder(llama, policy, max_new_tokens=16, mode="eager")
+    static = decoder.generate(ids, mask)
+    assert torch.equal(static, dynamic)
+    if cache is not None:
+        for layer in range(2):
+            for group in range(len(cache.layers[layer].groups)):
+                assert decoder.cache.kept_positions(layer, group) == cache.kept_positions(layer, group)
+
+
+def test_static_buffers_do_not_move(llama):
+    """Capturability: every step writes into the same preallocated buffers (no cat, no reallocation)."""
+    decoder = StaticDecoder(llama, {"type": "h2o", "heavy": 6, "recent": 6}, max_new_tokens=4, mode="eager")
+    decoder.prefill(random_ids(1, 30))
+    store = decoder.cache.layers[0].groups[0][1]
+    ptrs = [t.data_ptr() for t in (store.keys, store.values, store.valid, store.pos, store.score, store.free)]
+    decoder.decode(4)
+    assert ptrs == [t.data_ptr() for t in (store.keys, store.values, store.valid, store.pos, store.score, store.free)]
+    assert store.keys.shape[2] == 13 and int(store.valid.sum(-1).max()) == 12  # budget + 1 slots, one free
+
+
+def test_decode_step_traces_as_one_graph_without_recompiling(llama):
+    """torch.compile(fullgraph=True) fails on graph breaks; error_on_recompile catches Python state in the step."""
+    import torch._dynamo
+
+    policy = {"type": "duo", "retrieval_heads": [[1, 0], [0, 1]], "sink": 2, "recent": 6,
+              "retrieval_policy": {"type": "h2o", "heavy": 5, "recent": 4}}
+    ids = random_ids(1, 30, seed=4)
+    expected = StaticDecoder(llama, policy, max_new_tokens=6, mode="eager").generate(ids)
+    decoder = StaticDecoder(llama, policy, max_new_tokens=6, mode="eager")
+    decoder.prefill(ids)
+    torch._dynamo.reset()
+    step = torch.compile(decoder._step, backend="eager", fullgraph=True)
+    tokens = [decoder.ids[0, 0].item()]
+    with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():
+        for _ in range(5):
+            step()
+            tokens.append(decoder.ids[0, 0].item())
+    torch._dynamo.reset()
+    assert tokens == expected[0].tolist()
