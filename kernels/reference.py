@@ -24,8 +24,12 @@ def _as_spec(layout) -> LayoutSpec:
     return layout.spec if isinstance(layout, BlockLayout) else layout
 
 
-def token_rule(spec: LayoutSpec, q: torch.Tensor, k: torch.Tensor, head: int, n_heads: int) -> torch.Tensor:
-    """Boolean ``allowed(q, k)`` for broadcastable position tensors ``q``, ``k`` of one head."""
+def token_rule(spec: LayoutSpec, q: torch.Tensor, k: torch.Tensor, head, n_heads: int) -> torch.Tensor:
+    """Boolean ``allowed(q, k)`` for broadcastable position tensors ``q``, ``k``.
+
+    ``head`` is one head index, or an int64 tensor of head indices broadcastable against ``q`` and
+    ``k`` (e.g. ``(H, 1, 1)``) to evaluate many heads at once.
+    """
     allowed = k <= q
     kind = spec.kind
     if kind == "dense":
@@ -34,16 +38,18 @@ def token_rule(spec: LayoutSpec, q: torch.Tensor, k: torch.Tensor, head: int, n_
         return allowed & (q - k < spec.window)
     if kind == "streaming":
         return allowed & ((k < spec.sink) | (q - k < spec.recent))
+    head_t = torch.as_tensor(head, device=q.device)
     if kind == "shifted_groups":
         g = spec.group_size
         if g <= 0:
             raise ValueError("resolve() the spec for a sequence length first")
-        off = g // 2 if head in set(spec.shifted(n_heads)) else 0
+        shifted = torch.tensor(sorted(spec.shifted(n_heads)), dtype=head_t.dtype, device=q.device)
+        off = torch.isin(head_t, shifted).to(q.dtype) * (g // 2)
         same = torch.div(q + off, g, rounding_mode="floor") == torch.div(k + off, g, rounding_mode="floor")
         return allowed & ((k < spec.sink) | same)
     if kind == "s2":
         v = spec.vert_stride
-        o = spec.head_offset_base % v if spec.same_for_all_heads else (head + spec.head_offset_base) % v
+        o = torch.full_like(head_t, spec.head_offset_base % v) if spec.same_for_all_heads else (head_t + spec.head_offset_base) % v
         qb = torch.div(q, spec.block, rounding_mode="floor")
         kb = torch.div(k, spec.block, rounding_mode="floor")
         return allowed & ((qb - kb < spec.local_blocks) | ((kb + o + 1) % v == 0))
@@ -91,28 +97,38 @@ def allowed_per_query(spec, seq_len: int, head: int, n_heads: int) -> torch.Tens
     raise AssertionError(kind)
 
 
+# Score elements per chunk across all heads (fp32: 256 MB): bounds CPU memory at long T while
+# keeping the batched matmuls large.
+SCORE_BUDGET = 64 * 1024 * 1024
+
+
 def _attend_one(q, k, v, spec, scale, n_heads):
-    """q (Hq, L, D), k/v (Hkv, L, D) of one sequence -> out (Hq, L, D), lse (Hq, L) fp32."""
+    """q (Hq, L, D), k/v (Hkv, L, D) of one sequence -> out (Hq, L, D), lse (Hq, L) fp32.
+
+    All heads at once (batched matmuls, one mask per chunk from ``token_rule`` over a head index
+    tensor), queries in chunks so memory stays O(H * chunk * L).
+    """
     hq, length, _ = q.shape
-    hkv = k.shape[0]
-    rep = hq // hkv
+    rep = hq // k.shape[0]
+    kx, vx = k.repeat_interleave(rep, 0), v.repeat_interleave(rep, 0)  # GQA: heads h*rep..h*rep+rep-1 share kv h
+    acc = torch.promote_types(q.dtype, torch.float32)
     out = torch.empty_like(q)
     lse = torch.empty(hq, length, dtype=torch.float32, device=q.device)
-    kpos = torch.arange(length, device=q.device).view(1, -1)
-    for h in range(hq):
-        kh, vh = k[h // rep], v[h // rep]
-        for s in range(0, length, Q_CHUNK):
-            e = min(length, s + Q_CHUNK)
-            qpos = torch.arange(s, e, device=q.device).view(-1, 1)
-            # keys past the chunk's last query are never allowed (causal): skip them.
-            scores = (q[h, s:e] @ kh[:e].transpose(0, 1)).to(torch.float32) * scale
-            mask = token_rule(spec, qpos, kpos[:, :e], h, n_heads)
-            scores = scores.masked_fill(~mask, float("-inf"))
-            m = scores.amax(-1, keepdim=True)
-            p = torch.exp(scores - m)
-            denom = p.sum(-1, keepdim=True)
-            out[h, s:e] = ((p / denom).to(v.dtype) @ vh[:e]).to(q.dtype)
-            lse[h, s:e] = (m + torch.log(denom)).squeeze(-1)
+    heads = torch.arange(hq, device=q.device).view(-1, 1, 1)
+    kpos = torch.arange(length, device=q.device).view(1, 1, -1)
+    rows = max(16, min(Q_CHUNK, SCORE_BUDGET // max(1, hq * length)))
+    for s in range(0, length, rows):
+        e = min(length, s + rows)
+        qpos = torch.arange(s, e, device=q.device).view(1, -1, 1)
+        # keys past the chunk's last query are never allowed (causal): skip them.
+        scores = torch.matmul(q[:, s:e], kx[:, :e].transpose(1, 2)).to(acc) * scale
+        mask = token_rule(spec, qpos, kpos[..., :e], heads, n_heads)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        m = scores.amax(-1, keepdim=True)
+        p = torch.exp(scores - m)
+        denom = p.sum(-1, keepdim=True)
+        out[:, s:e] = torch.matmul((p / denom).to(v.dtype), vx[:, :e]).to(q.dtype)
+        lse[:, s:e] = (m + torch.log(denom)).squeeze(-1).float()
     return out, lse
 
 
