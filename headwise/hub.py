@@ -88,8 +88,17 @@ def push(plan: PushPlan, *, token: str | None = None, commit_message: str = "Upl
     from huggingface_hub import HfApi
 
     api = HfApi(token=token)  # token None: HF_TOKEN or the cached login
-    api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(
-        repo_id=plan.repo_id, folder_path=str(plan.folder), commit_message=commit_message, repo_type="model"
-    )
+    try:
+        api.create_repo(plan.repo_id, private=plan.private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(
+            repo_id=plan.repo_id, folder_path=str(plan.folder), commit_message=commit_message, repo_type="model"
+        )
+    except Exception as e:  # network, auth and Hub errors: one line, never the token
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if token:
+            reason = reason.replace(token, "***")
+        raise PushError(
+            f"pushing {plan.folder} to {plan.repo_id} failed ({type(e).__name__}: {reason}); check the network, "
+            "that HF_TOKEN (or `hf auth login`) has write access, and the repo id"
+        ) from None
     return str(getattr(info, "commit_url", info))

@@ -159,9 +159,8 @@ class TrainingSection(Section):
     gradient_checkpointing: bool = Field(True, description="Recompute activations in backward (long context needs it).")
     fused_cross_entropy: Literal["off", "auto", "chunked", "liger"] = Field(
         "off",
-        description="Compute the LM loss without materialising full-sequence logits. `chunked`: our checkpointed "
-        "chunked loss (any device); `liger`: Liger-Kernel's fused linear cross-entropy (CUDA); `auto`: liger on CUDA "
-        "when installed, else chunked.",
+        description="Compute the LM loss without materialising full-sequence logits. `chunked` (and `auto`): our "
+        "checkpointed chunked loss (any device); `liger`: Liger-Kernel's fused linear cross-entropy (CUDA, opt-in).",
     )
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (a killed run resumes from the last).")

@@ -49,6 +49,7 @@ def test_chunked_loss_with_num_items_in_batch_is_a_sum_over_that_count():
 def test_fused_loss_selection():
     assert resolve_fused_loss("off", "cpu") is None
     assert resolve_fused_loss("auto", "cpu") is chunked_lm_loss
+    assert resolve_fused_loss("auto", "cuda") is chunked_lm_loss  # liger stays opt-in
     with pytest.raises(HeadwiseError, match="needs a CUDA GPU"):
         resolve_fused_loss("liger", "cpu")
 

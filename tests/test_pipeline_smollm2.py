@@ -144,3 +144,8 @@ def test_push_dry_run_checks_folder_and_never_shows_token(trained):
             assert secret not in f.read_text()
     bad = run_cli("push", str(export), "--repo-id", "no-owner", "--dry-run")
     assert bad.returncode == 2 and "owner/name" in bad.stderr
+    # The real upload path up to the network: huggingface_hub refuses offline, headwise reports it
+    # in one line without the token.
+    real = run_cli("push", str(run_dir), env={"HF_TOKEN": secret, "HF_HUB_OFFLINE": "1"})
+    assert real.returncode == 2 and "someone/smollm2-headwise-test failed" in real.stderr
+    assert secret not in real.stdout + real.stderr and "Traceback" not in real.stderr
