@@ -86,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--ppl-tokens", type=int, default=1024, help="0: skip perplexity")
     p.add_argument("--passkey-length", type=int, default=4096)
     p.add_argument("--passkey-samples", type=int, default=3, help="0: skip passkey; depths spread over (0, 1)")
+    p.add_argument("--filler", default="repeat", choices=["repeat", "corpus"],
+                   help="passkey haystack: LongLoRA's repeated sentences (the untuned model retrieves from it "
+                   "reliably, so policies are compared where full attention works) or held-out corpus text")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
 
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
     rows = []
 
     def emit(row):
+        row.setdefault("method", f"kv-policy:{row['policy']}")
+        row.setdefault("steps", 0)
         row.update(model=args.model, command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    machine="cpu")
         print(json.dumps(row), flush=True)
@@ -114,17 +119,18 @@ def main(argv=None) -> int:
         for name in names:
             t0 = time.time()
             ppl = token_by_token_ppl(model, ids, policy_for(name, args.ppl_tokens))
-            emit(dict(metric="ppl_token_by_token", policy=name, policy_config=policy_for(name, args.ppl_tokens),
+            emit(dict(metric="ppl_token_by_token", context=int(ids.shape[1]), policy=name, policy_config=policy_for(name, args.ppl_tokens),
                       tokens=ids.shape[1], value=round(ppl, 3), seconds=round(time.time() - t0, 1)))
     if args.passkey_samples:
         depths = [(i + 0.5) / args.passkey_samples for i in range(args.passkey_samples)]
-        samples = [build_passkey_sample(tok, context_tokens=args.passkey_length, depth=d, seed=1000 + i, split="eval")
+        samples = [build_passkey_sample(tok, context_tokens=args.passkey_length, depth=d, seed=1000 + i, split="eval",
+                                        filler=args.filler)
                    for i, d in enumerate(depths)]
         for name in names:
             t0 = time.time()
             outs = [passkey_answer(model, tok, s, policy_for(name)) for s in samples]
             correct = [is_correct(s.answer, o) for s, o in zip(samples, outs)]
-            emit(dict(metric=f"passkey@{args.passkey_length}", policy=name, policy_config=policy_for(name),
+            emit(dict(metric=f"passkey@{args.passkey_length} ({args.filler} filler)", context=args.passkey_length, policy=name, policy_config=policy_for(name),
                       samples=len(samples), depths=depths, value=sum(correct) / len(correct),
                       outputs=[f"{s.answer} -> {o!r}" for s, o in zip(samples, outs)], seconds=round(time.time() - t0, 1)))
     return 0
