@@ -418,17 +418,11 @@ def _check_lengths(args, max_pos: int | None, lengths: list[int], windows: list[
 
 
 def _policy_generate_fn(loaded) -> GenerateFn:
-    """Greedy generation through the loaded model's KV policy (a fresh cache per prompt)."""
-    model = loaded.model
+    """Greedy generation through the loaded model's KV policy (a fresh cache per prompt; `duo`
+    policies prefill in chunks, so the answer comes from the compressed cache)."""
 
     def generate(input_ids: torch.Tensor, *, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        make_cache = getattr(loaded, "make_cache", None)
-        cache = make_cache() if make_cache is not None else None
-        if cache is not None:
-            kwargs["past_key_values"] = cache
-        pad = getattr(loaded.tokenizer, "pad_token_id", None)
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
-                             max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+        out = loaded.generate_ids(input_ids, max_new_tokens=max_new_tokens, **kwargs)
         return out[0, input_ids.shape[1]:]
 
     return generate
