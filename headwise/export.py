@@ -1,7 +1,9 @@
 """`headwise export RUN_DIR`: a Hub-ready folder from a finished (or checkpointed) run.
 
-The folder holds either the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`) or
-merged full weights, the tokenizer, `headwise_inference.json` and a model card (`README.md`). It is
+The folder holds either the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`),
+merged full weights, or no weights at all (`weights: "base"`: methods such as DuoAttention that
+leave the base model unchanged; the base model's config only), plus any method files (Duo: its
+`duo_attention/` pattern folder), the tokenizer, `headwise_inference.json` and a model card (`README.md`). It is
 written to a temporary sibling and renamed into place, so an interrupted export never leaves a
 half-written folder, and an existing export is only replaced with `overwrite=True`.
 """
@@ -44,7 +46,7 @@ def _weights_dir(run_dir: Path, checkpoint: str | None) -> Path:
     return final
 
 
-def build_inference_config(recipe, *, weights: str) -> InferenceConfig:
+def build_inference_config(recipe, *, weights: str, kv_policy=None) -> InferenceConfig:
     method = method_for(recipe.method)
     config = load_config(recipe.model)
     rope = getattr(config, "rope_parameters", None) if recipe.model.rope_scaling else None
@@ -56,7 +58,7 @@ def build_inference_config(recipe, *, weights: str) -> InferenceConfig:
         rope_parameters=dict(rope) if rope else None,
         max_position_embeddings=recipe.model.context_length,
         attention=method.inference_attention(),
-        kv_policy=recipe.export.kv_policy,
+        kv_policy=kv_policy if kv_policy is not None else recipe.export.kv_policy,
         extra_modules=method.extra_modules(),
     )
 
@@ -68,16 +70,24 @@ def export_run(
     format: str | None = None,
     checkpoint: str | None = None,
     overwrite: bool = False,
+    method_options: dict | None = None,
 ) -> Path:
-    """Export a run directory; returns the export folder."""
+    """Export a run directory; returns the export folder.
+
+    `method_options` go to the method's `export_artifacts` (Duo: `streaming_fraction` or `threshold`,
+    overriding the recipe's `method.streaming_fraction` / `method.threshold`).
+    """
     run_dir = Path(run_dir)
     try:
         recipe = read_run_recipe(run_dir)
     except RunDirError as e:
         raise ExportError(str(e)) from e
+    method = method_for(recipe.method)
     fmt = format or recipe.export.format
     if fmt not in ("adapter", "merged"):
         raise ExportError(f"--format {fmt!r}: use `adapter` or `merged`")
+    if method.export_weights() == "base":
+        fmt = "base"  # e.g. DuoAttention: the weights are the unchanged base model, nothing to copy or merge
     if fmt == "adapter" and recipe.peft.type == "none":
         raise ExportError("this run trained without LoRA (peft.type none): export it with --format merged")
     src = _weights_dir(run_dir, checkpoint)
@@ -95,10 +105,13 @@ def export_run(
                     raise ExportError(f"{src / name} is missing; the run did not save a PEFT adapter")
                 shutil.copy2(src / name, tmp / name)
             _point_adapter_at_base(tmp / "adapter_config.json", recipe)
-        else:
+        elif fmt == "merged":
             _save_merged(recipe, src, tmp)
+        else:  # base: the base model's config only (the weights load from base_model)
+            load_config(recipe.model).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        inference = build_inference_config(recipe, weights=fmt)
+        policy = method.export_artifacts(src, tmp, **(method_options or {}))
+        inference = build_inference_config(recipe, weights=fmt, kv_policy=policy)
         inference.save(tmp)
         (tmp / "headwise_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}

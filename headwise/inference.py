@@ -2,8 +2,10 @@
 
 An export folder's `headwise_inference.json` says whether it holds an adapter (then the base model
 is loaded, the recipe's RoPE parameters are applied, the method's extra modules are re-attached and
-the adapter is loaded on top) or merged weights (loaded directly), which attention runs at
-inference and which KV-cache policy generation uses. Any KV policy also applies to a plain model:
+the adapter is loaded on top), merged weights (loaded directly) or no weights (`base`: the unchanged
+base model, e.g. a DuoAttention export), which attention runs at inference and which KV-cache policy
+generation uses (a `duo` policy prefills in chunks, see `prefill_in_chunks`). Any KV policy also
+applies to a plain model:
 
     loaded = headwise.load("smollm2-135m", policy="h2o:heavy_ratio=0.1,recent_ratio=0.1")
     loaded.generate("...")                 # transformers' generate with the policy's cache
@@ -20,6 +22,41 @@ import torch
 
 from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, KVPolicy  # noqa: F401 (re-exported)
 from headwise.model_loading import resolve_dtype, resolve_model_source
+
+
+# Prompt tokens per prefill forward for `duo` policies (`LoadedModel.generate`): streaming heads hold at most
+# sink + recent + DUO_PREFILL_CHUNK tokens during prefill, and a streaming query sees at most recent + chunk
+# recent tokens (training: recent). 256 keeps that window within 2x DuoAttention's recent of 256; on a GPU at
+# long context a larger chunk (e.g. 4096) trades that fidelity for fewer forwards: pass `prefill_chunk=`.
+DUO_PREFILL_CHUNK = 256
+
+
+@torch.inference_mode()
+def prefill_in_chunks(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor, chunk: int) -> int:
+    """Run the prompt through `model` into `cache`, `chunk` tokens per forward, all but its last chunk.
+
+    Chunks start at the prompt's beginning; the first one also takes all left padding (a headwise cache
+    only accepts padding in its first forward). The last chunk (1 to `chunk` tokens) is left to `generate`,
+    which runs it as one forward and continues from there, so a prompt that fits in one chunk is prefilled
+    exactly as without chunking. Returns the number of tokens prefilled here.
+    """
+    if chunk < 1:
+        raise ValueError(f"prefill chunk must be >= 1, got {chunk}")
+    from headwise.static_decode import cache_kwarg, prompt_positions
+
+    T = input_ids.shape[1]
+    n_pad = int((attention_mask == 0).sum(dim=1).max())
+    bounds = [min(T, n_pad + chunk)]
+    while bounds[-1] < T:
+        bounds.append(min(T, bounds[-1] + chunk))
+    cache_kw = cache_kwarg(model)
+    position_ids = prompt_positions(attention_mask)  # as generate computes them
+    start = 0
+    for stop in bounds[:-1]:
+        model(input_ids=input_ids[:, start:stop], attention_mask=attention_mask[:, :stop],
+              position_ids=position_ids[:, start:stop], use_cache=True, logits_to_keep=1, **{cache_kw: cache})
+        start = stop
+    return start
 
 
 @dataclass
@@ -61,15 +98,36 @@ class LoadedModel:
             tokens = decoder.generate(enc["input_ids"], enc["attention_mask"])
             texts = [self._until_eos(row) for row in tokens.tolist()]
         else:
-            kwargs.setdefault("do_sample", False)
-            cache = self.make_cache()
-            if cache is not None:
-                from headwise.static_decode import cache_kwarg
-
-                kwargs[cache_kwarg(self.model)] = cache
-            out = self.model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+            out = self.generate_ids(enc["input_ids"], enc["attention_mask"], max_new_tokens=max_new_tokens, **kwargs)
             texts = self.tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         return texts[0] if single else texts
+
+    @torch.inference_mode()
+    def generate_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
+                     max_new_tokens: int = 32, prefill_chunk: int | None = None, **kwargs) -> torch.Tensor:
+        """transformers' `generate` with the policy's cache; returns prompt + new tokens `(B, T + n)`.
+
+        `duo` policies prefill in chunks of `prefill_chunk` tokens (default `DUO_PREFILL_CHUNK`; 0 turns
+        chunking off): streaming heads then never hold more than `sink + recent + chunk` tokens, and a
+        streaming head's query sees its sink + recent window plus the earlier tokens of its own chunk, as in
+        DuoAttention's chunked prefill. The question at the end of a prompt is thus answered from the
+        compressed cache (DuoAttention's "decoding simulation" serves the same purpose).
+        """
+        kwargs.setdefault("do_sample", False)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        cache = self.make_cache()
+        if cache is not None:
+            from headwise.static_decode import cache_kwarg
+
+            if self.policy.type == "duo":
+                chunk = DUO_PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+                if chunk:
+                    prefill_in_chunks(self.model, cache, input_ids, attention_mask, chunk)
+            kwargs[cache_kwarg(self.model)] = cache
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
+        return self.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                                   pad_token_id=pad, **kwargs)
 
     def _until_eos(self, ids: list[int]) -> str:
         eos = self.model.generation_config.eos_token_id if self.model.generation_config is not None else None
@@ -85,9 +143,7 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
     torch_dtype = resolve_dtype(dtype)
     if config.weights == "merged":
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
-    else:
-        from peft import PeftModel
-
+    else:  # adapter, or base (the unchanged base model: DuoAttention exports)
         base = config.base_model
         src = resolve_model_source(base.name, base.gguf_file, base.revision)
         kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
@@ -99,7 +155,10 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
         if config.max_position_embeddings:
             model_config.max_position_embeddings = config.max_position_embeddings
         model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype, **kw)
-        model = PeftModel.from_pretrained(model, str(path))
+        if config.weights == "adapter":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(path))
     if device:
         model.to(device)
     model.eval()

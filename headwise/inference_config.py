@@ -1,8 +1,9 @@
 """`headwise_inference.json`: what an export needs at inference, versioned.
 
 Every export folder holds one. It says which weights the folder holds (a PEFT adapter on a named
-base model, or merged weights), which attention the model runs at inference (`full` today; MoH
-routing and S2 layouts join when those methods land) and which KV-cache policy generation uses.
+base model, merged weights, or none: the unchanged base model, as DuoAttention exports), which
+attention the model runs at inference (`full` today; MoH routing and S2 layouts join when those
+methods land) and which KV-cache policy generation uses.
 `headwise.load` reads it; `format_version` lets later releases read old exports.
 
 The KV policy is a discriminated union on `type`; each policy is its own model so a new policy is a
@@ -219,7 +220,10 @@ class InferenceConfig(_Strict):
     format_version: Literal[1] = FORMAT_VERSION
     headwise_version: str
     method: str = Field(description="The training method that produced the export (`full`, `sinklora`, ...).")
-    weights: Literal["adapter", "merged"]
+    weights: Literal["adapter", "merged", "base"] = Field(
+        description="`adapter`: a PEFT adapter on `base_model`; `merged`: full weights in the folder; `base`: no weights, "
+        "the unchanged `base_model` (DuoAttention exports: only the KV policy is new)."
+    )
     base_model: BaseModelRef
     rope_parameters: dict[str, Any] | None = Field(
         None, description="RoPE parameters the model was trained with (context extension); applied on load."

@@ -1,8 +1,10 @@
 """The hook points through which a method plugs into the pipeline.
 
 Data flows one way: recipe -> model -> `Method.prepare_model` (attention patch, extra trainables)
--> PEFT wrap (`modules_to_save` gets `Method.modules_to_save`) -> trainer (`Method.extra_loss`,
-`Method.callbacks`) -> export (`Method.inference_attention`, `Method.extra_modules`). A method is a
+-> PEFT wrap (`modules_to_save` gets `Method.modules_to_save`) -> data (`Method.training_data`, else
+the recipe's `data:` builder) -> trainer (`Method.compute_loss` replacing the LM loss, or
+`Method.extra_loss` added to it; `Method.callbacks`) -> export (`Method.inference_attention`,
+`Method.extra_modules`, `Method.export_weights`, `Method.export_artifacts`). A method is a
 subclass registered under its recipe name; `full` (dense attention, LoRA) is the baseline and uses
 every default.
 """
@@ -35,6 +37,17 @@ class Method:
         """Module-name suffixes PEFT must train and save besides the adapters."""
         return []
 
+    def training_data(self, recipe: Any, tokenizer: Any) -> tuple[Any, Any] | None:
+        """`(dataset, collator)` when the method brings its own training data (Duo's passkey haystacks), else None."""
+        return None
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, Any] | None:
+        """`(loss, outputs)` replacing the language-model loss (e.g. Duo's distillation), or None (LM loss).
+
+        The loss is a mean over this micro-batch; the trainer scales it for gradient accumulation.
+        """
+        return None
+
     def extra_loss(self, model: torch.nn.Module, inputs: dict[str, Any], outputs: Any) -> torch.Tensor | None:
         """A loss term added to the language-model loss (e.g. a load-balance loss), or None."""
         return None
@@ -49,6 +62,16 @@ class Method:
     def extra_modules(self) -> dict[str, Any]:
         """What `headwise.load` must re-attach before loading an adapter (written to headwise_inference.json)."""
         return {}
+
+    def export_weights(self) -> str | None:
+        """`"base"` when the export holds no weights because the model is the unchanged base model
+        (DuoAttention: only a head pattern is learned); None: the recipe's `export.format`."""
+        return None
+
+    def export_artifacts(self, weights_dir: Any, out_dir: Any, **options: Any) -> Any:
+        """Write method files into the export folder; return a KV policy for headwise_inference.json, or None
+        (the recipe's `export.kv_policy`). `options` come from `export_run(method_options=...)`."""
+        return None
 
 
 METHODS: dict[str, type[Method]] = {"full": Method}

@@ -21,6 +21,10 @@ from headwise.model_loading import resolve_model_source
 
 METHOD_BLURBS = {
     "full": "dense attention with LoRA (the baseline every head-wise method is compared against)",
+    "duo": "DuoAttention: one learned gate per (layer, KV head) splits the heads into retrieval heads, which keep "
+    "the whole KV cache, and streaming heads, which keep only sink + recent tokens; the model weights are "
+    "unchanged, this folder holds the head pattern (`duo_attention/full_attention_heads.tsv`, DuoAttention's own "
+    "format) and the `duo` KV policy",
 }
 
 
@@ -46,6 +50,16 @@ def _results_section(run_dir: Path | None) -> str:
     return "| evaluation | metric | value |\n|---|---|---|\n" + "\n".join(rows)
 
 
+def _data_line(recipe) -> str:
+    hay = getattr(recipe.method, "haystack", None)
+    if hay is not None:  # DuoAttention trains on its own passkey haystacks, not on `data:`
+        return (f"multi-passkey haystacks ({hay.num_samples} samples, {hay.min_tokens}-{hay.max_tokens} tokens, "
+                f"{hay.n_keys} keys of {hay.key_format}, {hay.filler} filler), loss over `{hay.label_span}`")
+    d = recipe.data
+    return (f"`{d.builder}` ({d.dataset or ', '.join(d.files or []) or d.corpus}), {d.max_length} tokens per sample, "
+            f"packing {'on' if d.packing else 'off'}")
+
+
 def write_model_card(
     folder: Path, recipe, inference: InferenceConfig, summary: dict[str, Any], *, run_dir: Path | None = None
 ) -> Path:
@@ -56,7 +70,8 @@ def write_model_card(
         base_model=base_id,
         library_name="peft" if inference.weights == "adapter" else "transformers",
         pipeline_tag="text-generation",
-        tags=["headwise", recipe.method.name, "lora" if recipe.peft.type == "lora" else "full-finetune"],
+        tags=["headwise", recipe.method.name,
+              "lora" if recipe.peft.type == "lora" else ("kv-cache-policy" if inference.weights == "base" else "full-finetune")],
         datasets=datasets,
     )
     recipe_yaml = yaml.safe_dump(recipe.model_dump(mode="json", exclude={"export": {"hub"}}), sort_keys=False)
@@ -68,6 +83,13 @@ def write_model_card(
             "from peft import PeftModel\n\n"
             f'base = AutoModelForCausalLM.from_pretrained("{base_id}"{gguf if not src.hub_id else ""})\n'
             'model = PeftModel.from_pretrained(base, "<this repo or folder>")\n'
+            'tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")'
+        )
+    elif inference.weights == "base":
+        plain = (
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            "# the weights are the unchanged base model; this folder adds the KV policy (headwise_inference.json)\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{base_id}"{gguf if not src.hub_id else ""})\n'
             'tokenizer = AutoTokenizer.from_pretrained("<this repo or folder>")'
         )
     else:
@@ -92,7 +114,7 @@ Fine-tuned from `{base_id}` with [headwise](https://pypi.org/project/headwise/):
 ## Training
 
 - method: `{recipe.method.name}`; weights in this folder: **{inference.weights}**
-- data: `{recipe.data.builder}` ({recipe.data.dataset or ', '.join(recipe.data.files or []) or recipe.data.corpus}), {recipe.data.max_length} tokens per sample, packing {'on' if recipe.data.packing else 'off'}
+- data: {_data_line(recipe)}
 - steps: {steps}; world size {summary.get('world_size', 1)}
 {_loss_line(summary)}- inference: attention `{inference.attention.name}`, KV policy `{inference.kv_policy.type}`
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Field, field_validator, model_validator
 
 from headwise.inference_config import FullPolicy, KVPolicy
+from headwise.patches.duo import DuoMethod
 from headwise.patches.sinklora import SinkLoRAMethod
 from headwise.schema_base import Section
 
@@ -77,7 +78,7 @@ class FullMethod(Section):
 
 # Each method's config model joins this union (discriminated by `name`); its module in
 # `headwise.patches` holds the config, the attention function and the `Method` hooks.
-MethodSection = Annotated[Union[FullMethod, SinkLoRAMethod], Field(discriminator="name")]
+MethodSection = Annotated[Union[FullMethod, SinkLoRAMethod, DuoMethod], Field(discriminator="name")]
 
 
 # ------------------------------------------------------------------------------------------ data

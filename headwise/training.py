@@ -46,7 +46,7 @@ def _world_size() -> int:
 
 
 class MethodLossMixin:
-    """Adds a method's extra loss and the optional fused (logit-free) LM loss to a Trainer."""
+    """Adds a method's extra loss (or its replacement loss) and the optional fused (logit-free) LM loss to a Trainer."""
 
     method: Method
     fused_loss: Any = None
@@ -56,6 +56,21 @@ class MethodLossMixin:
             # Ask the model for the final hidden states and a (B, 0, V) logits tensor; the loss
             # function projects chunk by chunk (see headwise.losses).
             inputs = {**inputs, "output_hidden_states": True, "logits_to_keep": torch.empty(0, dtype=torch.long)}
+        replaced = self.method.compute_loss(model, inputs)
+        if replaced is not None:
+            # A per-micro-batch mean: scale for accumulation unless the Trainer believes the loss is
+            # already normalised by num_items_in_batch (then it does not divide; see Trainer.training_step).
+            loss, outputs = replaced
+            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+                getattr(self, "compute_loss_func", None) is not None
+            )
+            if scaled and model.training:
+                loss = loss / self.current_gradient_accumulation_steps
+            return (loss, outputs) if return_outputs else loss
+        if not return_outputs and type(self.method).extra_loss is Method.extra_loss:
+            # Ask for outputs only when they are used: TRL's SFTTrainer recomputes the logits with an
+            # extra forward pass when asked for them.
+            return super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         extra = self.method.extra_loss(model, inputs, outputs)
         if extra is not None:
@@ -268,7 +283,8 @@ def train(loaded: LoadedRecipe) -> TrainResult:
     model = wrap_peft(model, recipe, method)
     if is_main_process() and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
-    train_dataset, collator = build_training_data(recipe, tokenizer)
+    own_data = method.training_data(recipe, tokenizer)
+    train_dataset, collator = own_data if own_data is not None else build_training_data(recipe, tokenizer)
 
     trainer = build_trainer(recipe, model, tokenizer, method, train_dataset, collator, resume)
     if resume is not None and is_main_process():

@@ -41,6 +41,13 @@ from pydantic import Field, model_validator
 
 from headwise.errors import HeadwiseError
 from headwise.methods import Method, register_method
+from headwise.patches.training_attention import (
+    check_patchable,
+    check_training_call,
+    eval_sdpa,
+    install_training_attention,
+    register_training_attention,
+)
 from headwise.schema_base import Section
 
 logger = logging.getLogger(__name__)
@@ -114,29 +121,13 @@ def sinklora_attention(
     `attention_mask` is transformers' flash-style mask (None, or a 2D `(B, T)` padding mask).
     """
     if not module.training:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        if attention_mask is not None and attention_mask.dim() == 2:
-            raise HeadwiseError(
-                "sinklora attention in eval mode got a padding mask: call the model through its own forward "
-                "(headwise switches eval to SDPA with a forward pre-hook), not the attention function directly"
-            )
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return eval_sdpa("sinklora", module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
     from headwise.kernels import sparse_attention
 
     cfg: SinkLoRAMethod = module.headwise_sinklora
     b, h, t, d = query.shape
-    if key.shape[2] != t:
-        raise HeadwiseError("sinklora training attention got a KV cache (key length != query length); set use_cache=False")
-    if dropout:
-        raise HeadwiseError(f"sinklora attention does not implement attention dropout ({dropout}); set attention_dropout: 0")
-    if attention_mask is not None and attention_mask.dim() == 2:
-        valid = attention_mask.bool()
-        # Right padding is exact for the real tokens (causality hides the padding from them); left
-        # padding would let real tokens attend to pads.
-        if bool((valid[:, :1] == 0).any() & valid.any(dim=1).all()):
-            raise HeadwiseError("sinklora training needs right padding or packed samples; the batch is left-padded")
+    check_training_call("sinklora", query, key, attention_mask, dropout)
     spec = layout_spec(cfg, h, t)
     cu = _packed_boundaries(kwargs, b, t)
     if cu is not None:
@@ -148,20 +139,7 @@ def sinklora_attention(
 
 def register() -> None:
     """Register the attention function and its (flash-style, cheap) mask function. Idempotent."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
-
-    AttentionInterface.register(ATTENTION_NAME, sinklora_attention)
-    # Without a registered mask function transformers silently drops padding masks. The flash-style
-    # one returns None or a (B, T) mask: no T x T tensor at long context.
-    AttentionMaskInterface.register(ATTENTION_NAME, flash_attention_mask)
-
-
-def _switch_on_training_mode(eval_impl: str):
-    def hook(model: torch.nn.Module, args: Any, kwargs: Any = None):
-        model.config._attn_implementation = ATTENTION_NAME if model.training else eval_impl
-
-    return hook
+    register_training_attention(ATTENTION_NAME, sinklora_attention)
 
 
 @register_method
@@ -181,23 +159,13 @@ class SinkLoRA(Method):
             raise HeadwiseError("method sinklora needs at least 2 attention heads (half of them are shifted)")
 
     def prepare_model(self, model: torch.nn.Module) -> None:
-        from transformers import PreTrainedModel
-
-        if isinstance(model, PreTrainedModel) and not getattr(type(model), "_supports_attention_backend", False):
-            raise HeadwiseError(
-                f"method sinklora: {type(model).__name__} does not dispatch attention through the transformers "
-                "attention registry, so it cannot be patched; use a Llama/Qwen/Mistral-style model"
-            )
+        check_patchable(model, "sinklora")
         register()
         # The config rides on each attention module (not on model.config, which is serialised).
         for m in model.modules():
             if hasattr(m, "layer_idx") and hasattr(m, "q_proj"):
                 m.headwise_sinklora = self.config
-        eval_impl = model.config._attn_implementation or "sdpa"
-        if eval_impl == ATTENTION_NAME:
-            eval_impl = "sdpa"
-        model.config._attn_implementation = ATTENTION_NAME
-        model.register_forward_pre_hook(_switch_on_training_mode(eval_impl))
+        install_training_attention(model, ATTENTION_NAME)
 
     def modules_to_save(self) -> list[str]:
         return ["embed_tokens", "norm"] if self.config.train_embeddings_and_norms else []

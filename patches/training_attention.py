@@ -1,0 +1,83 @@
+"""What every training-time attention patch shares (SinkLoRA, DuoAttention, ...).
+
+A training patch registers one attention function under a neutral name, paired with transformers'
+flash-style mask function (None, or a `(B, T)` padding mask: never a T x T tensor at long context;
+without a registered mask function transformers silently drops padding masks). The model runs the
+patch's attention in training and its own SDPA in eval mode, switched by a forward pre-hook on the
+model, so `model.eval()` / `generate` are exactly the stock model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from headwise.errors import HeadwiseError
+
+
+def register_training_attention(name: str, fn: Callable) -> None:
+    """Register `fn` and the flash-style mask function under `name`. Idempotent."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, flash_attention_mask)
+
+
+def check_patchable(model: torch.nn.Module, method: str) -> None:
+    """Refuse models whose attention does not go through the transformers attention registry."""
+    from transformers import PreTrainedModel
+
+    if isinstance(model, PreTrainedModel) and not getattr(type(model), "_supports_attention_backend", False):
+        raise HeadwiseError(
+            f"method {method}: {type(model).__name__} does not dispatch attention through the transformers "
+            "attention registry, so it cannot be patched; use a Llama/Qwen/Mistral-style model"
+        )
+
+
+def install_training_attention(
+    model: torch.nn.Module, name: str, on_forward: Callable[[torch.nn.Module], None] | None = None
+) -> str:
+    """Run attention `name` in training and the model's own attention in eval; returns the eval one.
+
+    `on_forward(model)` runs before every forward (e.g. to reset per-forward state).
+    """
+    eval_impl = model.config._attn_implementation or "sdpa"
+    if eval_impl == name:
+        eval_impl = "sdpa"
+    model.config._attn_implementation = name
+
+    def hook(module: torch.nn.Module, args: Any, kwargs: Any = None):
+        module.config._attn_implementation = name if module.training else eval_impl
+        if on_forward is not None:
+            on_forward(module)
+
+    model.register_forward_pre_hook(hook)
+    return eval_impl
+
+
+def eval_sdpa(method: str, module, query, key, value, attention_mask, *, scaling, dropout, **kwargs):
+    """The eval-mode branch of a training attention function: the model's own SDPA."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is not None and attention_mask.dim() == 2:
+        raise HeadwiseError(
+            f"{method} attention in eval mode got a padding mask: call the model through its own forward "
+            "(headwise switches eval to SDPA with a forward pre-hook), not the attention function directly"
+        )
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+def check_training_call(method: str, query: torch.Tensor, key: torch.Tensor, attention_mask, dropout: float) -> None:
+    """Inputs a training attention function cannot take: a KV cache, attention dropout, left padding."""
+    if key.shape[2] != query.shape[2]:
+        raise HeadwiseError(f"{method} training attention got a KV cache (key length != query length); set use_cache=False")
+    if dropout:
+        raise HeadwiseError(f"{method} attention does not implement attention dropout ({dropout}); set attention_dropout: 0")
+    if attention_mask is not None and attention_mask.dim() == 2:
+        valid = attention_mask.bool()
+        # Right padding is exact for the real tokens (causality hides the padding from them); left
+        # padding would let real tokens attend to pads.
+        if bool((valid[:, :1] == 0).any() & valid.any(dim=1).all()):
+            raise HeadwiseError(f"{method} training needs right padding or packed samples; the batch is left-padded")
