@@ -65,7 +65,7 @@ def _packing(t, device):
     return torch.tensor([0, a, b, t], dtype=torch.int32, device=device)
 
 
-def _run_case(name, t, d, hq, hkv, dtype, packed, device, specs, seed=0):
+def _check_kernel_case(name, t, d, hq, hkv, dtype, packed, device, specs, seed=0):
     spec = specs[name]
     q, k, v = _inputs(1, hq, hkv, t, d, dtype, device, seed)
     cu = _packing(t, device) if packed else None
@@ -90,14 +90,14 @@ def _run_case(name, t, d, hq, hkv, dtype, packed, device, specs, seed=0):
 def test_kernel_matches_reference_cpu(device, name, t, d, hq, hkv, dtype, packed):
     if device == "cuda":
         pytest.skip("the GPU variant below runs realistic shapes")
-    _run_case(name, t, d, hq, hkv, dtype, packed, device, CPU_SPECS)
+    _check_kernel_case(name, t, d, hq, hkv, dtype, packed, device, CPU_SPECS)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("name,t,d,hq,hkv,dtype,packed", _cases(True), ids=lambda x: str(x).replace("torch.", ""))
 def test_kernel_matches_reference_gpu(name, t, d, hq, hkv, dtype, packed):
-    _run_case(name, t, d, hq, hkv, dtype, packed, "cuda", GPU_SPECS)
+    _check_kernel_case(name, t, d, hq, hkv, dtype, packed, "cuda", GPU_SPECS)
 
 
 @pytest.mark.parametrize("name", ["streaming", "s2", "sf"])

@@ -22,7 +22,7 @@ def _grads(fn, inputs, do):
     return (out, *torch.autograd.grad(out, xs, do.to(out.dtype)))
 
 
-def _check(t, g, sink, hq, hkv, d, shifted, dtype, device, backend):
+def _check_regrouped_case(t, g, sink, hq, hkv, d, shifted, dtype, device, backend):
     spec = LayoutSpec("shifted_groups", group_size=g, sink=sink, shifted_heads=shifted)
     gen = torch.Generator().manual_seed(t + g)
     q, k, v = (torch.randn(1, h, t, d, generator=gen).to(device=device, dtype=dtype) for h in (hq, hkv, hkv))
@@ -40,7 +40,7 @@ def _check(t, g, sink, hq, hkv, d, shifted, dtype, device, backend):
 def test_regrouped_matches_reference_cpu(case, dtype):
     """The torch backend computes the same dense forward / lse-based backward as cuDNN's, so this
     checks the regrouping, the sink merge and the merged-softmax backward on CPU."""
-    _check(*case, dtype, "cpu", "torch")
+    _check_regrouped_case(*case, dtype, "cpu", "torch")
 
 
 @pytest.mark.gpu
@@ -49,7 +49,7 @@ def test_regrouped_matches_reference_cpu(case, dtype):
 @pytest.mark.parametrize("case", [(4096, 1024, 4, 8, 2, 128, None), (3001, 768, 4, 8, 8, 64, None),
                                   (2048, 512, 0, 16, 2, 128, None), (1999, 1024, 64, 4, 1, 128, (1, 2))], ids=str)
 def test_regrouped_matches_reference_gpu(case, backend):
-    _check(*case, torch.bfloat16, "cuda", backend)
+    _check_regrouped_case(*case, torch.bfloat16, "cuda", backend)
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
