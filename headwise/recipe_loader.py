@@ -194,7 +194,7 @@ def _clean_loc(loc: Sequence[Any], data: dict[str, Any]) -> list[Any]:
     out: list[Any] = []
     node: Any = data
     for part in loc:
-        if isinstance(node, dict) and part not in node and isinstance(part, str) and out and out[-1] in ("method", "kv_policy", "attention"):
+        if isinstance(node, dict) and part not in node and isinstance(part, str) and tuple(out) in DISCRIMINATED_SECTIONS:
             continue  # the discriminator tag pydantic inserts
         out.append(part)
         node = node.get(part) if isinstance(node, dict) else None

@@ -193,21 +193,19 @@ class BlockLayout:
         """Computed tiles over all T^2 tiles (what the kernel's work scales with)."""
         return self.nnz / (self.n_heads * self.n_qblocks * self.n_kblocks)
 
+    @staticmethod
+    def _split(ptr: torch.Tensor, nfull: torch.Tensor, idx: torch.Tensor, r: int) -> tuple:
+        s, e = int(ptr[r]), int(ptr[r + 1])
+        tiles = idx[s:e].tolist()
+        return tiles[: int(nfull[r])], tiles[int(nfull[r]) :]
+
     def row(self, h: int, i: int) -> tuple:
         """(full key tiles, partial key tiles) of head ``h``, query tile ``i`` as Python lists."""
-        r = h * self.n_qblocks + i
-        s, e = int(self.row_ptr[r]), int(self.row_ptr[r + 1])
-        nf = int(self.row_nfull[r])
-        idx = self.row_idx[s:e].tolist()
-        return idx[:nf], idx[nf:]
+        return self._split(self.row_ptr, self.row_nfull, self.row_idx, h * self.n_qblocks + i)
 
     def col(self, h: int, j: int) -> tuple:
         """(full query tiles, partial query tiles) visiting key tile ``j`` of head ``h``."""
-        c = h * self.n_kblocks + j
-        s, e = int(self.col_ptr[c]), int(self.col_ptr[c + 1])
-        nf = int(self.col_nfull[c])
-        idx = self.col_idx[s:e].tolist()
-        return idx[:nf], idx[nf:]
+        return self._split(self.col_ptr, self.col_nfull, self.col_idx, h * self.n_kblocks + j)
 
     def padded_rows(self) -> tuple:
         """Padded view: ``(idx (H, nQ, max_k) int32 with -1 padding, counts, partial flags)``."""
