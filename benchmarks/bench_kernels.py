@@ -146,6 +146,9 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting new rows after this")
     ap.add_argument("--out", default="benchmarks/results/kernels.jsonl")
     ap.add_argument("--quick", action="store_true", help="shorter repetitions")
+    ap.add_argument("--qkv-memory", choices=["bthd", "bhtd"], default="bthd",
+                    help="memory layout of q/k/v: bthd = transposed (B, T, H, D) buffers, as transformers' "
+                         "attention functions receive them (default); bhtd = contiguous (B, H, T, D)")
     args = ap.parse_args(argv)
     t_start = time.time()
     device = "cuda"
@@ -173,9 +176,13 @@ def main(argv=None):
         t, hkv = int(t_s), int(hkv_s)
         g = torch.Generator(device=device).manual_seed(0)
         need_grad = passes == "fwd+bwd"
-        q = torch.randn(1, h, t, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(need_grad)
-        k = torch.randn(1, hkv, t, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(need_grad)
-        v = torch.randn(1, hkv, t, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_(need_grad)
+
+        def leaf(heads):
+            x = torch.randn(1, t, heads, d, device=device, dtype=torch.bfloat16, generator=g).transpose(1, 2)
+            x = x.contiguous() if args.qkv_memory == "bhtd" else x.detach()  # detach: a leaf with the same strides
+            return x.requires_grad_(need_grad)
+
+        q, k, v = leaf(h), leaf(hkv), leaf(hkv)
         do = torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, generator=g)
         key = (t, passes, hkv)
         if key not in dense_cache:
@@ -189,7 +196,7 @@ def main(argv=None):
                 print(f"budget reached: stopping before {name} {key}", flush=True)
                 return rows
             spec = layouts[name].resolve(t)
-            row = dict(layout=name, T=t, H=h, Hkv=hkv, D=d, dtype="bf16", B=1, **{"pass": passes})
+            row = dict(layout=name, T=t, H=h, Hkv=hkv, D=d, dtype="bf16", B=1, qkv_memory=args.qkv_memory, **{"pass": passes})
             row["density"] = round(spec.density(t, h), 4)
             row["tile_density"] = round(tile_density(spec, t, h, device), 4)
             times = {}

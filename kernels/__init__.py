@@ -9,7 +9,7 @@ Public API::
     out, lse = sparse_attention(q, k, v, spec, return_lse=True)
 
 Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts without sinks take the
-regrouped dense form, measured faster; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
+regrouped dense form; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
 ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run in the interpreter (how CI tests
 them).
 """
@@ -55,19 +55,14 @@ __all__ = [
 ]
 
 # Which exact form runs shifted-group layouts on CUDA when both apply (16-bit inputs, no cu_seqlens,
-# no lse requested): "regrouped" (dense cuDNN on regrouped tensors + sink merge,
-# kernels/shifted_groups.py), "block_sparse" (the Triton kernel), or "auto": regrouped without
-# sinks, block-sparse with sinks. Measured on H200, T=32K, 32/32 heads, D=128, bf16, fwd+bwd
-# (benchmarks/results/kernels.jsonl, 2026-11): LongLoRA (no sinks) regrouped 22.4 ms vs block-sparse
-# 23.7 ms; SF (4 sinks) regrouped 30.7 ms vs block-sparse 25.7 ms (the separate sink attention and
-# its merge cost more than they save).
+# no lse requested): "regrouped" (the dense cuDNN kernel on strided per-group views, sinks as
+# prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
+# regrouped form (measurements in BENCHMARKS.md, "Attention kernels").
 SHIFTED_GROUPS_IMPL = os.environ.get("HEADWISE_SHIFTED_GROUPS_IMPL", "auto")
 
 
 def _use_regrouped(spec: LayoutSpec) -> bool:
-    if SHIFTED_GROUPS_IMPL == "auto":
-        return spec.sink == 0
-    return SHIFTED_GROUPS_IMPL == "regrouped"
+    return SHIFTED_GROUPS_IMPL in ("auto", "regrouped")
 
 
 def sparse_attention(

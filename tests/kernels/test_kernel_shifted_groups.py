@@ -13,6 +13,7 @@ CASES = [  # (T, G, sink, Hq, Hkv, D, shifted heads)
     (20, 16, 4, 4, 4, 16, None),  # T barely above one group
     (96, 32, 12, 8, 2, 32, (0, 3, 5)),  # sinks beyond G/2, arbitrary shifted heads
     (6, 16, 2, 2, 1, 16, None),  # T shorter than half a group
+    (70, 16, 12, 4, 2, 32, None),  # sinks longer than G/2: the second shifted group gets only G/2 of them
 ]
 
 
@@ -22,11 +23,16 @@ def _grads(fn, inputs, do):
     return (out, *torch.autograd.grad(out, xs, do.to(out.dtype)))
 
 
-def _check_regrouped_case(t, g, sink, hq, hkv, d, shifted, dtype, device, backend):
+def _check_regrouped_case(t, g, sink, hq, hkv, d, shifted, dtype, device, backend, batch=1, bthd=False):
+    """bthd: inputs are transposed (B, T, H, D) buffers, as transformers passes them (read in place)."""
     spec = LayoutSpec("shifted_groups", group_size=g, sink=sink, shifted_heads=shifted)
     gen = torch.Generator().manual_seed(t + g)
-    q, k, v = (torch.randn(1, h, t, d, generator=gen).to(device=device, dtype=dtype) for h in (hq, hkv, hkv))
-    do = torch.randn(1, t, hq, d, generator=gen).to(device=device, dtype=dtype)
+    if bthd:
+        q, k, v = (torch.randn(batch, t, h, d, generator=gen).to(device=device, dtype=dtype).transpose(1, 2)
+                   for h in (hq, hkv, hkv))
+    else:
+        q, k, v = (torch.randn(batch, h, t, d, generator=gen).to(device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    do = torch.randn(batch, t, hq, d, generator=gen).to(device=device, dtype=dtype)
     got = _grads(lambda a, b, c: shifted_group_attention(a, b, c, spec, backend=backend), (q, k, v), do)
     ref32 = _grads(lambda a, b, c: reference_attention(a, b, c, spec), [x.float() for x in (q, k, v)], do)
     ref_lp = _grads(lambda a, b, c: reference_attention(a, b, c, spec), (q, k, v), do)
@@ -43,6 +49,21 @@ def test_regrouped_matches_reference_cpu(case, dtype):
     _check_regrouped_case(*case, dtype, "cpu", "torch")
 
 
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=str)
+def test_regrouped_reads_strided_batches_cpu(case):
+    """Batch 2 of transposed (B, T, H, D) buffers: the strided piece views address every row right."""
+    _check_regrouped_case(*case, torch.float32, "cpu", "torch", batch=2, bthd=True)
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=str)
+def test_regrouped_with_dummy_query_rows_cpu(case, monkeypatch):
+    """The form for backends whose causal mask is aligned top-left: sinks go in front of the queries too."""
+    from headwise.kernels import shifted_groups
+
+    monkeypatch.setattr(shifted_groups, "bottom_right_causal", lambda backend, index=0: False)
+    _check_regrouped_case(*case, torch.float32, "cpu", "torch", batch=2, bthd=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("backend", ["cudnn", "flash"])
@@ -50,6 +71,7 @@ def test_regrouped_matches_reference_cpu(case, dtype):
                                   (2048, 512, 0, 16, 2, 128, None), (1999, 1024, 64, 4, 1, 128, (1, 2))], ids=str)
 def test_regrouped_matches_reference_gpu(case, backend):
     _check_regrouped_case(*case, torch.bfloat16, "cuda", backend)
+    _check_regrouped_case(*case, torch.bfloat16, "cuda", backend, batch=2, bthd=True)
 
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
