@@ -29,7 +29,10 @@ IGNORE_INDEX = -100
 
 
 def _chunk_ce_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = lm_head(hidden)
+    # The loss runs outside the model's forward, so outside the autocast that mixed precision wraps
+    # it in: with a trained fp32 final norm (LoRA+) the hidden states are fp32 while the head stays bf16.
+    weight_dtype = next(lm_head.parameters()).dtype
+    logits = lm_head(hidden if hidden.dtype == weight_dtype or not weight_dtype.is_floating_point else hidden.to(weight_dtype))
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()  # fp32 softmax: a bf16 log-sum-exp over 100K+ classes loses ~2 digits
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -71,3 +71,18 @@ def test_trainer_with_chunked_loss_logs_the_same_losses(tmp_path, tiny_model_dir
         losses[mode] = [h["loss"] for h in history if "loss" in h]
     assert len(losses["off"]) == 3
     assert losses["chunked"] == pytest.approx(losses["off"], rel=1e-4)
+
+
+def test_chunked_loss_casts_fp32_hidden_states_to_a_bf16_head():
+    """Mixed precision without DeepSpeed: the trained final norm (LoRA+) is fp32, the tied head bf16, and the
+    loss runs outside the forward's autocast. The hidden states go to the head's dtype (this raised before)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 40, bias=False).to(torch.bfloat16)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    labels = torch.randint(0, 40, (2, 9))
+    loss = chunked_lm_loss(hidden, head, labels, chunk_size=4)
+    expected = torch.nn.functional.cross_entropy(head(hidden.to(torch.bfloat16))[:, :-1].float().reshape(-1, 40),
+                                                 labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert hidden.grad is not None and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0
