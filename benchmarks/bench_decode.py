@@ -214,6 +214,8 @@ def main(argv=None) -> int:
     out_path = Path(args.out) if args.out else (None if args.tiny else ROOT / "benchmarks/results/decode.jsonl")
     import transformers
 
+    from headwise.patches import kv_attention
+
     model = build_model(shape, dtype, device)
     table = policies(shape)
     wbytes = weight_bytes_per_token(model)
@@ -238,6 +240,7 @@ def main(argv=None) -> int:
                           kv_kept_bytes=row["kv_kept_bytes"], weight_bytes_per_token=wbytes,
                           bound_tokens_per_s=round(bound, 2), bound_ms_per_token=round(1000 / bound, 3),
                           ratio_to_bound=round(bound / row["tokens_per_s"], 2), decode_mode=row["mode"],
+                          decode_split_keys=kv_attention.DECODE_SPLIT_KEYS,
                           prefill=("model" if name == "full-hf" else args.prefill), prefill_s=row["prefill_s"],
                           command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), gpu=gpu,
                           torch=torch.__version__, transformers=transformers.__version__)

@@ -1,0 +1,67 @@
+"""Where a static decode step spends its GPU time: torch.profiler over a few eager steps, per policy.
+
+    python benchmarks/diag_decode.py --context 32768 --policies full,streaming --top 12
+
+Uses bench_decode.py's Llama-3-8B shape and synthetic cache; prints the top CUDA kernels by total
+time per step and the CUDA-graph ms/token with the split-K decode product on and off
+(`HEADWISE_DECODE_SPLIT_KEYS`), to check the decode path against its bandwidth bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_decode import LLAMA3_8B, build_model, policies, synthetic_cache  # noqa: E402
+
+
+def graph_ms(model, policy, context, split, steps=32):
+    from headwise.patches import kv_attention
+    from headwise.static_decode import StaticDecoder
+
+    kv_attention.DECODE_SPLIT_KEYS = split
+    dec = StaticDecoder(model, policy, max_new_tokens=steps + 8, mode="cuda_graph")
+    dyn = synthetic_cache(model, policy, context, 1)
+    dec.static_from(dyn, torch.zeros(1, dtype=torch.long, device="cuda"), torch.full((1,), context, device="cuda"))
+    del dyn
+    dec.decode(4)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    dec.decode(steps + 1)
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t0) / steps, dec
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--policies", default="full,streaming")
+    p.add_argument("--top", type=int, default=12)
+    args = p.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    model = build_model(LLAMA3_8B, torch.bfloat16, "cuda")
+    table = policies(LLAMA3_8B)
+    for name in args.policies.split(","):
+        policy = table[name]
+        for split in (0, 256):
+            ms, dec = graph_ms(model, policy, args.context, split)
+            print(f"{name} @ {args.context}: split {split}: {ms:.2f} ms/token (CUDA graph)", flush=True)
+        dec.mode, dec._graph = "eager", None
+        with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                dec._step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.top, max_name_column_width=70), flush=True)
+        del dec
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
