@@ -26,6 +26,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import append_rows  # noqa: E402
 
 
 def policy_for(name: str, tokens: int | None = None) -> dict:
@@ -110,8 +112,7 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
         if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_rows(args.out, [row])
 
     names = [n.strip() for n in args.policies.split(",")]
     if args.ppl_tokens:

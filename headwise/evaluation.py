@@ -516,5 +516,5 @@ def configure_eval_parser(parser) -> None:
     parser.add_argument("--max-windows", type=int, default=None, help="read at most this many windows (default: all the text)")
     parser.add_argument("--out", default=None, help="results folder (default: eval/ in the run or export folder)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: where the loader puts the model)")
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when a GPU is visible, else cpu)")
     parser.set_defaults(func=run_eval)

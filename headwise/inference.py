@@ -178,9 +178,12 @@ def load(
     `policy` overrides the export's KV policy; it works for any causal LM (H2O on a plain model). It
     may be a policy model, a dict (`{"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}`), a JSON
     string or a shorthand (`h2o:heavy_ratio=0.1,recent_ratio=0.1`); errors name the field.
+    `device` defaults to `cuda` when a GPU is visible (where `dtype="auto"` picks bfloat16), else the CPU.
     """
     from headwise.inference_config import parse_kv_policy
 
+    if device is None and torch.cuda.is_available():
+        device = "cuda"
     path = Path(path_or_id)
     policy_obj = parse_kv_policy(policy) if policy is not None else None
     if (path / INFERENCE_CONFIG_NAME).is_file():
