@@ -10,7 +10,8 @@ LoRA r=8 / alpha 16 on q,k,v,o with gradient checkpointing (non-reentrant), time
   then the PEFT wrap.
 - `longlora`: the same with `sinks: 0` (LongLoRA's S2-Attn).
 - `sf@block_sparse`, `longlora@regrouped`, ...: force the shifted-group implementation of the row
-  (`headwise.kernels.SHIFTED_GROUPS_IMPL`; default `auto`).
+  (`headwise.kernels.SHIFTED_GROUPS_IMPL`; default `auto`). `HEADWISE_SG_MAX_PIECE_HEADS=4` in the
+  environment caps the heads per dense-kernel call of the regrouped form (smaller temporaries).
 - `noattn`: a ceiling measurement, not a method: attention returns V (GQA-repeated) unchanged, so
   it costs ~nothing; this is the issue's "attention made free" speed that no attention can beat.
 
@@ -263,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                    oom=oom, loss=args.loss, loss_value=res["loss_value"], grad_checkpointing=True, lora="r=8 q,k,v,o",
                    kernel=kernel_path(method, shape["num_attention_heads"], context, device, dtype),
                    impl=headwise.kernels.SHIFTED_GROUPS_IMPL if method.partition("@")[0] in ("sf", "longlora") else None,
+                   max_piece_heads=headwise.kernels.shifted_groups.MAX_PIECE_HEADS,
                    note="ceiling: attention replaced by V passthrough" if method == "noattn" else None,
                    gpu=gpu, torch=torch.__version__, transformers=transformers.__version__, command=command, date=utc_now())
         rows.append(row)

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -197,9 +198,17 @@ def _groups(t: int, g: int, offset: int) -> list[tuple[int, int]]:
     return [(a, min(t, b) - a) for a, b in zip(starts, starts[1:] + [t]) if min(t, b) > a]
 
 
-def _head_runs(hq: int, hkv: int, shifted: frozenset) -> list[tuple[int, int, int, int, bool]]:
+# Largest number of query heads one dense-kernel call takes (None: a whole run of heads of one kind).
+# Smaller pieces shrink the per-piece temporaries (the kernel's output and gradient pieces, the sink
+# copies) at the price of more, smaller calls. Runs are cut at KV-head boundaries, so the effective
+# cap is rounded up to a whole KV head's query heads.
+MAX_PIECE_HEADS = int(os.environ["HEADWISE_SG_MAX_PIECE_HEADS"]) if os.environ.get("HEADWISE_SG_MAX_PIECE_HEADS") else None
+
+
+def _head_runs(hq: int, hkv: int, shifted: frozenset, max_heads: int | None = None) -> list[tuple[int, int, int, int, bool]]:
     """Runs of query heads of one kind, split so that each maps onto whole KV heads:
-    (h0, h1, k0, k1, shifted). Within a KV head of mixed kinds, each kind gets its own run."""
+    (h0, h1, k0, k1, shifted). Within a KV head of mixed kinds, each kind gets its own run; with
+    `max_heads`, a run takes at most that many query heads (at least one KV head's)."""
     rep = hq // hkv
     runs = []
     for j in range(hkv):
@@ -214,13 +223,24 @@ def _head_runs(hq: int, hkv: int, shifted: frozenset) -> list[tuple[int, int, in
         else:
             for h in heads:
                 runs.append((h, h + 1, j, j + 1, h in shifted))
-    return runs
+    if max_heads is None:
+        return runs
+    cut = []
+    for h0, h1, k0, k1, kind in runs:
+        step = max(1, max_heads // rep) if (h1 - h0) % rep == 0 and h1 - h0 >= rep else None
+        if step is None or k1 - k0 <= step:
+            cut.append((h0, h1, k0, k1, kind))
+            continue
+        for j in range(k0, k1, step):
+            cut.append((h0 + (j - k0) * rep, min(h1, h0 + (j - k0 + step) * rep), j, min(k1, j + step), kind))
+    return cut
 
 
 @functools.lru_cache(maxsize=256)
-def _pieces(t: int, hq: int, hkv: int, g: int, shifted: frozenset, sink: int) -> tuple[_Piece, ...]:
+def _pieces(t: int, hq: int, hkv: int, g: int, shifted: frozenset, sink: int,
+            max_heads: int | None = None) -> tuple[_Piece, ...]:
     out = []
-    for h0, h1, k0, k1, is_shifted in _head_runs(hq, hkv, shifted):
+    for h0, h1, k0, k1, is_shifted in _head_runs(hq, hkv, shifted, max_heads):
         cur = None
         for a, n in _groups(t, g, g // 2 if is_shifted else 0):
             pre = min(sink, a)
@@ -267,7 +287,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
         fwd, _ = BACKENDS[backend]
         gqa = native_gqa(backend, q.device.index or 0) if q.is_cuda else True
         pad_q = not bottom_right_causal(backend, q.device.index or 0)
-        pieces = _pieces(t, hq, hkv, spec.group_size, frozenset(spec.shifted(hq)), min(spec.sink, t))
+        pieces = _pieces(t, hq, hkv, spec.group_size, frozenset(spec.shifted(hq)), min(spec.sink, t), MAX_PIECE_HEADS)
         out = q.new_empty(bsz, t, hq, d)
         out_h = out.transpose(1, 2)  # (B, Hq, T, D) view of the result
         saved = []

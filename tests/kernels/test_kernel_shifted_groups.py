@@ -55,6 +55,32 @@ def test_regrouped_reads_strided_batches_cpu(case):
     _check_regrouped_case(*case, torch.float32, "cpu", "torch", batch=2, bthd=True)
 
 
+@pytest.mark.parametrize("max_heads", [1, 2, 3])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], (64, 16, 4, 8, 2, 32, None)], ids=str)
+def test_regrouped_with_capped_piece_heads_cpu(case, max_heads, monkeypatch):
+    """Pieces cut to at most `max_heads` query heads (rounded to whole KV heads) give the same result."""
+    from headwise.kernels import shifted_groups
+
+    monkeypatch.setattr(shifted_groups, "MAX_PIECE_HEADS", max_heads)
+    _check_regrouped_case(*case, torch.float32, "cpu", "torch", batch=2, bthd=True)
+
+
+def test_capped_head_runs_cover_every_head_once():
+    from headwise.kernels.shifted_groups import _head_runs
+
+    for hq, hkv, shifted in [(32, 8, frozenset(range(16, 32))), (9, 3, frozenset(range(4, 9))), (8, 8, frozenset({1, 6}))]:
+        for cap in (None, 1, 4, 5, 100):
+            runs = _head_runs(hq, hkv, shifted, cap)
+            heads = [h for h0, h1, *_ in runs for h in range(h0, h1)]
+            assert sorted(heads) == list(range(hq)), (hq, hkv, cap)
+            rep = hq // hkv
+            for h0, h1, k0, k1, kind in runs:
+                assert all((h in shifted) == kind for h in range(h0, h1))
+                assert k0 == h0 // rep and k1 == -(-h1 // rep)  # the KV heads of exactly these query heads
+                if cap is not None and h1 - h0 > rep:
+                    assert h1 - h0 <= max(cap, rep)
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=str)
 def test_regrouped_with_dummy_query_rows_cpu(case, monkeypatch):
     """The form for backends whose causal mask is aligned top-left: sinks go in front of the queries too."""
