@@ -3,8 +3,10 @@
     python benchmarks/diag_decode.py --context 32768 --policies full,streaming --top 12
 
 Uses bench_decode.py's Llama-3-8B shape and synthetic cache; prints the top CUDA kernels by total
-time per step and the CUDA-graph ms/token with the split-K decode product on and off
-(`HEADWISE_DECODE_SPLIT_KEYS`), to check the decode path against its bandwidth bound.
+time per step and the CUDA-graph ms/token of the fused Triton decode kernel
+(`headwise.kernels.decode_attention`, `kv_attention.FUSED_DECODE`) and of the torch path with the
+split-K decode product off and on (`HEADWISE_DECODE_SPLIT_KEYS`), to check the decode path against its
+bandwidth bound. The profile is taken with the fused kernel (unless `--no-fused`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA3_8B, build_model, policies, synthetic_cache  # noqa: E402
 
 
-def graph_ms(model, policy, context, split, steps=32):
+def graph_ms(model, policy, context, split, steps=32, fused=False):
     from headwise.patches import kv_attention
     from headwise.static_decode import StaticDecoder
 
     kv_attention.DECODE_SPLIT_KEYS = split
+    kv_attention.FUSED_DECODE = fused
     dec = StaticDecoder(model, policy, max_new_tokens=steps + 8, mode="cuda_graph")
     dyn = synthetic_cache(model, policy, context, 1)
     dec.static_from(dyn, torch.zeros(1, dtype=torch.long, device="cuda"), torch.full((1,), context, device="cuda"))
@@ -42,6 +45,7 @@ def main() -> int:
     p.add_argument("--context", type=int, default=32768)
     p.add_argument("--policies", default="full,streaming")
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--no-fused", action="store_true", help="profile the torch path instead of the fused kernel")
     args = p.parse_args()
     from torch.profiler import ProfilerActivity, profile
 
@@ -49,9 +53,12 @@ def main() -> int:
     table = policies(LLAMA3_8B)
     for name in args.policies.split(","):
         policy = table[name]
-        for split in (0, 256):
-            ms, dec = graph_ms(model, policy, args.context, split)
-            print(f"{name} @ {args.context}: split {split}: {ms:.2f} ms/token (CUDA graph)", flush=True)
+        for label, fused, split in (("torch, split 0", False, 0), ("torch, split 256", False, 256),
+                                    ("fused kernel", True, 0)):
+            if fused and args.no_fused:
+                continue
+            ms, dec = graph_ms(model, policy, args.context, split, fused=fused)
+            print(f"{name} @ {args.context}: {label}: {ms:.2f} ms/token (CUDA graph)", flush=True)
         dec.mode, dec._graph = "eager", None
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(3):

@@ -8,6 +8,9 @@ Public API::
     out = sparse_attention(q, k, v, spec)            # q (B, Hq, T, D), k/v (B, Hkv, T, D)
     out, lse = sparse_attention(q, k, v, spec, return_lse=True)
 
+    from headwise.kernels import decode_attention      # one query token per sequence (KV-cache decode)
+    out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
+
 Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts without sinks take the
 regrouped dense form; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
 ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run in the interpreter (how CI tests
@@ -23,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from .block_sparse_attention import KernelConfig, interpret_mode, sparse_attention_triton
+from .decode_attention import decode_attention
 from .layouts import (
     BlockLayout,
     LayoutSpec,
@@ -48,6 +52,7 @@ __all__ = [
     "build_shifted_group_layout",
     "build_sliding_window_layout",
     "build_streaming_layout",
+    "decode_attention",
     "reference_attention",
     "shifted_group_attention",
     "sparse_attention",

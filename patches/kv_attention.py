@@ -7,6 +7,10 @@ attention over what it keeps: per head group, with its own kept-token mask, and,
 sums of the attention probabilities computed alongside the output. Otherwise (training, a forward
 without cache, another cache) it is plain SDPA.
 
+With `FUSED_DECODE` on (`HEADWISE_FUSED_DECODE=1`), a decode step (one query token, T == 1) on CUDA
+runs the fused Triton kernel `headwise.kernels.decode_attention` (K and V read once, split over the
+keys, the column sums from stored logits); CPU runs, prefill and the default take the torch path.
+
 The column sums never need a T x T matrix: queries go in chunks, each chunk against all keys, so
 the row softmax is exact and the column sums add up chunk by chunk. They are summed over the query
 heads of each GQA group and over the chunk's queries; padding queries contribute nothing.
@@ -28,6 +32,11 @@ COLSUM_CHUNK_ELEMENTS = 1 << 26
 # benchmarks/diag_decode.py) cuBLAS already splits K itself; 256-key slices cost 2.5 ms/token more
 # with the full cache at 32K (12.8 vs 10.3) and saved 0.6 ms with a 6.5K-token streaming cache.
 DECODE_SPLIT_KEYS = int(os.environ.get("HEADWISE_DECODE_SPLIT_KEYS", "0"))
+# Decode (T == 1, after the prompt) on CUDA, or anywhere under TRITON_INTERPRET=1: the fused Triton kernel
+# `headwise.kernels.decode_attention` (reads K and V once, split-K, column sums for H2O) instead of the
+# torch chain below. Off by default until it has run on a GPU (tested in the Triton interpreter only);
+# HEADWISE_FUSED_DECODE=1 turns it on.
+FUSED_DECODE = os.environ.get("HEADWISE_FUSED_DECODE", "0") == "1"
 
 _registered = False
 
@@ -78,9 +87,18 @@ def grouped_attention(
     prompt_mask (B, 1, T, L) bool: transformers' mask of the first forward (prompt padding); when
     given it replaces key_valid/causal_tail (None with causal_tail: plain causal).
     Returns out (B, H, G, T, D) and, with need_colsums, the column sums (B, H, L) in fp32.
+    T == 1 without prompt_mask on CUDA (or under TRITON_INTERPRET=1) runs the fused Triton kernel
+    (`headwise.kernels.decode_attention`; switch: FUSED_DECODE); everything else the torch code below.
     """
     B, H, G, T, D = q.shape
     L = k.shape[-2]
+    if T == 1 and prompt_mask is None and _fused_decode(q):
+        # One query token: every slot is in its past (causal_tail changes nothing), so the kept-slot
+        # mask alone decides; same semantics as the matmul path below, in one fused kernel chain.
+        from headwise.kernels.decode_attention import decode_attention
+
+        out, colsums = decode_attention(q[:, :, :, 0], k, v, key_valid, scaling, need_colsums)
+        return out.unsqueeze(3), colsums
     if not need_colsums and (prompt_mask is not None or (key_valid is None and causal_tail)):
         return _sdpa(q, k, v, scaling, causal_tail, prompt_mask), None
     # Matmul path, queries folded into rows (B, H, G*c, D) so K and V are read once per KV head, never
@@ -107,6 +125,16 @@ def grouped_attention(
             colsums += probs.sum(dim=(2, 3))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
     return out, colsums
+
+
+def _fused_decode(q: torch.Tensor) -> bool:
+    """Whether a T == 1 step takes the fused Triton kernel: CUDA tensors, or the interpreter on CPU
+    (not while torch.compile traces: dynamo traces launches of compiled Triton kernels, not the interpreter)."""
+    if not FUSED_DECODE:
+        return False
+    if q.is_cuda:
+        return True
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not torch.compiler.is_compiling()
 
 
 def _probs_times_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,10 @@ if not HAS_CUDA:
 
         if type(_bsa._fwd_kernel).__name__ != "InterpretedFunction":
             importlib.reload(_bsa)
+        # by module name: the package attribute `decode_attention` is the function, not the module
+        _da = importlib.import_module("headwise.kernels.decode_attention")
+        if type(_da._decode_split_kernel).__name__ != "InterpretedFunction":
+            importlib.reload(_da)
     finally:
         if _prev is None:
             os.environ.pop("TRITON_INTERPRET", None)
