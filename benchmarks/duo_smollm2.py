@@ -27,6 +27,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import append_rows  # noqa: E402
+
 MODEL_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised)"
 
 
@@ -61,6 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--from-results", help="skip decoding: read the per-policy JSONs an earlier call wrote to this folder")
     p.add_argument("--measure-lengths", default=None, help="lengths whose prefilled cache bytes are measured (default: all)")
     p.add_argument("--record-command", default=None, help="command to record in the JSON lines (default: this one)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--machine", default=None, help="machine to record in the rows (default: this one; set it with "
+                   "--from-results when the decoding ran elsewhere)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on cuda, the loader's default on cpu)")
     args = p.parse_args(argv)
 
     import headwise
@@ -99,7 +107,10 @@ def main(argv=None) -> int:
     if gates is not None:
         plot_gate_heatmap(gates, out / f"{args.tag}_gates.png", title=f"SmolLM2-135M Duo gates ({steps} steps)")
 
-    base = headwise.load(args.model)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = "bfloat16" if args.dtype == "auto" and device.startswith("cuda") else args.dtype
+    machine = args.machine or (torch.cuda.get_device_name() if device.startswith("cuda") else f"{torch.get_num_threads()} CPU threads")
+    base = headwise.load(args.model, device=device, dtype=dtype)
     model, tok = base.model, base.tokenizer
     torch.set_grad_enabled(False)
     lengths = [int(x) for x in args.lengths.split(",")]
@@ -160,7 +171,7 @@ def main(argv=None) -> int:
         measure_lengths = [int(x) for x in args.measure_lengths.split(",")] if args.measure_lengths else lengths
         for L, s in first_of_length.items():
             if L in measure_lengths:
-                measure(L, torch.as_tensor(s.input_ids).view(1, -1))
+                measure(L, torch.as_tensor(s.input_ids).view(1, -1).to(model.device))
         (out / f"{args.tag}_passkey_{name.replace('=', '')}.json").write_text(json.dumps(results[name], indent=1))
         plot_passkey_heatmap(results[name], out / f"{args.tag}_passkey_{name.replace('=', '')}.png",
                              title=f"SmolLM2 {name} ({args.filler} filler)")
@@ -182,7 +193,7 @@ def main(argv=None) -> int:
             acc_where = sum(r["correct"] for r in where) / len(where) if where else None
             rows.append((name, L, acc, acc_where, len(where), len(cell)))
             base_rec = {"method": "duo" if name != "full" else "full", "model": MODEL_NAME, "context": L, "steps": steps,
-                        "command": command, "date": date, "machine": "2 CPU cores", "policy": name,
+                        "command": command, "date": date, "machine": machine, "policy": name,
                         "streaming_fraction": fractions[name], "sink": sink, "recent": recent,
                         "filler": args.filler, "depths": depths, "samples_per_cell": args.samples}
             lines.append({**base_rec, "metric": "passkey_accuracy", "value": round(acc, 4)})
@@ -190,15 +201,13 @@ def main(argv=None) -> int:
                 lines.append({**base_rec, "metric": "passkey_accuracy_where_full_retrieves", "value": None if acc_where is None else round(acc_where, 4),
                               "n_samples": len(where)})
                 if L in measured_bytes.get(name, {}):
-                    lines.append({**base_rec, "metric": "kv_bytes_measured_after_prefill (fp32 cache)", "value": measured_bytes[name][L]})
+                    lines.append({**base_rec, "metric": f"kv_bytes_measured_after_prefill ({str(model.dtype).removeprefix('torch.')} cache)", "value": measured_bytes[name][L]})
         lines.append({"method": "duo" if name != "full" else "full", "model": MODEL_NAME, "context": args.kv_context,
                       "steps": steps, "metric": "kv_bytes_bf16_from_shapes", "value": kv, "ratio_vs_full": round(kv / kv_full, 4),
                       "policy": name, "streaming_fraction": fractions[name], "sink": sink, "recent": recent,
-                      "command": command, "date": date, "machine": "2 CPU cores"})
+                      "command": command, "date": date, "machine": machine})
     if not args.no_jsonl:
-        with open(args.jsonl, "a") as f:
-            for rec in lines:
-                f.write(json.dumps(rec) + "\n")
+        append_rows(args.jsonl, lines)
     print("\n| policy | context | passkey acc | acc where full retrieves (n) |")
     print("|---|---|---|---|")
     for name, L, acc, acc_where, n_where, n in rows:
