@@ -34,6 +34,7 @@ the stock model.
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any, Literal
 
 import torch
@@ -88,15 +89,29 @@ def layout_spec(cfg: SinkLoRAMethod, n_heads: int, seq_len: int):
     return spec.resolve(seq_len)
 
 
+# The last position_ids tensor _packed_boundaries looked at and its answer. Every layer of a forward
+# (and the gradient-checkpointing recompute) gets the same tensor object, so the host sync that
+# decides "one sequence or several" runs once per forward instead of once per layer call.
+_packing_seen: tuple[weakref.ref, int, torch.Tensor | None] | None = None
+
+
 def _packed_boundaries(kwargs: dict[str, Any], batch: int, seq_len: int) -> torch.Tensor | None:
     """cu_seqlens over the flattened batch when the sample holds several sequences, else None."""
+    global _packing_seen
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         return cu.to(torch.int32)
     pos = kwargs.get("position_ids")
     if pos is None or pos.shape[-1] != seq_len:
         return None
-    pos = pos.reshape(-1, seq_len)
+    if _packing_seen is not None and _packing_seen[0]() is pos and _packing_seen[1] == batch:
+        return _packing_seen[2]
+    cu = _boundaries_from_positions(pos.reshape(-1, seq_len), batch)
+    _packing_seen = (weakref.ref(pos), batch, cu)
+    return cu
+
+
+def _boundaries_from_positions(pos: torch.Tensor, batch: int) -> torch.Tensor | None:
     if pos.shape[0] == 1 and not bool((pos[0, 1:] == 0).any()):
         return None  # one sequence
     from headwise.data_builders import cu_seqlens_from_position_ids

@@ -96,6 +96,27 @@ def test_packed_sequences_do_not_attend_across():
     torch.testing.assert_close(packed[:, 20:], second)
 
 
+def test_packing_is_decided_once_per_forward(monkeypatch):
+    """The one-or-several-sequences check syncs with the device: once per forward, not once per layer,
+    and a new position_ids tensor (a new packed sample) is looked at again."""
+    from headwise.patches import sinklora
+
+    calls = []
+    real = sinklora._boundaries_from_positions
+    monkeypatch.setattr(sinklora, "_boundaries_from_positions", lambda *a: calls.append(1) or real(*a))
+    model = _patched(_tiny(), group_size=16, sinks=4).train()
+    ids = torch.randint(0, 128, (1, 48))
+    one = torch.arange(48).unsqueeze(0)
+    model(input_ids=ids, position_ids=one).logits.sum().backward()
+    assert len(calls) == 1  # 2 layers, one decision
+    two = torch.cat([torch.arange(20), torch.arange(28)]).unsqueeze(0)
+    packed = model(input_ids=ids, position_ids=two).logits
+    assert len(calls) == 2
+    # and the packed answer is the one used: the second document's first logits match it run alone
+    alone = model(input_ids=ids[:, 20:], position_ids=torch.arange(28).unsqueeze(0)).logits
+    torch.testing.assert_close(packed[:, 20:], alone)
+
+
 def test_eval_mode_is_the_models_own_sdpa():
     stock = _tiny(seed=3)
     patched = _patched(copy.deepcopy(stock), group_size=16, sinks=4)
