@@ -1,0 +1,129 @@
+"""Tile-shape sweep of the Triton block-sparse kernel on the GPU: which KernelConfig is fastest per layout.
+
+    python benchmarks/tune_kernels.py --layouts s2,streaming,dense,sliding_window --T 32768 --hkv 32 --budget-s 480
+
+The kernel's configs (`kernels/block_sparse_attention.py`, GPU_CONFIGS) are fixed guesses; this
+sweeps them in two stages per layout, so the grid stays small: (1) forward tiles / warps / stages,
+timed on the forward alone; (2) with the best forward config, the dK/dV tiles and the dQ / dK-dV warps
+and stages, timed on forward + backward. Every config is checked against the current config's output (and
+gradients, in stage 2) before it is timed: a wrong config is reported, never picked. Not yet run
+(written after the 2026-11-30 device time was spent). One JSON line per timing goes to
+benchmarks/results/kernel_tuning.jsonl (`--out`), and the best config per layout is printed as a
+GPU_CONFIGS-style line, with its speed-up over the current config measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import _layouts  # noqa: E402
+from results_io import append_rows, utc_now  # noqa: E402
+
+FWD_TILES = [(128, 64), (128, 128), (64, 64), (64, 128)]
+BWD_TILES = [(64, 128), (128, 64), (64, 64), (128, 128)]
+WARPS = [4, 8]
+FWD_STAGES = [2, 3, 4]
+BWD_STAGES = [1, 2, 3]
+
+
+def timed(fn, budget_ms: float = 200.0) -> float | None:
+    import triton
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        return triton.testing.do_bench(fn, warmup=25, rep=budget_ms, return_mode="median")
+    except Exception as e:  # out of shared memory, unsupported shape: recorded, not fatal
+        print(f"    ! {type(e).__name__}: {str(e)[:160]}", flush=True)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layouts", default="s2,streaming,dense")
+    p.add_argument("--T", type=int, default=32768)
+    p.add_argument("--hkv", type=int, default=32)
+    p.add_argument("--budget-s", type=float, default=480)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernel_tuning.jsonl"))
+    args = p.parse_args(argv)
+
+    from headwise.kernels import sparse_attention_triton
+    from headwise.kernels.block_sparse_attention import pick_config
+
+    start, dev, h, d = time.time(), "cuda", 32, 128
+    g = torch.Generator(device=dev).manual_seed(0)
+    leaf = lambda n: torch.randn(1, args.T, n, d, device=dev, dtype=torch.bfloat16, generator=g).transpose(1, 2).detach().requires_grad_()  # noqa: E731
+    q, k, v = leaf(h), leaf(args.hkv), leaf(args.hkv)
+    do = torch.randn(1, args.T, h, d, device=dev, dtype=torch.bfloat16, generator=g)
+    for name in args.layouts.split(","):
+        spec = _layouts()[name].resolve(args.T)
+        base = pick_config(d, spec, dev)
+
+        def run(cfg, backward):
+            def f():
+                out, _ = sparse_attention_triton(q, k, v, spec, config=cfg)
+                if backward:
+                    out.backward(do)
+                    q.grad = k.grad = v.grad = None
+                return out
+            return f
+
+        ref = run(base, False)().detach()
+
+        def grads(cfg):
+            out, _ = sparse_attention_triton(q, k, v, spec, config=cfg)
+            return torch.autograd.grad(out, (q, k, v), do)
+
+        ref_grads = grads(base)
+
+        def correct(cfg, backward):
+            if not torch.allclose(run(cfg, False)().float(), ref.float(), atol=2e-2, rtol=2e-2):
+                return False
+            return not backward or all(torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)
+                                       for a, b in zip(grads(cfg), ref_grads))
+        rows, best = [], {}
+        for stage in ("fwd", "fwd+bwd"):
+            if stage == "fwd":
+                grid = [dataclasses.replace(base, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
+                        for (m, n), w, s in itertools.product(FWD_TILES, WARPS, FWD_STAGES)]
+            else:
+                f0 = best["fwd"][0]
+                grid = [dataclasses.replace(f0, bwd_m=m, bwd_n=n, dq_warps=w, dkdv_warps=w, dq_stages=s, dkdv_stages=s)
+                        for (m, n), w, s in itertools.product(BWD_TILES, WARPS, BWD_STAGES)]
+            base_ms = timed(run(base if stage == "fwd" else best["fwd"][0], stage == "fwd+bwd"))
+            for cfg in grid:
+                if time.time() - start > args.budget_s:
+                    print(f"budget reached in {name} {stage}", flush=True)
+                    break
+                try:
+                    ok = correct(cfg, stage == "fwd+bwd")
+                except Exception as e:
+                    print(f"    ! {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                    continue
+                ms = timed(run(cfg, stage == "fwd+bwd")) if ok else None
+                row = dict(layout=name, T=args.T, H=h, Hkv=args.hkv, D=d, stage=stage, config=dataclasses.asdict(cfg),
+                           ms=None if ms is None else round(ms, 3), correct=ok,
+                           ms_stage_baseline=None if base_ms is None else round(base_ms, 3),
+                           gpu=torch.cuda.get_device_name(), date=utc_now(),
+                           command="python benchmarks/tune_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+                rows.append(row)
+                if ok and ms is not None and (stage not in best or ms < best[stage][1]):
+                    best[stage] = (cfg, ms)
+            if stage in best and base_ms:
+                print(f"{name} {stage}: best {best[stage][1]:.2f} ms vs current {base_ms:.2f} ms "
+                      f"({base_ms / best[stage][1]:.2f}x): {best[stage][0]}", flush=True)
+        append_rows(args.out, rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
