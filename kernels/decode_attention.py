@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import interpret_mode
+from .block_sparse_attention import _d_mask, interpret_mode
 
 _LOG2E = 1.4426950408889634
 NEG_INF = tl.constexpr(float("-inf"))
@@ -92,15 +92,6 @@ def num_splits(bh: int, length: int, block_n: int, device: torch.device) -> int:
 
 
 # ----------------------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _d_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    # A splat of True for power-of-two head dims keeps the loads vectorised (see block_sparse_attention).
-    if HEAD_DIM == BLOCK_D:
-        return tl.full([BLOCK_D], 1, tl.int1)
-    else:
-        return offs_d < HEAD_DIM
 
 
 @triton.jit
