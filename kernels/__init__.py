@@ -11,8 +11,8 @@ Public API::
     from headwise.kernels import decode_attention      # one query token per sequence (KV-cache decode)
     out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
 
-Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts without sinks take the
-regrouped dense form; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
+Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts, SF and LongLoRA, take the
+regrouped dense form: cuDNN on strided per-group views; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
 ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run in the interpreter (how CI tests
 them).
 """
