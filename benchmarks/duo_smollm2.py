@@ -64,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--from-results", help="skip decoding: read the per-policy JSONs an earlier call wrote to this folder")
     p.add_argument("--measure-lengths", default=None, help="lengths whose prefilled cache bytes are measured (default: all)")
     p.add_argument("--record-command", default=None, help="command to record in the JSON lines (default: this one)")
+    p.add_argument("--prime-space", action="store_true", help="passkey prompts end with the key's leading space token "
+                   "(headwise.evaluation.passkey_accuracy(prime_whitespace=True))")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--machine", default=None, help="machine to record in the rows (default: this one; set it with "
                    "--from-results when the decoding ran elsewhere)")
@@ -163,7 +165,8 @@ def main(argv=None) -> int:
         if saved is not None:
             results[name] = json.loads(saved.read_text())
         else:
-            results[name] = passkey_accuracy(model, tok, samples, generate_fn=gen, show_progress=True)
+            results[name] = passkey_accuracy(model, tok, samples, generate_fn=gen, show_progress=True,
+                                             prime_whitespace=args.prime_space)
         wall = time.time() - t0
         first_of_length = {}
         for s in samples:
@@ -195,7 +198,8 @@ def main(argv=None) -> int:
             base_rec = {"method": "duo" if name != "full" else "full", "model": MODEL_NAME, "context": L, "steps": steps,
                         "command": command, "date": date, "machine": machine, "policy": name,
                         "streaming_fraction": fractions[name], "sink": sink, "recent": recent,
-                        "filler": args.filler, "depths": depths, "samples_per_cell": args.samples}
+                        "filler": args.filler, "depths": depths, "samples_per_cell": args.samples,
+                        "answer_prefix": "primed with the key's leading space" if args.prime_space else "strict"}
             lines.append({**base_rec, "metric": "passkey_accuracy", "value": round(acc, 4)})
             if name != "full":
                 lines.append({**base_rec, "metric": "passkey_accuracy_where_full_retrieves", "value": None if acc_where is None else round(acc_where, 4),

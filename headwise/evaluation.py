@@ -196,6 +196,7 @@ def passkey_accuracy(
     max_new_tokens: int = 8,
     generate_fn: GenerateFn | None = None,
     show_progress: bool = True,
+    prime_whitespace: bool = False,
 ) -> list[dict[str, Any]]:
     """Greedy-decode every passkey sample and check the key.
 
@@ -205,6 +206,11 @@ def passkey_accuracy(
         generate_fn: ``fn(input_ids (1, T) LongTensor on the model's device, *, max_new_tokens) -> new token
             ids`` (1-D, or 2-D with the prompt included): plug in a KV-policy runtime here. Default: greedy
             ``model.generate``.
+        prime_whitespace: append the answer's leading whitespace-only tokens to the prompt. Tokenizers
+            such as SmolLM2's split " 48213" into a lone " " then one token per digit, so the first
+            generated token is a near-tie between " " and prose (" a") that says nothing about
+            retrieval; priming the space makes the first generated token a digit. Off by default (the
+            strict protocol); results say which was used.
 
     Returns:
         One dict per sample: ``length`` (requested), ``context_tokens`` (actual), ``depth``, ``answer``,
@@ -216,14 +222,15 @@ def passkey_accuracy(
     device = next(model.parameters()).device
     results = []
     for sample in tqdm(samples, desc="Passkey retrieval", unit="sample", disable=not show_progress):
-        ids = torch.as_tensor(sample.input_ids, dtype=torch.long).reshape(1, -1).to(device)
+        primed = _leading_whitespace_tokens(tokenizer, sample.answer_token_ids) if prime_whitespace else []
+        ids = torch.as_tensor(list(sample.input_ids) + primed, dtype=torch.long).reshape(1, -1).to(device)
         n_new = max(max_new_tokens, len(sample.answer_token_ids) + 2)
         new = torch.as_tensor(generate(ids, max_new_tokens=n_new))
         if new.dim() == 2:
             new = new[0]
             if new.numel() > ids.shape[1] and torch.equal(new[: ids.shape[1]].cpu(), ids[0].cpu()):
                 new = new[ids.shape[1]:]
-        output = tokenizer.decode(new.tolist(), skip_special_tokens=True)
+        output = tokenizer.decode(primed + new.tolist(), skip_special_tokens=True)
         results.append({
             "length": int(getattr(sample, "target_tokens", 0) or sample.context_tokens),
             "context_tokens": int(sample.context_tokens),
@@ -232,8 +239,19 @@ def passkey_accuracy(
             "output": output,
             "correct": is_correct(sample.answer, output),
             "seed": int(getattr(sample, "seed", 0)),
+            **({"primed_tokens": len(primed)} if prime_whitespace else {}),
         })
     return results
+
+
+def _leading_whitespace_tokens(tokenizer, token_ids: Sequence[int]) -> list[int]:
+    """The leading tokens of `token_ids` that decode to whitespace only (e.g. SmolLM2's lone " ")."""
+    out = []
+    for t in token_ids:
+        if tokenizer.decode([t]).strip():
+            break
+        out.append(int(t))
+    return out
 
 
 def accuracy_grid(results: Sequence[dict]) -> tuple[list[int], list[float], list[list[float | None]]]:
@@ -475,7 +493,7 @@ def run_eval(args) -> int:
                                          show_progress=True)
         t0 = time.time()
         detail = passkey_accuracy(model, tokenizer, samples, max_new_tokens=args.max_new_tokens,
-                                  generate_fn=_policy_generate_fn(loaded))
+                                  generate_fn=_policy_generate_fn(loaded), prime_whitespace=args.prime_space)
         out_dir.mkdir(parents=True, exist_ok=True)
         with (out_dir / PASSKEY_FILE).open("w") as f:
             for row in detail:
@@ -511,6 +529,9 @@ def configure_eval_parser(parser) -> None:
     parser.add_argument("--filler", choices=["corpus", "repeat"], default="corpus",
                         help="haystack text: the held-out corpus (default) or LongLoRA's repeated sentences")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per passkey prompt (default 8)")
+    parser.add_argument("--prime-space", action="store_true",
+                        help="end each passkey prompt with the key's leading whitespace token (SmolLM2 writes ' 48213' "
+                             "as ' ' + digits), so the first generated token is a digit, not a space-vs-prose tie")
     parser.add_argument("--window", default="4096", help="perplexity window(s) in tokens, comma-separated (default 4096)")
     parser.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: window / 2)")
     parser.add_argument("--max-windows", type=int, default=None, help="read at most this many windows (default: all the text)")

@@ -182,6 +182,28 @@ def test_random_model_does_not_retrieve(smollm2, passkey_samples_1k):
     assert sum(r["correct"] for r in results) / len(results) <= 0.2
 
 
+def test_primed_prompts_end_with_the_keys_leading_space(smollm2, passkey_samples_1k):
+    """SmolLM2 writes " 48213" as a lone " " then digits: priming appends exactly that token to the prompt,
+    and the output is judged with it (a generator that answers only the digits is correct)."""
+    tok = smollm2[1]
+    sample = passkey_samples_1k[0]
+    lead = sample.answer_token_ids[0]
+    assert tok.decode([lead]) == " " and sample.answer_token_ids[1:]  # the case priming exists for
+    seen = []
+
+    def digits_only(input_ids, *, max_new_tokens):
+        seen.append(input_ids[0].tolist())
+        return torch.tensor(sample.answer_token_ids[1:])
+
+    strict = passkey_accuracy(_tiny_llama(vocab_size=len(tok), max_positions=2048), tok, [sample],
+                              generate_fn=digits_only, show_progress=False)
+    primed = passkey_accuracy(_tiny_llama(vocab_size=len(tok), max_positions=2048), tok, [sample],
+                              generate_fn=digits_only, show_progress=False, prime_whitespace=True)
+    assert seen[0] == list(sample.input_ids) and seen[1] == list(sample.input_ids) + [lead]
+    assert primed[0]["primed_tokens"] == 1 and primed[0]["correct"]
+    assert strict[0]["output"].strip() == primed[0]["output"].strip() == sample.answer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The command
 
