@@ -103,6 +103,7 @@ class Settings:
     device: str
     dtype: str
     tiny: bool
+    prime_space: bool = False  # also score passkey with the key's leading space primed (a second row)
 
 
 @dataclass
@@ -127,6 +128,8 @@ class EvalInfo:
     passkey_samples: list[dict[str, Any]]
     eval_s: float
     load_s: float
+    passkey_primed_acc: float | None = None
+    passkey_primed_outputs: list[str] | None = None
 
 
 @dataclass
@@ -313,6 +316,12 @@ def evaluate(spec: MethodSpec, target: str, settings: Settings, results_dir: Pat
                               show_progress=False)
     acc = sum(r["correct"] for r in detail) / len(detail)
     clock.log(f"{spec.key}: passkey@{settings.passkey_length} = {acc:.2f} ({sum(r['correct'] for r in detail)}/{len(detail)})")
+    primed = None
+    if settings.prime_space:  # the same prompts ending with the key's leading " " token (see passkey_accuracy)
+        primed = passkey_accuracy(model, tok, samples, max_new_tokens=settings.max_new_tokens, generate_fn=generate,
+                                  show_progress=False, prime_whitespace=True)
+        clock.log(f"{spec.key}: passkey@{settings.passkey_length}, space primed = "
+                  f"{sum(r['correct'] for r in primed)}/{len(primed)}")
 
     title = f"{spec.label}, {settings.steps} steps" if spec.recipe else spec.label
     size = (5.5, max(3.0, 0.55 * len(settings.depths) + 1.8))  # wide enough for the title over one column
@@ -330,6 +339,9 @@ def evaluate(spec: MethodSpec, target: str, settings: Settings, results_dir: Pat
                     passkey_n=len(detail), passkey_prompt_tokens=max(r["context_tokens"] for r in detail),
                     passkey_outputs=[f"{r['answer']} -> {r['output']!r}" for r in detail], passkey_samples=detail,
                     eval_s=round(time.time() - t0, 1), load_s=round(load_s, 1))
+    if primed is not None:
+        info.passkey_primed_acc = sum(r["correct"] for r in primed) / len(primed)
+        info.passkey_primed_outputs = [f"{r['answer']} -> {r['output']!r}" for r in primed]
     return info
 
 
@@ -378,7 +390,12 @@ def rows_for(outcome: Outcome, settings: Settings, command: str, gpu: str | None
                        "depths": settings.depths, "samples_per_depth": settings.samples, "samples": ev.passkey_n,
                        "filler": settings.filler, "key": "digits5", "seed": settings.seed, "greedy": True,
                        "outputs": ev.passkey_outputs}, **extra}
-    return [ppl_row, pk_row]
+    rows = [ppl_row, pk_row]
+    if ev.passkey_primed_acc is not None:
+        rows.append({**pk_row, "metric": f"passkey_acc_space_primed@{settings.context}", "value": round(ev.passkey_primed_acc, 4),
+                     "eval": {**pk_row["eval"], "answer_prefix": "primed with the key's leading space",
+                              "outputs": ev.passkey_primed_outputs}})
+    return rows
 
 
 def _ctx_label(context: int) -> str:
@@ -476,6 +493,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=None, help="passkey prompts per depth (default 4; --tiny: 1)")
     p.add_argument("--filler", choices=["corpus", "repeat"], default="corpus", help="passkey haystack (default: held-out corpus text)")
     p.add_argument("--seed", type=int, default=0, help="passkey sample seed")
+    p.add_argument("--prime-space", action="store_true",
+                   help="also score passkey with prompts ending in the key's leading space token (an extra row per model)")
     p.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per passkey prompt")
     p.add_argument("--device", default=None, help="eval device (default: cuda when available, else cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -520,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         depths=[float(d) for d in (args.depths or ("0.25,0.75" if args.tiny else "0,0.25,0.5,0.75,1")).split(",")],
         samples=args.samples if args.samples is not None else (1 if args.tiny else 4),
         filler=args.filler, seed=args.seed, max_new_tokens=max_new, device=device, dtype=args.dtype, tiny=args.tiny,
+        prime_space=args.prime_space,
     )
     if settings.steps < 1:
         raise SystemExit("--steps must be at least 1")
