@@ -240,7 +240,6 @@ def main(argv=None) -> int:
                           kv_kept_bytes=row["kv_kept_bytes"], weight_bytes_per_token=wbytes,
                           bound_tokens_per_s=round(bound, 2), bound_ms_per_token=round(1000 / bound, 3),
                           ratio_to_bound=round(bound / row["tokens_per_s"], 2), decode_mode=row["mode"],
-                          decode_split_keys=kv_attention.DECODE_SPLIT_KEYS,
                           fused_decode=kv_attention.FUSED_DECODE,
                           prefill=("model" if name == "full-hf" else args.prefill), prefill_s=row["prefill_s"],
                           command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), gpu=gpu,

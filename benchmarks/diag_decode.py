@@ -4,9 +4,9 @@
 
 Uses bench_decode.py's Llama-3-8B shape and synthetic cache; prints the top CUDA kernels by total
 time per step and the CUDA-graph ms/token of the fused Triton decode kernel
-(`headwise.kernels.decode_attention`, `kv_attention.FUSED_DECODE`) and of the torch path with the
-split-K decode product off and on (`HEADWISE_DECODE_SPLIT_KEYS`), to check the decode path against its
-bandwidth bound. The profile is taken with the fused kernel (unless `--no-fused`).
+(`headwise.kernels.decode_attention`, `kv_attention.FUSED_DECODE`) and of the torch path, to check the
+decode path against its bandwidth bound. (A torch split-K form of the decode P @ V product was
+compared here on 2026-11-30 and dropped: it was a wash, see BENCHMARKS.md.) The profile is taken with the fused kernel (unless `--no-fused`).
 """
 
 from __future__ import annotations
@@ -22,11 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_decode import LLAMA3_8B, build_model, policies, synthetic_cache  # noqa: E402
 
 
-def graph_ms(model, policy, context, split, steps=32, fused=False):
+def graph_ms(model, policy, context, steps=32, fused=False):
     from headwise.patches import kv_attention
     from headwise.static_decode import StaticDecoder
 
-    kv_attention.DECODE_SPLIT_KEYS = split
     kv_attention.FUSED_DECODE = fused
     dec = StaticDecoder(model, policy, max_new_tokens=steps + 8, mode="cuda_graph")
     dyn = synthetic_cache(model, policy, context, 1)
@@ -53,11 +52,10 @@ def main() -> int:
     table = policies(LLAMA3_8B)
     for name in args.policies.split(","):
         policy = table[name]
-        for label, fused, split in (("torch, split 0", False, 0), ("torch, split 256", False, 256),
-                                    ("fused kernel", True, 0)):
+        for label, fused in (("torch path", False), ("fused kernel", True)):
             if fused and args.no_fused:
                 continue
-            ms, dec = graph_ms(model, policy, args.context, split, fused=fused)
+            ms, dec = graph_ms(model, policy, args.context, fused=fused)
             print(f"{name} @ {args.context}: {label}: {ms:.2f} ms/token (CUDA graph)", flush=True)
         dec.mode, dec._graph = "eager", None
         with torch.inference_mode(), profile(activities=[ProfilerActivity.CUDA]) as prof:

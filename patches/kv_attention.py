@@ -26,12 +26,6 @@ import torch.nn.functional as F
 ATTENTION_NAME = "headwise_kv"  # no flash/sdpa/flex_attention in the name: transformers special-cases those
 # Elements of fp32 logits per query chunk in the column-sum path (256 MiB): bounds prefill memory at long T.
 COLSUM_CHUNK_ELEMENTS = 1 << 26
-# Decode (one query per head): P @ V is a (G x L) @ (L x D) product per KV head. Splitting L into
-# slices of this many keys (views) makes it a batched product over (head, slice) plus a small fp32 sum:
-# flash-decoding's split-K in plain torch. Off by default: on the H200 (Llama-3-8B shape, CUDA graph,
-# benchmarks/diag_decode.py) cuBLAS already splits K itself; 256-key slices cost 2.5 ms/token more
-# with the full cache at 32K (12.8 vs 10.3) and saved 0.6 ms with a 6.5K-token streaming cache.
-DECODE_SPLIT_KEYS = int(os.environ.get("HEADWISE_DECODE_SPLIT_KEYS", "0"))
 # Decode (T == 1, after the prompt) on CUDA, or anywhere under TRITON_INTERPRET=1: the fused Triton kernel
 # `headwise.kernels.decode_attention` (reads K and V once, split-K, column sums for H2O) instead of the
 # torch chain below. Off by default until it has run on a GPU (tested in the Triton interpreter only);
@@ -120,7 +114,7 @@ def grouped_attention(
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
         probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked rows (padding queries): 0
-        outs.append(_probs_times_values(probs.to(v.dtype).view(B, H, G * c, L), v).view(B, H, G, c, D))
+        outs.append(torch.matmul(probs.to(v.dtype).view(B, H, G * c, L), v).view(B, H, G, c, D))
         if need_colsums:
             colsums += probs.sum(dim=(2, 3))
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
@@ -135,23 +129,6 @@ def _fused_decode(q: torch.Tensor) -> bool:
     if q.is_cuda:
         return True
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and not torch.compiler.is_compiling()
-
-
-def _probs_times_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """p (B, H, R, L) @ v (B, H, L, D) -> (B, H, R, D) in p's dtype; split over L when R is small
-    (decode), see DECODE_SPLIT_KEYS. The slices are views of v (no copy); partial sums add in fp32."""
-    B, H, R, L = p.shape
-    n = L // DECODE_SPLIT_KEYS if DECODE_SPLIT_KEYS else 0
-    if R > 16 or n < 2:
-        return torch.matmul(p, v)
-    main = n * DECODE_SPLIT_KEYS
-    D = v.shape[-1]
-    ps = p[..., :main].unflatten(-1, (n, DECODE_SPLIT_KEYS)).transpose(2, 3)  # (B, H, n, R, S)
-    vs = v[:, :, :main].unflatten(2, (n, DECODE_SPLIT_KEYS))  # (B, H, n, S, D), a view
-    out = torch.matmul(ps, vs).sum(2, dtype=torch.float32)
-    if main < L:
-        out += torch.matmul(p[..., main:], v[:, :, main:]).float()
-    return out.to(p.dtype).view(B, H, R, D)
 
 
 def _allowed(B, H, c, L, start, T, key_valid, causal_tail, prompt_mask, device):
