@@ -28,7 +28,6 @@ take minutes). `full-hf` always runs a real SDPA prefill.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import shlex
 import sys
@@ -39,6 +38,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results_io import append_rows, utc_now  # noqa: E402
 
 LLAMA3_8B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096,
                  intermediate_size=14336, vocab_size=128256)
@@ -242,13 +243,11 @@ def main(argv=None) -> int:
                           ratio_to_bound=round(bound / row["tokens_per_s"], 2), decode_mode=row["mode"],
                           fused_decode=kv_attention.FUSED_DECODE,
                           prefill=("model" if name == "full-hf" else args.prefill), prefill_s=row["prefill_s"],
-                          command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), gpu=gpu,
+                          command=command, date=utc_now(), gpu=gpu,
                           torch=torch.__version__, transformers=transformers.__version__)
             print(json.dumps(record), flush=True)
             if out_path:
-                out_path.parent.mkdir(parents=True, exist_ok=True)
-                with out_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
+                append_rows(out_path, [record])
     return 0
 
 

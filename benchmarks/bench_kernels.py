@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import math
 import os
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results_io import append_rows  # noqa: E402
 
 
 
@@ -170,7 +171,6 @@ def main(argv=None):
     h, d = 32, 128
     dense_cache = {}
     rows = []
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     for item in args.plan.split(","):
         t_s, passes, hkv_s = item.split(":")
         t, hkv = int(t_s), int(hkv_s)
@@ -230,8 +230,7 @@ def main(argv=None):
             for kk in list(row):
                 if isinstance(row[kk], float) and kk.startswith("ms_"):
                     row[kk] = round(row[kk], 3)
-            with open(args.out, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_rows(args.out, [row])
             rows.append(row)
             _print_row(row)
         del q, k, v, do

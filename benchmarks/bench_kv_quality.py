@@ -14,7 +14,6 @@ One JSON line per (metric, policy) to --out (default: print only).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import math
 import shlex
@@ -27,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_io import append_rows  # noqa: E402
+from results_io import append_rows, utc_now  # noqa: E402
 
 
 def policy_for(name: str, tokens: int | None = None) -> dict:
@@ -107,7 +106,7 @@ def main(argv=None) -> int:
     def emit(row):
         row.setdefault("method", f"kv-policy:{row['policy']}")
         row.setdefault("steps", 0)
-        row.update(model=args.model, command=command, date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        row.update(model=args.model, command=command, date=utc_now(),
                    machine="cpu")
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     from headwise.inference import LoadedModel
     from headwise.inference_config import FullPolicy
     from headwise.kv_cache import make_cache, model_shape, text_config
-    from headwise.patches.duo import GATE_TSV, binarize_gates, duo_policy, plot_gate_heatmap, read_gate_tsv
+    from headwise.patches.duo import GATE_TSV, duo_policy, plot_gate_heatmap, read_gate_tsv
 
     command = args.record_command or (
         "python benchmarks/duo_smollm2.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])))
