@@ -28,6 +28,7 @@ take minutes). `full-hf` always runs a real SDPA prefill.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import sys
@@ -127,6 +128,7 @@ def sync(device):
 def run_row(model, name, policy, context, args, device) -> dict:
     from headwise.static_decode import StaticDecoder
 
+    gc.collect()  # the previous row's decoder and cache, before this row's peak is measured
     if device == "cuda":
         torch.cuda.empty_cache()
     steps = args.new_tokens
@@ -148,8 +150,10 @@ def run_row(model, name, policy, context, args, device) -> dict:
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    decoder.decode(args.warmup + 1)  # warm-up (captures the CUDA graph)
+    t0 = time.perf_counter()
+    decoder.decode(args.warmup + 1)  # warm-up (compiles with mode=compile, captures the CUDA graph)
     sync(device)
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     decoder.decode(steps + 1)  # `steps` model steps
     sync(device)
@@ -157,7 +161,7 @@ def run_row(model, name, policy, context, args, device) -> dict:
     kv_bytes = decoder.cache.kv_bytes()
     kv_read = kept_kv_bytes(decoder.cache)
     return dict(tokens_per_s=args.batch * steps / dt_s, ms_per_token=1000 * dt_s / steps, kv_bytes=kv_bytes,
-                kv_kept_bytes=kv_read, prefill_s=prefill_s, mode=decoder.mode)
+                kv_kept_bytes=kv_read, prefill_s=prefill_s, mode=decoder.mode, warmup_s=round(warmup_s, 1))
 
 
 def run_hf_loop(model, context, args, device) -> dict:
@@ -186,7 +190,7 @@ def run_hf_loop(model, context, args, device) -> dict:
         dt_s = time.perf_counter() - t0
     kv_bytes = sum(l.keys.numel() * l.keys.element_size() * 2 for l in cache.layers)
     return dict(tokens_per_s=args.batch * args.new_tokens / dt_s, ms_per_token=1000 * dt_s / args.new_tokens,
-                kv_bytes=kv_bytes, kv_kept_bytes=kv_bytes, prefill_s=prefill_s, mode="hf-loop")
+                kv_bytes=kv_bytes, kv_kept_bytes=kv_bytes, prefill_s=prefill_s, mode="hf-loop", warmup_s=None)
 
 
 def main(argv=None) -> int:
@@ -198,6 +202,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--mode", default="auto", choices=["auto", "eager", "cuda_graph", "compile"],
                    help="static decode step: auto = CUDA graph on GPU, eager on CPU")
+    p.add_argument("--attention", default=None, choices=["torch", "fused"],
+                   help="decode attention: the torch chain or the fused Triton kernel (default: HEADWISE_FUSED_DECODE)")
     p.add_argument("--prefill", default="synthetic", choices=["synthetic", "model"])
     p.add_argument("--tiny", action="store_true", help="tiny fp32 shape on CPU: checks the script end to end")
     p.add_argument("--hbm", type=float, default=HBM_BYTES_PER_S["h200"], help="HBM bytes/s for the bound (H200: 4.8e12)")
@@ -217,6 +223,8 @@ def main(argv=None) -> int:
 
     from headwise.patches import kv_attention
 
+    if args.attention:
+        kv_attention.FUSED_DECODE = args.attention == "fused"
     model = build_model(shape, dtype, device)
     table = policies(shape)
     wbytes = weight_bytes_per_token(model)
@@ -241,7 +249,7 @@ def main(argv=None) -> int:
                           kv_kept_bytes=row["kv_kept_bytes"], weight_bytes_per_token=wbytes,
                           bound_tokens_per_s=round(bound, 2), bound_ms_per_token=round(1000 / bound, 3),
                           ratio_to_bound=round(bound / row["tokens_per_s"], 2), decode_mode=row["mode"],
-                          fused_decode=kv_attention.FUSED_DECODE,
+                          fused_decode=kv_attention.FUSED_DECODE, warmup_s=row["warmup_s"],
                           prefill=("model" if name == "full-hf" else args.prefill), prefill_s=row["prefill_s"],
                           command=command, date=utc_now(), gpu=gpu,
                           torch=torch.__version__, transformers=transformers.__version__)

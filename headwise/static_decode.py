@@ -13,12 +13,18 @@ decode step is pure tensor work on preallocated buffers:
 
 No `cat`, no Python-side state changes, no host synchronisation inside a step, and the step's inputs
 (token, position) live in fixed tensors, so on CUDA the step is captured once (`mode="cuda_graph"`)
-and replayed, or compiled (`mode="compile"`: `torch.compile(mode="reduce-overhead")`). `mode="eager"`
-runs the same step without capture (CPU, tests). The kept sets equal those of the dynamic stores.
+and replayed. `mode="compile"` first compiles the step with inductor (`torch.compile(fullgraph=True)`,
+which fuses the model's chains of small kernels: RMSNorm, rotary, the residual adds, the slot
+bookkeeping) and then, on CUDA, captures the compiled step in the same CUDA graph. It is our capture,
+not inductor's `reduce-overhead`: the step mutates the slot buffers in place, and inductor's CUDA
+graphs skip a graph whose non-parameter inputs are mutated. Compiling takes a minute or more on a
+Llama-3-8B shape, once per cache shape. `mode="eager"` runs the same step without capture (CPU,
+tests). The kept sets equal those of the dynamic stores.
 """
 
 from __future__ import annotations
 
+import gc
 import inspect
 from typing import Any
 
@@ -55,6 +61,11 @@ class SlotStore:
         self.score[:, :, :L] = dyn.score
         # the free slot: an empty one (L < slots always holds for bounded stores: L <= budget)
         self.free = torch.full((B, H), L, dtype=torch.long, device=dev)
+        self._rows = torch.arange(B, device=dev)[:, None]
+        self._heads = torch.arange(H, device=dev)[None, :]
+        self._true = torch.ones((), dtype=torch.bool, device=dev)
+        self._false = torch.zeros((), dtype=torch.bool, device=dev)
+        self._zero = torch.zeros((), dtype=torch.float32, device=dev)
 
     @property
     def needs_scores(self) -> bool:
@@ -63,27 +74,33 @@ class SlotStore:
     def __len__(self) -> int:
         return self.keys.shape[-2]
 
+    def _at_free(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Advanced index of each (batch, head)'s free slot: `buffer[self._at_free()]` is (B, H)."""
+        return self._rows, self._heads, self.free
+
     def append(self, k: torch.Tensor, v: torch.Tensor):
-        idx = self.free[:, :, None]
-        self.keys.scatter_(2, idx[..., None].expand(-1, -1, -1, k.shape[-1]), k)
-        self.values.scatter_(2, idx[..., None].expand(-1, -1, -1, v.shape[-1]), v)
-        self.valid.scatter_(2, idx, True)
-        self.score.scatter_(2, idx, 0.0)
+        # Indexed assignment (index_put_), not scatter_: torch.compile writes index_put_ into the graph
+        # input in place, while a scatter_ on an input is functionalised into a copy of the whole buffer.
+        # Values are device tensors: a Python scalar would be copied from the host, which a CUDA graph
+        # capture refuses.
+        at = self._at_free()
+        self.keys[at] = k[:, :, 0]
+        self.values[at] = v[:, :, 0]
+        self.valid[at] = self._true
+        self.score[at] = self._zero
         return self.keys, self.values
 
     def key_valid(self, valid_new: torch.Tensor) -> torch.Tensor:
         return self.valid
 
     def finish(self, colsums, valid_new: torch.Tensor, pos_new: torch.Tensor) -> None:
-        B, H, _ = self.pos.shape
-        idx = self.free[:, :, None]
-        self.pos.scatter_(2, idx, pos_new[:, None, :].expand(B, H, 1))
+        self.pos[self._at_free()] = pos_new  # (B, 1) broadcast over the heads
         if colsums is not None:
             self.score.add_(colsums)
         if self.bounded:
             pri = self.rule.priority(self.score, self.pos, self.valid, pos_new[:, None, :])
             self.free.copy_(pri.argmin(dim=-1))
-            self.valid.scatter_(2, self.free[:, :, None], False)
+            self.valid[self._at_free()] = self._false
         else:
             self.free.add_(1)
 
@@ -143,6 +160,8 @@ class StaticDecoder:
         self.cache_kw = cache_kwarg(model)
         self.cache: HeadwiseCache | None = None
         self._graph = None
+        self._compiled = None
+        self._warm = False
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -163,7 +182,8 @@ class StaticDecoder:
         self.cache = bind_cache(self.model, HeadwiseCache(layers, dyn.policy))
         self.ids = first_token.reshape(-1, 1).clone()
         self.pos = next_position.reshape(-1, 1).to(torch.long).clone()
-        self._graph = None
+        self._graph = self._compiled = None  # a new cache: new buffers to capture, new shapes to compile
+        self._warm = False
 
     def _step(self) -> torch.Tensor:
         out = self.model(input_ids=self.ids, position_ids=self.pos, use_cache=True, **{self.cache_kw: self.cache})
@@ -181,26 +201,40 @@ class StaticDecoder:
         tokens = torch.empty(B, steps, dtype=torch.long, device=self.ids.device)
         tokens[:, 0] = self.ids[:, 0]
         step = self._step
-        i = 1
         if self.mode == "compile":
-            if not hasattr(self, "_compiled"):
-                self._compiled = torch.compile(self._step, mode="reduce-overhead")
-            step = self._compiled
-        elif self.mode == "cuda_graph" and steps > 1:
+            if self._compiled is None:
+                # The unbound function, so the decoder does not reference itself through the compiled
+                # wrapper: with a cycle, a dropped decoder (and its KV buffers) would live until the next
+                # garbage collection, and the next decoder's peak memory would include them.
+                self._compiled = torch.compile(StaticDecoder._step, fullgraph=True, dynamic=False)
+            compiled = self._compiled
+            step = lambda: compiled(self)  # noqa: E731
+        i = 1
+        if self.mode == "compile" and steps > 1 and not self._warm:
+            step()  # compiles (the first call traces the model and generates the kernels)
+            tokens[:, i] = self.ids[:, 0]
+            i += 1
+            self._warm = True
+            # Tracing leaves reference cycles that hold the real buffers of the traced step (this cache
+            # and, via the previous compilation, the last decoder's): collect them now, or a GPU keeps
+            # a dropped cache's KV memory until Python's next collection.
+            gc.collect()
+        if self.mode != "eager" and self.ids.is_cuda and i < steps:
             if self._graph is None:  # two real steps as warm-up on a side stream, then capture one
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     while i < min(3, steps):
-                        self._step()
+                        step()
                         tokens[:, i] = self.ids[:, 0]
                         i += 1
                 torch.cuda.current_stream().wait_stream(stream)
                 if i < steps:
-                    self._graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(self._graph):
-                        self._step()  # recorded, not run
-            step = self._graph.replay if self._graph is not None else self._step
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        step()  # recorded, not run
+                    self._graph = graph
+            step = self._graph.replay if self._graph is not None else step
         for j in range(i, steps):
             step()
             tokens[:, j] = self.ids[:, 0]

@@ -69,6 +69,14 @@ GPU_CONFIGS = {
     128: KernelConfig(128, 64, 64, 128, 8, 3, 8, 2, 8, 2),
     256: KernelConfig(64, 32, 32, 64, 4, 2, 4, 1, 4, 1),
 }
+# Per-layout configs at D = 128 that beat GPU_CONFIGS in `benchmarks/tune_kernels.py` on an H200
+# (2026-11-30, T = 32K, 32 KV heads, bf16; rows in benchmarks/results/kernel_tuning.jsonl): smaller
+# backward tiles with 4 warps and one stage win for the sparse layouts, whose programs visit few tiles
+# (S2 fwd+bwd 26.5 -> 20.8 ms, streaming 7.6 -> 5.9 ms). Layouts not listed keep GPU_CONFIGS.
+TUNED_D128 = {
+    "s2": KernelConfig(128, 64, 64, 64, 4, 2, 4, 1, 4, 1),
+    "streaming": KernelConfig(64, 64, 64, 64, 4, 3, 4, 1, 4, 1),
+}
 # The interpreter runs each program in numpy: small tiles keep CPU tests in seconds.
 INTERPRET_CONFIG = KernelConfig(32, 32, 32, 32, 4, 1, 4, 1, 4, 1)
 
@@ -83,6 +91,8 @@ def pick_config(head_dim: int, spec: LayoutSpec, device) -> KernelConfig:
     else:
         d = triton.next_power_of_2(head_dim)
         cfg = GPU_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256]
+        if d == 128:
+            cfg = TUNED_D128.get(spec.kind, cfg)
     if spec.kind == "s2" and spec.block >= 16 and spec.block & (spec.block - 1) == 0:
         # Key tiles wider than the S2 block would turn every stride column into a half-masked tile.
         cfg = KernelConfig(

@@ -340,3 +340,29 @@ def decode_attention(
             BLOCK_G=max(2, triton.next_power_of_2(G)), BLOCK_L=block_l, num_warps=4,
         )
     return out.to(q.dtype), colsums
+
+
+
+def _decode_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
+                           scaling: float, need_colsums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``decode_attention`` as one opaque torch operator (``headwise::decode_attention``), so
+    ``torch.compile`` (the static decoder's ``mode="compile"``) fuses the model's elementwise chains
+    around it without tracing into the launcher's host arithmetic. Same arguments; the column sums come
+    back as an empty tensor when ``need_colsums`` is false (an operator's outputs cannot be None).
+    ``decode_attention`` is looked up in the module's globals at call time, so a reloaded module (the
+    kernel tests reload it under the interpreter) runs its own kernels through the operator registered first."""
+    out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums)
+    return out, colsums if colsums is not None else torch.empty(0, dtype=torch.float32, device=q.device)
+
+
+def _decode_attention_fake(q, k, v, key_valid, scaling, need_colsums):
+    B, H, G, D = q.shape
+    cols = (B, H, k.shape[2]) if need_colsums else (0,)
+    return q.new_empty(B, H, G, D), q.new_empty(cols, dtype=torch.float32)
+
+
+try:  # registered once per process (a module reload must not register it twice)
+    decode_attention_op = torch.ops.headwise.decode_attention
+except AttributeError:
+    decode_attention_op = torch.library.custom_op("headwise::decode_attention", _decode_attention_impl, mutates_args=())
+    decode_attention_op.register_fake(_decode_attention_fake)

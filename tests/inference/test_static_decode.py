@@ -71,6 +71,50 @@ def test_decode_step_traces_as_one_graph_without_recompiling(llama):
     assert tokens == expected[0].tolist()
 
 
+def test_compiled_decode_equals_eager(llama):
+    """mode="compile": the inductor-compiled step (fused kernels, on CPU here) generates the eager tokens
+    and keeps the same sets, with left padding and a policy that mixes head groups (Duo + H2O)."""
+    import torch._dynamo
+
+    policy = POLICIES[-1]
+    ids = random_ids(2, 30, seed=5)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    eager = StaticDecoder(llama, policy, max_new_tokens=6, mode="eager")
+    compiled = StaticDecoder(llama, policy, max_new_tokens=6, mode="compile")
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(compiled.generate(ids, mask), eager.generate(ids, mask))
+        assert compiled._compiled is not None
+    finally:
+        torch._dynamo.reset()
+    for layer in range(2):
+        for group in range(len(eager.cache.layers[layer].groups)):
+            assert compiled.cache.kept_positions(layer, group) == eager.cache.kept_positions(layer, group)
+
+
+def test_dropped_compiled_decoder_frees_its_cache(llama):
+    """Tracing leaves reference cycles around the traced buffers; with automatic garbage collection off,
+    a dropped compiled decoder must still free its KV buffers (else a GPU holds them until a collection)."""
+    import gc
+    import weakref
+
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    gc.collect()
+    gc.disable()
+    try:
+        decoder = StaticDecoder(llama, {"type": "full"}, max_new_tokens=4, mode="compile")
+        decoder.generate(random_ids(1, 20, seed=2))
+        keys = weakref.ref(decoder.cache.layers[0].groups[0][1].keys)
+        del decoder
+        assert keys() is None
+    finally:
+        gc.enable()
+        torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["type"] + str(len(str(p))))
 def test_cuda_graph_decode_equals_eager(policy):

@@ -195,7 +195,7 @@ def test_grouped_attention_dispatch(device, monkeypatch):
     not, key_valid or None, column sums or not); prefill (T > 1) and prompt masks do not."""
     import importlib
 
-    monkeypatch.setattr(kv_attention, "FUSED_DECODE", True)  # off by default until measured on a GPU
+    monkeypatch.setattr(kv_attention, "FUSED_DECODE", True)
     da = importlib.import_module("headwise.kernels.decode_attention")
     calls = []
     real = da.decode_attention
@@ -239,6 +239,43 @@ def test_cpu_without_interpreter_keeps_the_torch_path(monkeypatch):
     assert kv_attention._fused_decode(torch.zeros(1))
     monkeypatch.setattr(kv_attention, "FUSED_DECODE", False)
     assert not kv_attention._fused_decode(torch.zeros(1))
+
+
+def test_compiled_static_decode_uses_the_kernel(device, monkeypatch):
+    """The kernel as the `headwise::decode_attention` operator inside an inductor-compiled decode step
+    (StaticDecoder mode="compile"; on the GPU also captured in a CUDA graph) generates the torch path's
+    tokens and keeps its sets; the H2O heads' evictions follow the kernel's column sums."""
+    import torch._dynamo
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headwise.static_decode import StaticDecoder
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, initializer_range=0.2, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval().to(device)
+    policy = {"type": "duo", "retrieval_heads": [[1, 0], [1, 1]], "sink": 2, "recent": 6,
+              "retrieval_policy": {"type": "h2o", "heavy": 5, "recent": 4}}
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(5)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    monkeypatch.setattr(kv_attention, "FUSED_DECODE", False)
+    reference = StaticDecoder(model, policy, max_new_tokens=6, mode="eager")
+    expected = reference.generate(ids, mask)
+    monkeypatch.setattr(kv_attention, "FUSED_DECODE", True)
+    calls = []
+    monkeypatch.setattr(kv_attention, "_fused_decode", lambda q: calls.append(1) or True)
+    compiled = StaticDecoder(model, policy, max_new_tokens=6, mode="compile")
+    torch._dynamo.reset()
+    try:
+        tokens = compiled.generate(ids, mask)
+    finally:
+        torch._dynamo.reset()
+    assert calls, "the compiled step never reached the fused-kernel branch"
+    assert torch.equal(tokens, expected)
+    for layer in range(2):
+        for group in range(len(reference.cache.layers[layer].groups)):
+            assert compiled.cache.kept_positions(layer, group) == reference.cache.kept_positions(layer, group)
 
 
 # ------------------------------------------------------------------------------------------------- GPU
