@@ -76,12 +76,16 @@ class LoadedModel:
 
     @torch.inference_mode()
     def generate(
-        self, prompt: str | list[str], *, max_new_tokens: int = 32, static: bool = False, **kwargs
+        self, prompt: str | list[str], *, max_new_tokens: int = 32, static: bool = False, compile: bool = False,
+        **kwargs,
     ) -> str | list[str]:
         """Greedy by default; returns only the generated continuation(s).
 
         Several prompts run as one left-padded batch (every policy supports it). `static=True` decodes
         greedily with static shapes (`headwise.static_decode`; a CUDA graph per step on GPU).
+        `compile=True` (implies `static`) also fuses the step with torch.compile before capturing it: the
+        fastest decode (within 2x of the HBM bound on an H200, BENCHMARKS.md) at the price of a compilation
+        of about a minute per prompt shape on a Llama-3-8B, so worth it for long generations.
         """
         single = isinstance(prompt, str)
         prompts = [prompt] if single else list(prompt)
@@ -89,12 +93,13 @@ class LoadedModel:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
-        if static:
+        if static or compile:
             if kwargs:
-                raise TypeError(f"static=True decodes greedily and takes no generation options (got {', '.join(kwargs)})")
+                raise TypeError(f"static decoding is greedy and takes no generation options (got {', '.join(kwargs)})")
             from headwise.static_decode import StaticDecoder
 
-            decoder = StaticDecoder(self.model, self.policy, max_new_tokens=max_new_tokens)
+            decoder = StaticDecoder(self.model, self.policy, max_new_tokens=max_new_tokens,
+                                    mode="compile" if compile else "auto")
             tokens = decoder.generate(enc["input_ids"], enc["attention_mask"])
             texts = [self._until_eos(row) for row in tokens.tolist()]
         else:

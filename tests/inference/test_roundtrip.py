@@ -70,7 +70,12 @@ def test_cli_generate_with_a_policy(model_dir, capsys):
     assert len(capsys.readouterr().out.split()) == 5
     assert main(["generate", str(model_dir), PROMPTS[0], "--max-new-tokens", "5", "--dtype", "float32",
                  "--policy", "streaming:sink=2,recent=4", "--static"]) == 0
-    assert len(capsys.readouterr().out.split()) == 5
+    static = capsys.readouterr().out
+    assert len(static.split()) == 5
+    # --compile: the same greedy tokens from the torch.compile'd step
+    assert main(["generate", str(model_dir), PROMPTS[0], "--max-new-tokens", "5", "--dtype", "float32",
+                 "--policy", "streaming:sink=2,recent=4", "--compile"]) == 0
+    assert capsys.readouterr().out == static
 
 
 def test_cli_bad_policy_names_the_field(model_dir, capsys):
