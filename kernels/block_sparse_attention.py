@@ -58,6 +58,11 @@ class KernelConfig:
     dq_stages: int = 2
     dkdv_warps: int = 8
     dkdv_stages: int = 2
+    # dK/dV column split: a key tile whose column (summed over the query heads of its KV head) holds
+    # more than this many query tiles is shared by several programs, each over at most this many
+    # tiles, whose fp32 partials a reduction pass sums in a fixed order (deterministic, no atomics).
+    # 0 = off: one program per key tile, however long its column (see ``_column_split_plan``).
+    col_split: int = 0
 
 
 # Fixed configs per padded head dim (no autotune: the first call must not take minutes, and the
@@ -315,11 +320,43 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL,
+def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, e0, e1, offs_n, offs_mm,
+                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
+                 KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Entries [e0, e1) of a column that starts at c0 with nf unmasked (full) entries first."""
+    for e in range(e0, tl.minimum(e1, c0 + nf)):
+        qb = tl.load(COL_IDX + e)
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
+                                False, KIND, DOT_PREC)
+    for e in range(tl.maximum(e0, c0 + nf), e1):
+        qb = tl.load(COL_IDX + e)
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
+                                True, KIND, DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, offs_n_local, offs_d, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """fp32 (BLOCK_N, BLOCK_D) partials of one program into scratch row (slot, bs)."""
+    base = ((slot.to(tl.int64) * n_bs + bs) * BLOCK_N + offs_n_local[:, None]) * BLOCK_D + offs_d[None, :]
+    tl.store(PART_K + base, dk)
+    tl.store(PART_V + base, dv)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT, PART_K, PART_V,
                      qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
-                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2,
+                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2, split, n_bs,
                      GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                     HAS_SPLIT: tl.constexpr):
+    """One program per (key tile, KV head, sequence): dK, dV of the tile summed over the GQA group's
+    query heads. With HAS_SPLIT, each column contributes only its first ``split`` entries here; a tile
+    with a longer column (TILE_SLOT >= 0) writes its fp32 partial to scratch for ``_bwd_dkdv_reduce_kernel``
+    and ``_bwd_dkdv_items_kernel`` covers the rest."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     bs = tl.program_id(2)
@@ -349,16 +386,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, 
         c1 = tl.load(COL_PTR + col + 1)
         nf = tl.load(COL_NFULL + col)
         hp = tl.load(HP + h)
-        for e in range(c0, c0 + nf):
-            qb = tl.load(COL_IDX + e)
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
-                                    offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
-                                    False, KIND, DOT_PREC)
-        for e in range(c0 + nf, c1):
-            qb = tl.load(COL_IDX + e)
-            dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
-                                    offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
-                                    True, KIND, DOT_PREC)
+        if HAS_SPLIT:
+            c1 = tl.minimum(c1, c0 + split)
+        dk, dv = _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, c0, c1,
+                              offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2,
+                              BLOCK_M, KIND, DOT_PREC)
+    if HAS_SPLIT:
+        slot = tl.load(TILE_SLOT + kvh * n_kblocks + pid_n)
+        if slot >= 0:
+            _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, tl.arange(0, BLOCK_N), offs_d, BLOCK_N, BLOCK_D)
+            return
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + (start + offs_n[:, None]) * sdkt + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kd_mask)
@@ -366,7 +403,138 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, 
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
+@triton.jit
+def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K, PART_V,
+                           qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh, slb, slh,
+                           n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DOT_PREC: tl.constexpr):
+    """One program per (work item, sequence): entries [e0, e1) of query head h's column of key tile n,
+    written as an fp32 partial to scratch slot ``slot`` (ITEMS rows: h, n, e0, e1, slot)."""
+    item = tl.program_id(0)
+    bs = tl.program_id(1)
+    h = tl.load(ITEMS + item * 5)
+    pid_n = tl.load(ITEMS + item * 5 + 1)
+    e0 = tl.load(ITEMS + item * 5 + 2)
+    e1 = tl.load(ITEMS + item * 5 + 3)
+    slot = tl.load(ITEMS + item * 5 + 4)
+    b = (bs // n_seq).to(tl.int64)
+    s = bs % n_seq
+    start = tl.load(CU + s).to(tl.int64)
+    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    if pid_n * BLOCK_N >= seqlen:  # no such key tile in this sequence: the reduction skips it too
+        return
+    kvh = h // GQA
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_mm = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    kd_mask = (offs_n[:, None] < seqlen) & d_ok[None, :]
+    k = tl.load(K + b * skb + kvh * skh + (start + offs_n[:, None]) * skt + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + (start + offs_n[:, None]) * svt + offs_d[None, :], mask=kd_mask, other=0.0)
+    col = h * n_kblocks + pid_n
+    c0 = tl.load(COL_PTR + col)
+    nf = tl.load(COL_NFULL + col)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk, dv = _dkdv_column(dk, dv, k, v, Q + b * sqb + h * sqh + start * sqt, DO + b * sdob + h * sdoh + start * sdot,
+                          LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start, COL_IDX, c0, nf, e0, e1,
+                          offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2,
+                          BLOCK_M, KIND, DOT_PREC)
+    _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, tl.arange(0, BLOCK_N), offs_d, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def _bwd_dkdv_reduce_kernel(DK, DV, CU, RED_TILE, RED_PTR, RED_SLOT, PART_K, PART_V, sm_scale,
+                            sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, n_seq, n_kblocks, n_bs,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """One program per (split key tile, sequence): dK, dV = the sum of its partials' slots, in slot order."""
+    t = tl.program_id(0)
+    bs = tl.program_id(1)
+    tile = tl.load(RED_TILE + t)  # kvh * n_kblocks + key tile
+    kvh = tile // n_kblocks
+    pid_n = tile % n_kblocks
+    b = (bs // n_seq).to(tl.int64)
+    s = bs % n_seq
+    start = tl.load(CU + s).to(tl.int64)
+    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    if pid_n * BLOCK_N >= seqlen:
+        return
+    offs_nl = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for r in range(tl.load(RED_PTR + t), tl.load(RED_PTR + t + 1)):
+        slot = tl.load(RED_SLOT + r).to(tl.int64)
+        base = ((slot * n_bs + bs) * BLOCK_N + offs_nl[:, None]) * BLOCK_D + offs_d[None, :]
+        dk += tl.load(PART_K + base)
+        dv += tl.load(PART_V + base)
+    offs_n = pid_n * BLOCK_N + offs_nl
+    kd_mask = (offs_n[:, None] < seqlen) & _d_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
+    tl.store(DK + b * sdkb + kvh * sdkh + (start + offs_n[:, None]) * sdkt + offs_d[None, :],
+             (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * sdvb + kvh * sdvh + (start + offs_n[:, None]) * sdvt + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
 # ---------------------------------------------------------------------------------------- launchers
+
+
+@dataclass(frozen=True)
+class ColumnSplitPlan:
+    """Which dK/dV key tiles are shared by several programs (``KernelConfig.col_split``).
+
+    ``tile_slot (Hkv * n_kblocks,)``: the scratch slot of a split tile's main program, -1 elsewhere.
+    ``items (n_items, 5)``: (query head, key tile, first entry, end entry, slot) of the extra programs.
+    ``red_tile / red_ptr / red_slot``: per split tile, the slots the reduction sums (main slot first,
+    then its items in head and entry order, so the sum order is fixed).
+    """
+
+    tile_slot: torch.Tensor
+    items: torch.Tensor
+    red_tile: torch.Tensor
+    red_ptr: torch.Tensor
+    red_slot: torch.Tensor
+    n_slots: int
+
+
+def _column_split_plan(lay: BlockLayout, hkv: int, split: int, device) -> Optional[ColumnSplitPlan]:
+    """The split plan of ``lay`` for ``hkv`` KV heads (cached on the layout), or None when no column of
+    any KV head is longer than ``split`` entries summed over its query heads.
+
+    A tile is split when its column, over the G query heads of its KV head, holds more than ``split``
+    entries; its main program keeps each head's first ``split`` entries and every further run of up to
+    ``split`` entries of a head becomes one item. Built on the host from the column pointers, once.
+    """
+    key = ("col_split", hkv, split)
+    if key in lay.extra:
+        return lay.extra[key]
+    hq, nk = lay.n_heads, lay.n_kblocks
+    gqa = hq // hkv
+    lengths = (lay.col_ptr[1:] - lay.col_ptr[:-1]).view(hq, nk).cpu()
+    ptr = lay.col_ptr[:-1].view(hq, nk).cpu()
+    long_tiles = (lengths.view(hkv, gqa, nk).sum(1) > split).nonzero().tolist()  # [(kvh, n)]
+    plan = None
+    if long_tiles:
+        tile_slot = torch.full((hkv * nk,), -1, dtype=torch.int32)
+        items, red_ptr, red_slot = [], [0], []
+        n_slots = len(long_tiles)  # slots 0..len-1: the main programs' partials
+        for slot, (kvh, n) in enumerate(long_tiles):
+            tile_slot[kvh * nk + n] = slot
+            red_slot.append(slot)
+            for h in range(kvh * gqa, (kvh + 1) * gqa):
+                c0, c1 = int(ptr[h, n]), int(ptr[h, n]) + int(lengths[h, n])
+                for e0 in range(c0 + split, c1, split):
+                    items.append((h, n, e0, min(e0 + split, c1), n_slots))
+                    red_slot.append(n_slots)
+                    n_slots += 1
+            red_ptr.append(len(red_slot))
+        as_dev = lambda x: torch.tensor(x, dtype=torch.int32, device=device)  # noqa: E731
+        plan = ColumnSplitPlan(tile_slot.to(device), as_dev(items).view(-1, 5),
+                               as_dev([kvh * nk + n for kvh, n in long_tiles]), as_dev(red_ptr), as_dev(red_slot),
+                               n_slots)
+    lay.extra[key] = plan
+    return plan
 
 
 def _dot_prec(dtype) -> str:
@@ -442,14 +610,37 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
     )
     lay = _layout_for(spec, max_len, hq, cfg.bwd_m, cfg.bwd_n, q.device)
-    _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, b * n_seq)](
+    plan = _column_split_plan(lay, hkv, cfg.col_split, q.device) if cfg.col_split > 0 else None
+    n_bs = b * n_seq
+    part_k = part_v = tile_slot = dk  # placeholders, never read without a plan
+    if plan is not None:
+        part_k = torch.empty(plan.n_slots * n_bs * cfg.bwd_n * block_d, dtype=torch.float32, device=q.device)
+        part_v = torch.empty_like(part_k)
+        tile_slot = plan.tile_slot
+    _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, n_bs)](
         q, k, v, do, dk, dv, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
+        tile_slot, part_k, part_v,
         scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2,
-        BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
+        lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, cfg.col_split, n_bs,
+        BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
+        HAS_SPLIT=plan is not None, **common,
     )
+    if plan is not None:
+        if plan.items.shape[0]:
+            _bwd_dkdv_items_kernel[(plan.items.shape[0], n_bs)](
+                q, k, v, do, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull, plan.items,
+                part_k, part_v, scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, n_bs,
+                BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
+            )
+        _bwd_dkdv_reduce_kernel[(plan.red_tile.shape[0], n_bs)](
+            dk, dv, cu, plan.red_tile, plan.red_ptr, plan.red_slot, part_k, part_v, scale,
+            dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+            n_seq, lay.n_kblocks, n_bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.bwd_n, num_warps=4,
+        )
     return dq, dk, dv
 
 

@@ -164,3 +164,67 @@ def test_backward_is_deterministic(device):
         res.append(torch.autograd.grad(out.float().sum(), xs))
     for a, b in zip(*res):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["streaming", "s2", "sf", "dense"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+def test_column_split_matches_reference(device, name, packed):
+    """KernelConfig.col_split: long dK/dV columns shared by several programs plus a reduction give the
+    reference gradients (GQA 4, fp32) and stay deterministic."""
+    import dataclasses
+
+    from headwise.kernels import sparse_attention_triton
+    from headwise.kernels.block_sparse_attention import pick_config
+
+    specs = GPU_SPECS if device == "cuda" else CPU_SPECS
+    t = 1500 if device == "cuda" else 97
+    spec = specs[name]
+    q, k, v = _inputs(1, 8, 2, t, 64, torch.float32, device, 21)
+    cu = _packing(t, device) if packed else None
+    # packed sequences here are ~32 tokens (one or two tiles per column): split 1 still leaves items
+    split = (8 if device == "cuda" else 3) if not packed else (4 if device == "cuda" else 1)
+    cfg = dataclasses.replace(pick_config(64, spec.resolve(t), device), col_split=split)
+    do = torch.randn(1, t, 8, 64, generator=torch.Generator().manual_seed(2)).to(device)
+    grads = []
+    for _ in range(2):
+        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+        out, _ = sparse_attention_triton(*xs, spec, cu_seqlens=cu, config=cfg)
+        grads.append(torch.autograd.grad(out, xs, do))
+    rs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+    ref = torch.autograd.grad(reference_attention(*rs, spec, cu_seqlens=cu), rs, do)
+    for a, b, r in zip(*grads, ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, r, atol=2e-4, rtol=2e-4)
+
+
+def test_column_split_plan_covers_every_entry_once():
+    """The plan's main programs (each head's first `split` entries) and items partition every column of
+    every split tile; unsplit tiles keep slot -1."""
+    from headwise.kernels import build_layout
+    from headwise.kernels.block_sparse_attention import _column_split_plan
+
+    lay = build_layout(CPU_SPECS["s2"], 160, 8, 32, 32, "cpu")
+    split, hkv = 2, 2
+    plan = _column_split_plan(lay, hkv, split, "cpu")
+    assert plan is not None and _column_split_plan(lay, hkv, split, "cpu") is plan  # cached on the layout
+    nk, gqa = lay.n_kblocks, 8 // hkv
+    ptr, items = lay.col_ptr.tolist(), plan.items.tolist()
+    n_split = 0
+    for kvh in range(hkv):
+        for n in range(nk):
+            heads = range(kvh * gqa, (kvh + 1) * gqa)
+            total = sum(ptr[h * nk + n + 1] - ptr[h * nk + n] for h in heads)
+            slot = int(plan.tile_slot[kvh * nk + n])
+            if total <= split:
+                assert slot == -1
+                continue
+            n_split += 1
+            covered = []
+            for h in heads:
+                c0, c1 = ptr[h * nk + n], ptr[h * nk + n + 1]
+                covered += list(range(c0, min(c1, c0 + split)))  # the main program's share
+                covered += [e for it in items if it[0] == h and it[1] == n for e in range(it[2], it[3])]
+                assert sorted(e for e in covered if c0 <= e < c1) == list(range(c0, c1))
+            assert len(covered) == len(set(covered)) == total
+    assert n_split == plan.red_tile.numel() > 0
+    assert plan.red_ptr[-1] == plan.red_slot.numel() == plan.n_slots
