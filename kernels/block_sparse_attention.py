@@ -163,6 +163,14 @@ def _d_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _sequence(CU, bs, n_seq):
+    """Program axis ``bs`` = batch row x packed sequence -> (batch row, first token, length)."""
+    s = bs % n_seq
+    start = tl.load(CU + s)
+    return (bs // n_seq).to(tl.int64), start.to(tl.int64), tl.load(CU + s + 1) - start
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
                 qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, slb, slh,
                 n_seq, n_qblocks, P0, P1, P2,
@@ -171,10 +179,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     bs = tl.program_id(2)
-    b = (bs // n_seq).to(tl.int64)
-    s = bs % n_seq
-    start = tl.load(CU + s).to(tl.int64)
-    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    b, start, seqlen = _sequence(CU, bs, n_seq)
     if pid_m * BLOCK_M >= seqlen:
         return
     kvh = h // GQA
@@ -257,10 +262,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     bs = tl.program_id(2)
-    b = (bs // n_seq).to(tl.int64)
-    s = bs % n_seq
-    start = tl.load(CU + s).to(tl.int64)
-    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    b, start, seqlen = _sequence(CU, bs, n_seq)
     if pid_m * BLOCK_M >= seqlen:
         return
     kvh = h // GQA
@@ -320,6 +322,19 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs
 
 
 @triton.jit
+def _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt, svb, svh, svt, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key tile ``pid_n`` of KV head ``kvh`` in the sequence starting at ``start``: offsets, masks, K, V."""
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    kd_mask = (offs_n[:, None] < seqlen) & d_ok[None, :]
+    k = tl.load(K + b * skb + kvh * skh + (start + offs_n[:, None]) * skt + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + b * svb + kvh * svh + (start + offs_n[:, None]) * svt + offs_d[None, :], mask=kd_mask, other=0.0)
+    return offs_n, offs_d, d_ok, kd_mask, k, v
+
+
+@triton.jit
 def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, e0, e1, offs_n, offs_mm,
                  offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
                  KIND: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -360,19 +375,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, 
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     bs = tl.program_id(2)
-    b = (bs // n_seq).to(tl.int64)
-    s = bs % n_seq
-    start = tl.load(CU + s).to(tl.int64)
-    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    b, start, seqlen = _sequence(CU, bs, n_seq)
     if pid_n * BLOCK_N >= seqlen:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_mm = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
-    kd_mask = (offs_n[:, None] < seqlen) & d_ok[None, :]
-    k = tl.load(K + b * skb + kvh * skh + (start + offs_n[:, None]) * skt + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + (start + offs_n[:, None]) * svt + offs_d[None, :], mask=kd_mask, other=0.0)
+    offs_n, offs_d, d_ok, kd_mask, k, v = _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt,
+                                                        svb, svh, svt, HEAD_DIM, BLOCK_D, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GQA):  # the query heads sharing this KV head: their gradients sum here
@@ -418,20 +426,13 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, CO
     e0 = tl.load(ITEMS + item * 5 + 2)
     e1 = tl.load(ITEMS + item * 5 + 3)
     slot = tl.load(ITEMS + item * 5 + 4)
-    b = (bs // n_seq).to(tl.int64)
-    s = bs % n_seq
-    start = tl.load(CU + s).to(tl.int64)
-    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    b, start, seqlen = _sequence(CU, bs, n_seq)
     if pid_n * BLOCK_N >= seqlen:  # no such key tile in this sequence: the reduction skips it too
         return
     kvh = h // GQA
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_mm = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
-    kd_mask = (offs_n[:, None] < seqlen) & d_ok[None, :]
-    k = tl.load(K + b * skb + kvh * skh + (start + offs_n[:, None]) * skt + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + b * svb + kvh * svh + (start + offs_n[:, None]) * svt + offs_d[None, :], mask=kd_mask, other=0.0)
+    offs_n, offs_d, d_ok, kd_mask, k, v = _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt,
+                                                        svb, svh, svt, HEAD_DIM, BLOCK_D, BLOCK_N)
     col = h * n_kblocks + pid_n
     c0 = tl.load(COL_PTR + col)
     nf = tl.load(COL_NFULL + col)
@@ -454,10 +455,7 @@ def _bwd_dkdv_reduce_kernel(DK, DV, CU, RED_TILE, RED_PTR, RED_SLOT, PART_K, PAR
     tile = tl.load(RED_TILE + t)  # kvh * n_kblocks + key tile
     kvh = tile // n_kblocks
     pid_n = tile % n_kblocks
-    b = (bs // n_seq).to(tl.int64)
-    s = bs % n_seq
-    start = tl.load(CU + s).to(tl.int64)
-    seqlen = tl.load(CU + s + 1) - tl.load(CU + s)
+    b, start, seqlen = _sequence(CU, bs, n_seq)
     if pid_n * BLOCK_N >= seqlen:
         return
     offs_nl = tl.arange(0, BLOCK_N)
