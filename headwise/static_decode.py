@@ -215,9 +215,10 @@ class StaticDecoder:
             tokens[:, i] = self.ids[:, 0]
             i += 1
             self._warm = True
-            # Tracing leaves reference cycles that hold the real buffers of the traced step (this cache
-            # and, via the previous compilation, the last decoder's): collect them now, or a GPU keeps
-            # a dropped cache's KV memory until Python's next collection.
+            # Tracing leaves garbage reference cycles that hold real tensors of the traced step, this
+            # cache's buffers among them: collect them now, or once this decoder is dropped its KV
+            # memory stays allocated until Python's next collection (seen on the H200 as peak memory
+            # growing from one benchmark row to the next).
             gc.collect()
         if self.mode != "eager" and self.ids.is_cuda and i < steps:
             if self._graph is None:  # two real steps as warm-up on a side stream, then capture one
