@@ -211,7 +211,14 @@ class StaticDecoder:
             step = lambda: compiled(self)  # noqa: E731
         i = 1
         if self.mode == "compile" and steps > 1 and not self._warm:
-            step()  # compiles (the first call traces the model and generates the kernels)
+            try:
+                step()  # compiles (the first call traces the model and generates the kernels)
+            except Exception as e:  # a compiler missing or failing: say what to do instead
+                raise HeadwiseError(
+                    f"torch.compile of the decode step failed ({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
+                    "decode without compiling: mode='cuda_graph' on a GPU or 'eager' on CPU "
+                    "(headwise generate --static), or fix the compiler setup torch.compile needs"
+                ) from e
             tokens[:, i] = self.ids[:, 0]
             i += 1
             self._warm = True

@@ -93,6 +93,27 @@ def test_compiled_decode_equals_eager(llama):
             assert compiled.cache.kept_positions(layer, group) == eager.cache.kept_positions(layer, group)
 
 
+def test_compile_failure_names_the_way_out(llama):
+    """A real inductor failure (its C++ compiler pointed at a missing program) becomes one HeadwiseError
+    that says how to decode without compiling; nothing is left half-built for the next call."""
+    import torch._dynamo
+    import torch._inductor.config as inductor_config
+
+    from headwise.errors import HeadwiseError
+
+    torch._dynamo.reset()
+    decoder = StaticDecoder(llama, {"type": "streaming", "sink": 2, "recent": 6}, max_new_tokens=4, mode="compile")
+    try:
+        with inductor_config.patch({"cpp.cxx": ("headwise-no-such-compiler",), "fx_graph_cache": False}):
+            with pytest.raises(HeadwiseError, match="mode='cuda_graph'.*--static"):
+                decoder.generate(random_ids(1, 20, seed=3))
+    finally:
+        torch._dynamo.reset()
+    assert not decoder._warm
+    eager = StaticDecoder(llama, {"type": "streaming", "sink": 2, "recent": 6}, max_new_tokens=4, mode="eager")
+    assert torch.equal(decoder.generate(random_ids(1, 20, seed=3)), eager.generate(random_ids(1, 20, seed=3)))
+
+
 def test_dropped_compiled_decoder_frees_its_cache(llama):
     """Tracing leaves reference cycles around the traced buffers; with automatic garbage collection off,
     a dropped compiled decoder must still free its KV buffers (else a GPU holds them until a collection)."""
