@@ -2,12 +2,13 @@
 
 The plain transformers loop spends most of a decode step in Python (61.5 ms/token on a
 Llama-3-8B shape at 32K on an H200, where reading the weights and the cache takes about 4 ms), so
-no KV policy can show a speed-up there. Here the prompt runs once through the model with a dynamic
-headwise cache (`headwise.kv_cache`); then every store becomes a `SlotStore` of fixed size and a
+no KV policy can show a speed-up there. Here the prompt runs through the model with a dynamic
+headwise cache (`headwise.kv_cache`; in one forward, or chunk by chunk for `duo` policies, as
+`LoadedModel.generate` prefills them); then every store becomes a `SlotStore` of fixed size and a
 decode step is pure tensor work on preallocated buffers:
 
 - bounded policies (streaming, H2O, Duo's streaming heads) keep `budget + 1` slots: the new token
-  is written (`scatter_`) into the free slot, attention runs over all slots with the kept-token mask,
+  is written (`index_put_`) into the free slot, attention runs over all slots with the kept-token mask,
   then the lowest-priority slot (the eviction rule of `headwise.kv_stores`) becomes the next free slot;
 - unbounded heads (full, Duo's retrieval heads) get `prompt + max_new_tokens` slots and a write pointer.
 
@@ -150,13 +151,24 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
 class StaticDecoder:
     """Prefill with a dynamic headwise cache, then decode greedily with static shapes."""
 
-    def __init__(self, model, policy: Any, *, max_new_tokens: int, mode: str = "auto"):
+    def __init__(self, model, policy: Any, *, max_new_tokens: int, mode: str = "auto",
+                 prefill_chunk: int | None = None):
+        """`prefill_chunk`: prompt tokens per prefill forward. None: `headwise.inference.DUO_PREFILL_CHUNK`
+        for `duo` policies (the prompt is prefilled as `LoadedModel.generate` does it, so streaming
+        heads never hold more than sink + recent + one chunk) and one forward otherwise; 0: one forward."""
+        from headwise.inference_config import parse_kv_policy
+
         if mode == "auto":
             mode = "cuda_graph" if next(model.parameters()).is_cuda else "eager"
         if mode not in ("eager", "cuda_graph", "compile"):
             raise HeadwiseError(f"mode {mode!r}: use eager, cuda_graph, compile or auto")
         self.model, self.policy, self.mode = model, policy, mode
         self.max_new_tokens = max_new_tokens
+        if prefill_chunk is None:
+            from headwise.inference import DUO_PREFILL_CHUNK
+
+            prefill_chunk = DUO_PREFILL_CHUNK if parse_kv_policy(policy).type == "duo" else 0
+        self.prefill_chunk = prefill_chunk
         self.cache_kw = cache_kwarg(model)
         self.cache: HeadwiseCache | None = None
         self._graph = None
@@ -170,8 +182,13 @@ class StaticDecoder:
             attention_mask = torch.ones_like(input_ids)
         dyn = make_cache(self.model, self.policy, always=True)
         pos = prompt_positions(attention_mask)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True,
-                         logits_to_keep=1, **{self.cache_kw: dyn})
+        start = 0
+        if self.prefill_chunk:
+            from headwise.inference import prefill_in_chunks
+
+            start = prefill_in_chunks(self.model, dyn, input_ids, attention_mask, self.prefill_chunk)
+        out = self.model(input_ids=input_ids[:, start:], attention_mask=attention_mask, position_ids=pos[:, start:],
+                         use_cache=True, logits_to_keep=1, **{self.cache_kw: dyn})
         first = out.logits[:, -1].argmax(-1)
         self.static_from(dyn, first, pos[:, -1] + 1)
         return first

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from headwise.kv_cache import make_cache
-from headwise.static_decode import StaticDecoder
+from headwise.static_decode import StaticDecoder, cache_kwarg
 from inference_helpers import random_ids
 
 POLICIES = [
@@ -37,6 +37,26 @@ def test_static_decode_equals_generate(llama, policy):
         for layer in range(2):
             for group in range(len(cache.layers[layer].groups)):
                 assert decoder.cache.kept_positions(layer, group) == cache.kept_positions(layer, group)
+
+
+def test_duo_static_prefill_is_chunked_like_generate(llama):
+    """A `duo` prompt longer than the prefill chunk is prefilled chunk by chunk (as LoadedModel.generate
+    does), so the static decoder generates what transformers' generate does after the same chunked
+    prefill, and differs from a one-forward prefill (the chunking is not a no-op here)."""
+    from headwise.inference import prefill_in_chunks
+
+    policy = {"type": "duo", "retrieval_heads": [[1, 0], [0, 1]], "sink": 2, "recent": 6}
+    ids = random_ids(2, 40, seed=13)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    cache = make_cache(llama, policy)
+    prefill_in_chunks(llama, cache, ids, mask, 8)
+    expected = llama.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                              **{cache_kwarg(llama): cache})[:, 40:]
+    chunked = StaticDecoder(llama, policy, max_new_tokens=10, mode="eager", prefill_chunk=8)
+    assert torch.equal(chunked.generate(ids, mask), expected)
+    whole = StaticDecoder(llama, policy, max_new_tokens=10, mode="eager", prefill_chunk=0).generate(ids, mask)
+    assert not torch.equal(whole, expected)
 
 
 def test_static_buffers_do_not_move(llama):
