@@ -28,7 +28,6 @@ take minutes). `full-hf` always runs a real SDPA prefill.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import shlex
 import sys
@@ -128,7 +127,6 @@ def sync(device):
 def run_row(model, name, policy, context, args, device) -> dict:
     from headwise.static_decode import StaticDecoder
 
-    gc.collect()  # the previous row's decoder and cache, before this row's peak is measured
     if device == "cuda":
         torch.cuda.empty_cache()
     steps = args.new_tokens

@@ -12,14 +12,13 @@ Public API::
     out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
 
 Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts, SF and LongLoRA, take the
-regrouped dense form: cuDNN on strided per-group views; see ``SHIFTED_GROUPS_IMPL``); CPU tensors run the torch reference, unless
-``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run in the interpreter (how CI tests
-them).
+regrouped dense form: cuDNN on strided per-group views; see ``SHIFTED_GROUPS_IMPL``); CPU tensors
+run the torch reference, unless ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run
+in the interpreter (how CI tests them).
 """
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Optional, Union
 

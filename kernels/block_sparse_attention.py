@@ -353,10 +353,17 @@ def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c
 
 
 @triton.jit
-def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, offs_n_local, offs_d, BLOCK_N: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """fp32 (BLOCK_N, BLOCK_D) partials of one program into scratch row (slot, bs)."""
-    base = ((slot.to(tl.int64) * n_bs + bs) * BLOCK_N + offs_n_local[:, None]) * BLOCK_D + offs_d[None, :]
+def _partial_offsets(slot, bs, n_bs, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Offsets of the (BLOCK_N, BLOCK_D) fp32 scratch tile of (slot, sequence ``bs``): the one layout of
+    the column split's partials, written by the dK/dV programs and read by the reduction."""
+    rows = (slot.to(tl.int64) * n_bs + bs) * BLOCK_N + tl.arange(0, BLOCK_N)
+    return rows[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+
+
+@triton.jit
+def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 partials of one program into its scratch tile (slot, bs)."""
+    base = _partial_offsets(slot, bs, n_bs, BLOCK_N, BLOCK_D)
     tl.store(PART_K + base, dk)
     tl.store(PART_V + base, dv)
 
@@ -402,7 +409,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, 
     if HAS_SPLIT:
         slot = tl.load(TILE_SLOT + kvh * n_kblocks + pid_n)
         if slot >= 0:
-            _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, tl.arange(0, BLOCK_N), offs_d, BLOCK_N, BLOCK_D)
+            _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N, BLOCK_D)
             return
     dk = dk * sm_scale
     tl.store(DK + b * sdkb + kvh * sdkh + (start + offs_n[:, None]) * sdkt + offs_d[None, :],
@@ -442,7 +449,7 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, CO
                           LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start, COL_IDX, c0, nf, e0, e1,
                           offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2,
                           BLOCK_M, KIND, DOT_PREC)
-    _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, tl.arange(0, BLOCK_N), offs_d, BLOCK_N, BLOCK_D)
+    _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -458,16 +465,14 @@ def _bwd_dkdv_reduce_kernel(DK, DV, CU, RED_TILE, RED_PTR, RED_SLOT, PART_K, PAR
     b, start, seqlen = _sequence(CU, bs, n_seq)
     if pid_n * BLOCK_N >= seqlen:
         return
-    offs_nl = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for r in range(tl.load(RED_PTR + t), tl.load(RED_PTR + t + 1)):
-        slot = tl.load(RED_SLOT + r).to(tl.int64)
-        base = ((slot * n_bs + bs) * BLOCK_N + offs_nl[:, None]) * BLOCK_D + offs_d[None, :]
+        base = _partial_offsets(tl.load(RED_SLOT + r), bs, n_bs, BLOCK_N, BLOCK_D)
         dk += tl.load(PART_K + base)
         dv += tl.load(PART_V + base)
-    offs_n = pid_n * BLOCK_N + offs_nl
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     kd_mask = (offs_n[:, None] < seqlen) & _d_mask(offs_d, HEAD_DIM, BLOCK_D)[None, :]
     tl.store(DK + b * sdkb + kvh * sdkh + (start + offs_n[:, None]) * sdkt + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_mask)

@@ -59,8 +59,9 @@ from .block_sparse_attention import _d_mask, interpret_mode
 _LOG2E = 1.4426950408889634
 NEG_INF = tl.constexpr(float("-inf"))
 
-# Launch shapes per padded head dim on a GPU: (BLOCK_N, num_warps, num_stages). Chosen, not tuned
-# (no GPU run yet): 64-key tiles keep 16 KiB of K and of V in flight per stage at D = 128 bf16.
+# Launch shapes per padded head dim on a GPU: (BLOCK_N, num_warps, num_stages). Chosen, not swept (the
+# decode rows in BENCHMARKS.md ran with them): 64-key tiles keep 16 KiB of K and of V in flight per
+# stage at D = 128 bf16.
 GPU_LAUNCH = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 INTERPRET_BLOCK_N = 16  # the interpreter runs each program in numpy: small tiles keep tests fast
 # Split-K grid: aim for this many programs per SM, each at least MIN_SPLIT_TILES key tiles long
