@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -77,10 +78,17 @@ GPU_CONFIGS = {
 # Per-layout configs at D = 128 that beat GPU_CONFIGS in `benchmarks/tune_kernels.py` on an H200
 # (2026-11-30, T = 32K, 32 KV heads, bf16; rows in benchmarks/results/kernel_tuning.jsonl): smaller
 # backward tiles with 4 warps and one stage win for the sparse layouts, whose programs visit few tiles
-# (S2 fwd+bwd 26.5 -> 20.8 ms, streaming 7.6 -> 5.9 ms). Layouts not listed keep GPU_CONFIGS.
+# (S2 fwd+bwd 26.5 -> 20.8 ms, streaming 7.6 -> 5.9 ms). Stage 3 (same day) added streaming's column
+# split: the sink key tiles are visited by every query tile, so without it one dK/dV program per sink
+# tile runs the whole column alone (Nsight Compute: 8% SM throughput, a 15-wave tail); splitting at
+# 32 query tiles gives 9.30 -> 4.76 ms with 8 KV heads and 5.86 -> 5.03 ms with 32. S2 gains <= 4%
+# from a split, inside run-to-run noise, so it keeps none. The sliding window (all three stages, 32K,
+# window 4K) gains only from wider forward key tiles (fwd 5.42 -> 5.28 ms; its backward keeps
+# GPU_CONFIGS'). Layouts not listed keep GPU_CONFIGS.
 TUNED_D128 = {
+    "sliding_window": KernelConfig(128, 128, 64, 128, 8, 3, 8, 2, 8, 2),
     "s2": KernelConfig(128, 64, 64, 64, 4, 2, 4, 1, 4, 1),
-    "streaming": KernelConfig(64, 64, 64, 64, 4, 3, 4, 1, 4, 1),
+    "streaming": KernelConfig(64, 64, 64, 64, 4, 3, 4, 1, 4, 1, col_split=32),
 }
 # The interpreter runs each program in numpy: small tiles keep CPU tests in seconds.
 INTERPRET_CONFIG = KernelConfig(32, 32, 32, 32, 4, 1, 4, 1, 4, 1)
@@ -100,10 +108,7 @@ def pick_config(head_dim: int, spec: LayoutSpec, device) -> KernelConfig:
             cfg = TUNED_D128.get(spec.kind, cfg)
     if spec.kind == "s2" and spec.block >= 16 and spec.block & (spec.block - 1) == 0:
         # Key tiles wider than the S2 block would turn every stride column into a half-masked tile.
-        cfg = KernelConfig(
-            cfg.fwd_m, min(cfg.fwd_n, spec.block), cfg.bwd_m, min(cfg.bwd_n, spec.block),
-            cfg.fwd_warps, cfg.fwd_stages, cfg.dq_warps, cfg.dq_stages, cfg.dkdv_warps, cfg.dkdv_stages,
-        )
+        cfg = dataclasses.replace(cfg, fwd_n=min(cfg.fwd_n, spec.block), bwd_n=min(cfg.bwd_n, spec.block))
     return cfg
 
 

@@ -228,3 +228,19 @@ def test_column_split_plan_covers_every_entry_once():
             assert len(covered) == len(set(covered)) == total
     assert n_split == plan.red_tile.numel() > 0
     assert plan.red_ptr[-1] == plan.red_slot.numel() == plan.n_slots
+
+
+def test_s2_tile_clamp_keeps_the_rest_of_the_tuned_config(monkeypatch):
+    """pick_config narrows S2 key tiles to the S2 block, and keeps every other field (col_split included)
+    of the GPU config it starts from. Config choice only: no kernel runs, so no GPU is needed."""
+    import dataclasses
+
+    from headwise.kernels.block_sparse_attention import TUNED_D128, pick_config
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tuned = dataclasses.replace(TUNED_D128["s2"], fwd_n=128, bwd_n=128, col_split=24)
+    monkeypatch.setitem(TUNED_D128, "s2", tuned)
+    cfg = pick_config(128, LayoutSpec("s2", block=64, local_blocks=4, vert_stride=4), "cuda")
+    assert (cfg.fwd_n, cfg.bwd_n) == (64, 64)
+    assert dataclasses.replace(cfg, fwd_n=128, bwd_n=128) == tuned
+    assert pick_config(128, LayoutSpec("streaming", sink=128, recent=256), "cuda") == TUNED_D128["streaming"]
