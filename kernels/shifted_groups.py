@@ -279,6 +279,39 @@ def _piece_input(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad
     return buf
 
 
+@dataclass(frozen=True)
+class _Value:
+    """A non-tensor item of a backend's saved state (an int, None), kept on ctx as is."""
+
+    value: object
+
+
+def _stash(saved: list[tuple]) -> tuple[list, list]:
+    """Per-piece (lse, state) -> (tensors, layout). The tensors go through ``ctx.save_for_backward``
+    so that activation checkpointing and saved-tensor hooks see them. Kept on ``ctx`` as attributes,
+    the per-piece fp32 lse (B x Hq x T x 4 bytes per layer) would outlive a checkpointed layer's
+    forward: at 32K that is 128 MiB over 32 layers, the training step's whole memory gap over SDPA."""
+    tensors, layout = [], []
+    for lse, st in saved:
+        entry = []
+        for x in (lse, *(st if st is not None else ())):
+            if isinstance(x, torch.Tensor):
+                entry.append(len(tensors))
+                tensors.append(x)
+            else:
+                entry.append(_Value(x))
+        layout.append((st is None, entry))
+    return tensors, layout
+
+
+def _unstash(tensors, layout: list) -> list[tuple]:
+    out = []
+    for no_state, entry in layout:
+        items = [e.value if isinstance(e, _Value) else tensors[e] for e in entry]
+        out.append((items[0], None if no_state else tuple(items[1:])))
+    return out
+
+
 class ShiftedGroupAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec, scale, backend):
@@ -302,14 +335,16 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 _view(out_h, b, p, (p.h0, p.h1)).copy_(o[:, :, p.sink :] if pad_q else o)
                 saved.append((lse, st))
                 del qp, kp, vp, o  # one piece's temporaries at a time (peak memory)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.meta = (scale, backend, pieces, saved, gqa, pad_q)
+        tensors, layout = _stash(saved)
+        ctx.save_for_backward(q, k, v, out, *tensors)
+        ctx.meta = (scale, backend, pieces, layout, gqa, pad_q)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out = ctx.saved_tensors
-        scale, backend, pieces, saved, gqa, pad_q = ctx.meta
+        q, k, v, out, *tensors = ctx.saved_tensors
+        scale, backend, pieces, layout, gqa, pad_q = ctx.meta
+        saved = _unstash(tensors, layout)
         _, bwd = BACKENDS[backend]
         bsz = q.shape[0]
         out_h, do_h = out.transpose(1, 2), dout.contiguous().transpose(1, 2)  # (expanded grads have 0 strides)
