@@ -7,10 +7,12 @@ sweeps them in stages per layout, so the grid stays small: (1) forward tiles / w
 timed on the forward alone; (2) with the best forward config, the dK/dV tiles and the dQ / dK-dV warps
 and stages, timed on forward + backward; (3) with the best of those, the dK/dV column split
 (`KernelConfig.col_split`: long key columns shared by several programs), timed on forward + backward.
-`--stages` picks a subset (e.g. `--stages col_split`: the split alone on the current config). Every
-config is checked against the current config's output (and gradients, from stage 2 on) before it is
-timed: a wrong config is reported, never picked. Stages 1-2 ran on the H200 on 2026-11-30 (the S2 and
-streaming rows of TUNED_D128 come from them); stage 3 has not run yet. One JSON line per timing goes to
+A fourth, opt-in stage, `tma` (it runs after `fwd` when listed), tries the forward through tensor
+descriptors, with and without the warp-specialized loop (`KernelConfig.fwd_tma` / `fwd_ws`), at 4 and
+8 warps, timed on the forward alone. `--stages` picks a subset (e.g. `--stages col_split`: the split
+alone on the current config). Every config is checked against the current config's output (and
+gradients, from stage 2 on) before it is timed: a wrong config is reported, never picked. Stages 1-3
+ran on the H200 on 2026-11-30 (TUNED_D128 comes from them); `tma` has not run yet. One JSON line per timing goes to
 benchmarks/results/kernel_tuning.jsonl (`--out`), and the best config per layout is printed as a
 GPU_CONFIGS-style line, with its speed-up over the current config measured in the same run.
 """
@@ -36,6 +38,7 @@ WARPS = [4, 8]
 FWD_STAGES = [2, 3, 4]
 BWD_STAGES = [1, 2, 3]
 COL_SPLITS = [16, 32, 64, 128]  # KernelConfig.col_split (0, off, is the stage's baseline)
+STAGES = ("fwd", "tma", "fwd+bwd", "col_split")  # the order stages run in, each from the previous best
 
 
 def timed(fn, budget_ms: float = 200.0) -> float | None:
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, default=32768)
     p.add_argument("--hkv", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=480)
-    p.add_argument("--stages", default="fwd,fwd+bwd,col_split", help="comma-separated subset of fwd,fwd+bwd,col_split")
+    p.add_argument("--stages", default="fwd,fwd+bwd,col_split", help="comma-separated subset of fwd,tma,fwd+bwd,col_split")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernel_tuning.jsonl"))
     args = p.parse_args(argv)
 
@@ -95,28 +98,32 @@ def main(argv: list[str] | None = None) -> int:
             return not backward or all(torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)
                                        for a, b in zip(grads(cfg), ref_grads))
         rows, best = [], {}
-        for stage in [x for x in ("fwd", "fwd+bwd", "col_split") if x in args.stages.split(",")]:
+        prev = base
+        for stage in [x for x in STAGES if x in args.stages.split(",")]:
             # each stage starts from the best config of the stage before it (or the current one)
-            prev = {"fwd": base, "fwd+bwd": best.get("fwd", (base,))[0], "col_split": best.get("fwd+bwd", (base,))[0]}[stage]
+            backward = stage in ("fwd+bwd", "col_split")
             if stage == "fwd":
                 grid = [dataclasses.replace(prev, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
                         for (m, n), w, s in itertools.product(FWD_TILES, WARPS, FWD_STAGES)]
+            elif stage == "tma":
+                grid = [dataclasses.replace(prev, fwd_tma=True, fwd_ws=ws, fwd_warps=w)
+                        for ws, w in itertools.product((False, True), WARPS)]
             elif stage == "fwd+bwd":
                 grid = [dataclasses.replace(prev, bwd_m=m, bwd_n=n, dq_warps=w, dkdv_warps=w, dq_stages=s, dkdv_stages=s)
                         for (m, n), w, s in itertools.product(BWD_TILES, WARPS, BWD_STAGES)]
             else:  # the dK/dV column split on top of the best tiles
                 grid = [dataclasses.replace(prev, col_split=c) for c in COL_SPLITS]
-            base_ms = timed(run(prev, stage != "fwd"))
+            base_ms = timed(run(prev, backward))
             for cfg in grid:
                 if time.time() - start > args.budget_s:
                     print(f"budget reached in {name} {stage}", flush=True)
                     break
                 try:
-                    ok = correct(cfg, stage != "fwd")
+                    ok = correct(cfg, backward)
                 except Exception as e:
                     print(f"    ! {cfg}: {type(e).__name__}: {str(e)[:160]}", flush=True)
                     continue
-                ms = timed(run(cfg, stage != "fwd")) if ok else None
+                ms = timed(run(cfg, backward)) if ok else None
                 row = dict(layout=name, T=args.T, H=h, Hkv=args.hkv, D=d, stage=stage, config=dataclasses.asdict(cfg),
                            ms=None if ms is None else round(ms, 3), correct=ok,
                            ms_stage_baseline=None if base_ms is None else round(base_ms, 3),
@@ -127,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     best[stage] = (cfg, ms)
             if base_ms and (stage not in best or best[stage][1] > base_ms):
                 best[stage] = (prev, base_ms)  # no candidate beat the starting config: the next stage keeps it
+            prev = best.get(stage, (prev,))[0]
             if stage in best and base_ms:
                 print(f"{name} {stage}: best {best[stage][1]:.2f} ms vs current {base_ms:.2f} ms "
                       f"({base_ms / best[stage][1]:.2f}x): {best[stage][0]}", flush=True)
