@@ -22,6 +22,8 @@ which is what the issue's dense anchor (5,730 tokens/s, 78 GiB at 32K) used.
 
     # GPU (H200), one call; rows go to benchmarks/results/train.jsonl:
     python benchmarks/bench_train.py --contexts 32768,65536 --methods dense,sf,longlora,noattn
+    # where one step's time goes, per method (torch.profiler, after the timed steps):
+    python benchmarks/bench_train.py --contexts 32768 --methods dense,sf --profile 25
     # CPU smoke test of the whole script (tiny fp32 shape, contexts 256,512, nothing written unless --out):
     OMP_NUM_THREADS=1 python benchmarks/bench_train.py --tiny
 """
@@ -173,7 +175,27 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     check_lora_updated(model, before, method)
+    if args.profile:
+        print_step_profile(model, opt, ids, args.loss, f"{method}{'@' + impl if impl else ''} T={context}", args.profile)
     return dict(s_per_step=statistics.median(times), loss_value=losses[-1])
+
+
+def print_step_profile(model, opt, ids: torch.Tensor, loss_mode: str, label: str, rows: int) -> None:
+    """One more step under torch.profiler: the `rows` ops with the most device (else CPU) self time.
+
+    Says where a method's step time goes beyond its attention kernels (copies, launches, the optimizer);
+    it runs after the timed steps, so it does not change the row's figures."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = ids.is_cuda
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        train_step(model, opt, ids, loss_mode)
+        if cuda:
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    print(f"\nprofile of one step, {label} (top {rows} by {key}):")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60), flush=True)
 
 
 def estimate_s(context: int, row_s: dict[int, float]) -> float:
@@ -213,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--contexts", default=None, help="comma-separated (default 32768,65536; --tiny: 256,512)")
     p.add_argument("--loss", default="chunked", choices=["chunked", "hf"])
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="after each row's timed steps, profile one more step and print its N costliest ops")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=540, help="skip the rows that would end past this many seconds")
     p.add_argument("--tiny", action="store_true", help="tiny fp32 shape on CPU: checks the script end to end")
