@@ -638,6 +638,7 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
 
 def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
     # Device-side tensor descriptors (tl.make_tensor_descriptor) need a global scratch buffer per launch.
+    # triton.set_allocator is process-wide, so it is only installed when a descriptor config runs.
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
