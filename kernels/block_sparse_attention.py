@@ -140,9 +140,18 @@ def _token_rule(q_pos, k_pos, hp, P0, P1, P2, KIND: tl.constexpr):
 
 
 @triton.jit
-def _fwd_scores(m_i, l_i, q, kt, offs_m, offs_k, seqlen, qk_scale, hp, P0, P1, P2,
-                MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    """The online-softmax step of one key tile (kt: (BLOCK_D, BLOCK_N)): p, the rescale factor, m, l."""
+def _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt, qk_scale,
+              hp, P0, P1, P2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              KIND: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
+    """One key tile of the online softmax. ``k_src``/``v_src`` are the KV head's base pointers, or with
+    USE_DESC its tensor descriptors, whose out-of-bounds rows (past the sequence) and columns (past the
+    head dim) read as zeros, as the pointer loads' masks give."""
+    offs_k = kb * BLOCK_N + offs_n
+    if USE_DESC:
+        kt = tl.trans(k_src.load([kb * BLOCK_N, 0]))
+    else:
+        kt = tl.load(k_src + offs_k[None, :] * skt + offs_d[:, None],
+                     mask=(offs_k[None, :] < seqlen) & d_ok[:, None], other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     if MASKED:
         ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & (offs_k[None, :] < seqlen)
@@ -151,34 +160,11 @@ def _fwd_scores(m_i, l_i, q, kt, offs_m, offs_k, seqlen, qk_scale, hp, P0, P1, P
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    return p, alpha, m_new, l_i
-
-
-@triton.jit
-def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt, qk_scale,
-              hp, P0, P1, P2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    offs_k = kb * BLOCK_N + offs_n
-    kt = tl.load(k_base + offs_k[None, :] * skt + offs_d[:, None],
-                 mask=(offs_k[None, :] < seqlen) & d_ok[:, None], other=0.0)
-    p, alpha, m_new, l_i = _fwd_scores(m_i, l_i, q, kt, offs_m, offs_k, seqlen, qk_scale, hp, P0, P1, P2,
-                                       MASKED, KIND, DOT_PREC)
-    v = tl.load(v_base + offs_k[:, None] * svt + offs_d[None, :],
-                mask=(offs_k[:, None] < seqlen) & d_ok[None, :], other=0.0)
-    acc = acc * alpha[:, None]
-    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
-    return acc, m_new, l_i
-
-
-@triton.jit
-def _fwd_tile_desc(acc, m_i, l_i, q, k_desc, v_desc, kb, offs_m, offs_n, seqlen, qk_scale, hp, P0, P1, P2,
-                   BLOCK_N: tl.constexpr, MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
-    """`_fwd_tile` with K/V tiles through tensor descriptors, whose out-of-bounds rows (past the
-    sequence) and columns (past the head dim) read as zeros, as the pointer loads' masks give."""
-    kt = tl.trans(k_desc.load([kb * BLOCK_N, 0]))
-    p, alpha, m_new, l_i = _fwd_scores(m_i, l_i, q, kt, offs_m, kb * BLOCK_N + offs_n, seqlen, qk_scale, hp,
-                                       P0, P1, P2, MASKED, KIND, DOT_PREC)
-    v = v_desc.load([kb * BLOCK_N, 0])
+    if USE_DESC:
+        v = v_src.load([kb * BLOCK_N, 0])
+    else:
+        v = tl.load(v_src + offs_k[:, None] * svt + offs_d[None, :],
+                    mask=(offs_k[:, None] < seqlen) & d_ok[None, :], other=0.0)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -236,28 +222,21 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    k_src, v_src = k_base, v_base
     if USE_DESC:
-        k_desc = tl.make_tensor_descriptor(k_base, shape=[seqlen, HEAD_DIM], strides=[skt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        v_desc = tl.make_tensor_descriptor(v_base, shape=[seqlen, HEAD_DIM], strides=[svt, 1],
-                                           block_shape=[BLOCK_N, BLOCK_D])
-        for e in tl.range(r0, r0 + nf, warp_specialize=WARP_SPEC):
-            kb = tl.load(ROW_IDX + e)
-            acc, m_i, l_i = _fwd_tile_desc(acc, m_i, l_i, q, k_desc, v_desc, kb, offs_m, offs_n, seqlen, qk_scale,
-                                           hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
-        for e in range(r0 + nf, r1):
-            kb = tl.load(ROW_IDX + e)
-            acc, m_i, l_i = _fwd_tile_desc(acc, m_i, l_i, q, k_desc, v_desc, kb, offs_m, offs_n, seqlen, qk_scale,
-                                           hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
-    else:
-        for e in range(r0, r0 + nf):
-            kb = tl.load(ROW_IDX + e)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                      skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
-        for e in range(r0 + nf, r1):
-            kb = tl.load(ROW_IDX + e)
-            acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                      skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
+        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen, HEAD_DIM], strides=[skt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen, HEAD_DIM], strides=[svt, 1],
+                                          block_shape=[BLOCK_N, BLOCK_D])
+    # (Python's range in a Triton kernel is tl.range with default attributes; WARP_SPEC off changes nothing.)
+    for e in tl.range(r0, r0 + nf, warp_specialize=WARP_SPEC):
+        kb = tl.load(ROW_IDX + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC, USE_DESC)
+    for e in range(r0 + nf, r1):
+        kb = tl.load(ROW_IDX + e)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC, USE_DESC)
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + (start + offs_m[:, None]) * sot + h * soh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])

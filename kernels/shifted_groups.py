@@ -279,39 +279,6 @@ def _piece_input(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad
     return buf
 
 
-@dataclass(frozen=True)
-class _Value:
-    """A non-tensor item of a backend's saved state (an int, None), kept on ctx as is."""
-
-    value: object
-
-
-def _stash(saved: list[tuple]) -> tuple[list, list]:
-    """Per-piece (lse, state) -> (tensors, layout). The tensors go through ``ctx.save_for_backward``
-    so that activation checkpointing and saved-tensor hooks see them. Kept on ``ctx`` as attributes,
-    the per-piece fp32 lse (B x Hq x T x 4 bytes per layer) would outlive a checkpointed layer's
-    forward: at 32K that is 128 MiB over 32 layers, the training step's whole memory gap over SDPA."""
-    tensors, layout = [], []
-    for lse, st in saved:
-        entry = []
-        for x in (lse, *(st if st is not None else ())):
-            if isinstance(x, torch.Tensor):
-                entry.append(len(tensors))
-                tensors.append(x)
-            else:
-                entry.append(_Value(x))
-        layout.append((st is None, entry))
-    return tensors, layout
-
-
-def _unstash(tensors, layout: list) -> list[tuple]:
-    out = []
-    for no_state, entry in layout:
-        items = [e.value if isinstance(e, _Value) else tensors[e] for e in entry]
-        out.append((items[0], None if no_state else tuple(items[1:])))
-    return out
-
-
 class ShiftedGroupAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec, scale, backend):
@@ -323,7 +290,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
         pieces = _pieces(t, hq, hkv, spec.group_size, frozenset(spec.shifted(hq)), min(spec.sink, t), MAX_PIECE_HEADS)
         out = q.new_empty(bsz, t, hq, d)
         out_h = out.transpose(1, 2)  # (B, Hq, T, D) view of the result
-        saved = []
+        lses, states = [], []
         for b in range(bsz):
             for p in pieces:
                 rep = (p.h1 - p.h0) // (p.k1 - p.k0)
@@ -333,25 +300,28 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                     kp, vp = _expand(kp, rep), _expand(vp, rep)
                 o, lse, st = fwd(qp, kp, vp, scale)
                 _view(out_h, b, p, (p.h0, p.h1)).copy_(o[:, :, p.sink :] if pad_q else o)
-                saved.append((lse, st))
+                lses.append(lse)
+                states.append(st)
                 del qp, kp, vp, o  # one piece's temporaries at a time (peak memory)
-        tensors, layout = _stash(saved)
-        ctx.save_for_backward(q, k, v, out, *tensors)
-        ctx.meta = (scale, backend, pieces, layout, gqa, pad_q)
+        # The per-piece fp32 lse (B x Hq x T x 4 bytes per layer) must go through save_for_backward:
+        # held on ctx as an attribute it outlives a checkpointed layer's forward (gradient
+        # checkpointing frees only saved tensors), 128 MiB over 32 layers at 32K. The backend states
+        # (ints, and for cuDNN/flash the RNG seed and offset as one-element tensors) stay on ctx.
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.meta = (scale, backend, pieces, states, gqa, pad_q)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, *tensors = ctx.saved_tensors
-        scale, backend, pieces, layout, gqa, pad_q = ctx.meta
-        saved = _unstash(tensors, layout)
+        q, k, v, out, *lses = ctx.saved_tensors
+        scale, backend, pieces, states, gqa, pad_q = ctx.meta
         _, bwd = BACKENDS[backend]
         bsz = q.shape[0]
         out_h, do_h = out.transpose(1, 2), dout.contiguous().transpose(1, 2)  # (expanded grads have 0 strides)
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
-        it = iter(saved)
+        it = zip(lses, states)
         for b in range(bsz):
             for p in pieces:
                 lse, st = next(it)
