@@ -17,9 +17,12 @@ over a run of heads of one kind (shifted or not).
 - **Sinks as prepended keys.** A group that does not start at token 0 gets the first ``s`` tokens
   (``min(s, start)``) copied in front of its keys and values: with a causal mask aligned
   bottom-right (``s + G`` keys, ``G`` queries), group query ``i`` sees the ``s`` sinks and group keys
-  ``0..i``, exactly the SF-Attn rule. Backends whose causal mask is aligned top-left get ``s`` dummy
-  query rows in front as well (outputs dropped, output gradient zero, so they add nothing to any
-  gradient); `bottom_right_causal` probes which. The sink keys' gradients from every group are
+  ``0..i``, exactly the SF-Attn rule. Backends whose causal mask is aligned top-left (cuDNN and flash
+  in torch; `bottom_right_causal` probes which) get ``s`` dummy query rows in front as well (outputs
+  dropped, output gradient zero, so they add nothing to any gradient). Any values do for those rows,
+  so they are the ``s`` real rows just before the group, read in place through an overlapping view
+  (`reads_overlapping_views` probes that the backend takes one) rather than copied; only the output
+  gradient needs a copy with zero rows. The sink keys' gradients from every group are
   summed into ``dk[:, :, :s]``. The copies are of K/V (small under GQA), and replace the separate
   sink attention + log-sum-exp merge of the first version, which cost more than it saved (30.7 ms
   vs 25.7 ms block-sparse at 32K, 2026-11 measurements).
@@ -108,10 +111,12 @@ def _flash_bwd(do, q, k, v, out, lse, scale, state):
 BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "cudnn": (_cudnn_fwd, _cudnn_bwd), "flash": (_flash_fwd, _flash_bwd)}
 
 
-def _probe(backend: str, device_index: int, hkv: int, bthd: bool, extra_keys: int = 0) -> bool:
+def _probe(backend: str, device_index: int, hkv: int, bthd: bool, extra_keys: int = 0, lead: int = 0) -> bool:
     """Forward + backward of `backend` on piece views (two groups as the batch, see `_view`) of a
     (B, T, H, D)-transposed (`bthd`) or contiguous (B, H, T, D) buffer, K/V with `hkv` of 4 heads
-    (and `extra_keys` more keys than queries: bottom-right causal alignment), match the torch backend's."""
+    (and `extra_keys` more keys than queries: bottom-right causal alignment; or queries and outputs
+    read as overlapping views that start `lead` rows before each group, those rows' output gradient
+    zero: `_query_rows`), match the torch backend's."""
     try:
         dev = f"cuda:{device_index}"
         gen = torch.Generator(device=dev).manual_seed(0)
@@ -120,18 +125,25 @@ def _probe(backend: str, device_index: int, hkv: int, bthd: bool, extra_keys: in
             x = torch.randn(1, 256, h, 64, device=dev, dtype=torch.bfloat16, generator=gen)
             return x.transpose(1, 2) if bthd else x.transpose(1, 2).contiguous()
 
-        piece = _Piece(0, 128, 2, 0, 4, 0, hkv, 0)
-        q = _view(buf(4), 0, piece, (0, 4))
-        k, v = (_view(buf(hkv), 0, piece, (0, hkv)) for _ in range(2))
+        piece = _Piece(lead, 128 - lead, 2, 0, 4, 0, hkv, 0)
+        q = _view(buf(4), 0, piece, (0, 4), lead)
+        k, v = (_view(buf(hkv), 0, _Piece(0, 128, 2, 0, 4, 0, hkv, 0), (0, hkv)) for _ in range(2))
         if extra_keys:
             k, v = (torch.cat([x[:, :, :extra_keys], x], dim=2) for x in (k, v))
         fwd, bwd = BACKENDS[backend]
         o, lse, st = fwd(q, k, v, 0.125)
         do = torch.ones_like(o)
+        do[:, :, :lead] = 0
+        if lead:  # the outputs as the overlapping view the backward of `_query_rows` passes
+            out = buf(4)
+            _view(out, 0, piece, (0, 4)).copy_(o[:, :, lead:])
+            o = _view(out, 0, piece, (0, 4), lead)
         grads = bwd(do, q, k, v, o, lse, 0.125, st)
         o_ref, lse_ref, _ = _torch_fwd(q, k, v, 0.125)
         g_ref = _torch_bwd(do, q, k, v, o_ref, lse_ref, 0.125, None)
-        ok = torch.allclose(o.float(), o_ref.float(), atol=2e-2, rtol=2e-2)
+        rows = slice(lead, None)  # the dummy rows' outputs and query gradients are dropped
+        ok = torch.allclose(o[:, :, rows].float(), o_ref[:, :, rows].float(), atol=2e-2, rtol=2e-2)
+        grads, g_ref = (grads[0][:, :, rows], *grads[1:]), (g_ref[0][:, :, rows], *g_ref[1:])
         return ok and all(g.shape == r.shape and torch.allclose(g.float(), r.float(), atol=5e-2, rtol=5e-2)
                           for g, r in zip(grads, g_ref))
     except Exception:  # cuDNN missing, this torch's private op signature differs, or strides refused
@@ -161,6 +173,13 @@ def reads_head_major_views(backend: str, device_index: int = 0) -> bool:
     """Whether `backend` takes piece views of contiguous (B, H, T, D) buffers (batch stride below
     the head stride); else such inputs are first copied to the (B, T, H, D) layout."""
     return backend == "torch" or _probe(backend, device_index, 4, bthd=False)
+
+
+@functools.lru_cache(maxsize=None)
+def reads_overlapping_views(backend: str, device_index: int = 0) -> bool:
+    """Whether `backend` takes queries and outputs as overlapping views (each group's view starting
+    a few rows early: the dummy query rows of `_query_rows`), so they need no copy."""
+    return backend == "torch" or _probe(backend, device_index, 4, bthd=True, lead=4)
 
 
 def default_backend(device) -> str:
@@ -254,23 +273,29 @@ def _pieces(t: int, hq: int, hkv: int, g: int, shifted: frozenset, sink: int,
     return tuple(out)
 
 
-def _view(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int]) -> torch.Tensor:
-    """Batch row `b` of x (B, H, T, D), piece `p` over `heads`, as a (count, h, length, D) strided view."""
+def _view(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], lead: int = 0) -> torch.Tensor:
+    """Batch row `b` of x (B, H, T, D), piece `p` over `heads`, as a (count, h, lead + length, D) strided
+    view. With `lead`, each group's view starts `lead` tokens early: consecutive groups' views overlap
+    (the rows before a group are the previous group's last rows, real memory, only read)."""
     sb, sh, st, _ = x.stride()
     h0, h1 = heads
-    return x.as_strided((p.count, h1 - h0, p.length, x.shape[-1]), (p.length * st, sh, st, 1),
-                        x.storage_offset() + b * sb + h0 * sh + p.start * st)
+    return x.as_strided((p.count, h1 - h0, lead + p.length, x.shape[-1]), (p.length * st, sh, st, 1),
+                        x.storage_offset() + b * sb + h0 * sh + (p.start - lead) * st)
 
 
-def _piece_input(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad: bool = True,
-                 zero_sinks: bool = False) -> torch.Tensor:
-    """The piece's rows of x: a view, or with sinks and `pad` a (count, h, sink + length, D) copy with the
-    first `sink` tokens in front of every group (zeros instead when `zero_sinks`: the dummy rows' output grad)."""
+def _with_sink_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], zero_sinks: bool = False) -> torch.Tensor:
+    """A (count, h, sink + length, D) copy of the piece's rows of x with the first `sink` tokens in front of
+    every group (zeros instead when `zero_sinks`: the dummy query rows' output gradient).
+
+    The copy is allocated in x's own memory order (token-major for transformers' transposed (B, T, H, D)
+    buffers), so filling it is a plain strided copy rather than a transpose, and the dense kernels read
+    that order directly."""
     view = _view(x, b, p, heads)
-    if not (p.sink and pad):
-        return view
     c, h, n, d = view.shape
-    buf = x.new_empty(c, h, p.sink + n, d)
+    if x.stride(1) < x.stride(2):  # token-major source
+        buf = x.new_empty(c, p.sink + n, h, d).transpose(1, 2)
+    else:
+        buf = x.new_empty(c, h, p.sink + n, d)
     if zero_sinks:
         buf[:, :, : p.sink].zero_()
     else:
@@ -279,14 +304,31 @@ def _piece_input(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad
     return buf
 
 
+def _key_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int]) -> torch.Tensor:
+    """The piece's keys or values: the sink tokens in front of each group (a copy) when it has any."""
+    return _with_sink_rows(x, b, p, heads) if p.sink else _view(x, b, p, heads)
+
+
+def _query_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad_q: bool, overlap: bool) -> torch.Tensor:
+    """The piece's queries (or forward outputs), with `sink` dummy rows in front of each group when the
+    backend's causal mask is aligned top-left (`pad_q`). The dummy rows' outputs are dropped and their
+    output gradient is zero, so any values do: where the backend reads overlapping views (`overlap`)
+    they are the `sink` real rows just before each group, read in place instead of copied."""
+    if not (pad_q and p.sink):
+        return _view(x, b, p, heads)
+    return _view(x, b, p, heads, lead=p.sink) if overlap else _with_sink_rows(x, b, p, heads)
+
+
 class ShiftedGroupAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec, scale, backend):
         bsz, hq, t, d = q.shape
         hkv = k.shape[1]
         fwd, _ = BACKENDS[backend]
-        gqa = native_gqa(backend, q.device.index or 0) if q.is_cuda else True
-        pad_q = not bottom_right_causal(backend, q.device.index or 0)
+        index = q.device.index or 0
+        gqa = native_gqa(backend, index) if q.is_cuda else True
+        pad_q = not bottom_right_causal(backend, index)
+        overlap = pad_q and reads_overlapping_views(backend, index)
         pieces = _pieces(t, hq, hkv, spec.group_size, frozenset(spec.shifted(hq)), min(spec.sink, t), MAX_PIECE_HEADS)
         out = q.new_empty(bsz, t, hq, d)
         out_h = out.transpose(1, 2)  # (B, Hq, T, D) view of the result
@@ -294,8 +336,8 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
         for b in range(bsz):
             for p in pieces:
                 rep = (p.h1 - p.h0) // (p.k1 - p.k0)
-                qp = _piece_input(q, b, p, (p.h0, p.h1), pad_q)
-                kp, vp = (_piece_input(x, b, p, (p.k0, p.k1)) for x in (k, v))
+                qp = _query_rows(q, b, p, (p.h0, p.h1), pad_q, overlap)
+                kp, vp = (_key_rows(x, b, p, (p.k0, p.k1)) for x in (k, v))
                 if not gqa:
                     kp, vp = _expand(kp, rep), _expand(vp, rep)
                 o, lse, st = fwd(qp, kp, vp, scale)
@@ -308,13 +350,13 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
         # checkpointing frees only saved tensors), 128 MiB over 32 layers at 32K. The backend states
         # (ints, and for cuDNN/flash the RNG seed and offset as one-element tensors) stay on ctx.
         ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.meta = (scale, backend, pieces, states, gqa, pad_q)
+        ctx.meta = (scale, backend, pieces, states, gqa, pad_q, overlap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, *lses = ctx.saved_tensors
-        scale, backend, pieces, states, gqa, pad_q = ctx.meta
+        scale, backend, pieces, states, gqa, pad_q, overlap = ctx.meta
         _, bwd = BACKENDS[backend]
         bsz = q.shape[0]
         out_h, do_h = out.transpose(1, 2), dout.contiguous().transpose(1, 2)  # (expanded grads have 0 strides)
@@ -327,9 +369,10 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 lse, st = next(it)
                 rep = (p.h1 - p.h0) // (p.k1 - p.k0)
                 qh, kh = (p.h0, p.h1), (p.k0, p.k1)
-                qp, op = _piece_input(q, b, p, qh, pad_q), _piece_input(out_h, b, p, qh, pad_q)
-                dop = _piece_input(do_h, b, p, qh, pad_q, zero_sinks=True)
-                kp, vp = (_piece_input(x, b, p, kh) for x in (k, v))
+                qp, op = (_query_rows(x, b, p, qh, pad_q, overlap) for x in (q, out_h))
+                # the dummy rows' output gradient must be zero: always a copy
+                dop = _with_sink_rows(do_h, b, p, qh, zero_sinks=True) if pad_q and p.sink else _view(do_h, b, p, qh)
+                kp, vp = (_key_rows(x, b, p, kh) for x in (k, v))
                 if not gqa:
                     kp, vp = _expand(kp, rep), _expand(vp, rep)
                 dqp, dkp, dvp = bwd(dop, qp, kp, vp, op, lse, scale, st)

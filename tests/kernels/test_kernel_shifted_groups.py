@@ -81,13 +81,53 @@ def test_capped_head_runs_cover_every_head_once():
                     assert h1 - h0 <= max(cap, rep)
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["queries-read-in-place", "queries-copied"])
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]], ids=str)
-def test_regrouped_with_dummy_query_rows_cpu(case, monkeypatch):
-    """The form for backends whose causal mask is aligned top-left: sinks go in front of the queries too."""
+def test_regrouped_with_dummy_query_rows_cpu(case, overlap, monkeypatch):
+    """The form for backends whose causal mask is aligned top-left: sinks go in front of the queries
+    too, as the rows just before each group read in place (overlapping views) or as copies."""
     from headwise.kernels import shifted_groups
 
     monkeypatch.setattr(shifted_groups, "bottom_right_causal", lambda backend, index=0: False)
+    monkeypatch.setattr(shifted_groups, "reads_overlapping_views", lambda backend, index=0: overlap)
     _check_regrouped_case(*case, torch.float32, "cpu", "torch", batch=2, bthd=True)
+
+
+def test_dummy_query_rows_are_read_in_place(monkeypatch):
+    """With overlapping views, the queries and outputs the dense kernel gets are views of the layer's
+    own tensors (no per-piece copy), each starting `sink` rows before its group; only the output
+    gradient is copied (its dummy rows must be zero)."""
+    from headwise.kernels import shifted_groups
+
+    monkeypatch.setattr(shifted_groups, "bottom_right_causal", lambda backend, index=0: False)
+    fwd, bwd = shifted_groups.BACKENDS["torch"]
+    seen = {"fwd": [], "bwd": []}
+
+    def observed_fwd(q, k, v, scale):
+        seen["fwd"].append(q)
+        return fwd(q, k, v, scale)
+
+    def observed_bwd(do, q, k, v, out, lse, scale, state):
+        seen["bwd"].append((do, q, out))
+        return bwd(do, q, k, v, out, lse, scale, state)
+
+    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
+    t, g, sink = 64, 16, 4
+    spec = LayoutSpec("shifted_groups", group_size=g, sink=sink)
+    q, k, v = (torch.randn(1, t, h, 16).transpose(1, 2).requires_grad_(True) for h in (4, 2, 2))
+    out = shifted_group_attention(q, k, v, spec, backend="torch")
+    out.sum().backward()
+
+    def same_memory(a, b):
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+    padded = [x for x in seen["fwd"] if x.shape[2] == g + sink]
+    assert padded and all(same_memory(x, q) for x in padded)
+    assert all(x.stride(0) == g * q.stride(2) for x in padded)  # groups overlap by the sink rows
+    for do, qp, op in seen["bwd"]:
+        if qp.shape[2] == g + sink:
+            assert same_memory(qp, q) and same_memory(op, out)
+            assert not same_memory(do, out) and do[:, :, :sink].abs().max() == 0
 
 
 @pytest.mark.gpu
