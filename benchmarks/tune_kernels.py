@@ -7,12 +7,12 @@ sweeps them in stages per layout, so the grid stays small: (1) forward tiles / w
 timed on the forward alone; (2) with the best forward config, the dK/dV tiles and the dQ / dK-dV warps
 and stages, timed on forward + backward; (3) with the best of those, the dK/dV column split
 (`KernelConfig.col_split`: long key columns shared by several programs), timed on forward + backward.
-A fourth, opt-in stage, `tma` (it runs after `fwd` when listed), tries the forward through tensor
-descriptors, with and without the warp-specialized loop (`KernelConfig.fwd_tma` / `fwd_ws`), at 4 and
-8 warps, timed on the forward alone. `--stages` picks a subset (e.g. `--stages col_split`: the split
-alone on the current config). Every config is checked against the current config's output (and
-gradients, from stage 2 on) before it is timed: a wrong config is reported, never picked. Stages 1-3
-ran on the H200 on 2026-11-30 (TUNED_D128 comes from them); `tma` has not run yet. One JSON line per timing goes to
+`--stages` picks a subset (e.g. `--stages col_split`: the split alone on the current config). Every
+config is checked against the current config's output (and gradients, from stage 2 on) before it is
+timed: a wrong config is reported, never picked. The stages ran on the H200 on 2026-11-30
+(TUNED_D128 comes from them). A forward through tensor descriptors (TMA), with and without Triton's
+warp-specialized loop, was tried the same way and removed: it was no faster (BENCHMARKS.md,
+"Tensor descriptors and warp specialization"). One JSON line per timing goes to
 benchmarks/results/kernel_tuning.jsonl (`--out`), and the best config per layout is printed as a
 GPU_CONFIGS-style line, with its speed-up over the current config measured in the same run.
 """
@@ -38,7 +38,7 @@ WARPS = [4, 8]
 FWD_STAGES = [2, 3, 4]
 BWD_STAGES = [1, 2, 3]
 COL_SPLITS = [16, 32, 64, 128]  # KernelConfig.col_split (0, off, is the stage's baseline)
-STAGES = ("fwd", "tma", "fwd+bwd", "col_split")  # the order stages run in, each from the previous best
+STAGES = ("fwd", "fwd+bwd", "col_split")  # the order stages run in, each from the previous best
 
 
 def timed(fn, budget_ms: float = 200.0) -> float | None:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, default=32768)
     p.add_argument("--hkv", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=480)
-    p.add_argument("--stages", default="fwd,fwd+bwd,col_split", help="comma-separated subset of fwd,tma,fwd+bwd,col_split")
+    p.add_argument("--stages", default="fwd,fwd+bwd,col_split", help="comma-separated subset of fwd,fwd+bwd,col_split")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernel_tuning.jsonl"))
     args = p.parse_args(argv)
 
@@ -105,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
             if stage == "fwd":
                 grid = [dataclasses.replace(prev, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
                         for (m, n), w, s in itertools.product(FWD_TILES, WARPS, FWD_STAGES)]
-            elif stage == "tma":
-                grid = [dataclasses.replace(prev, fwd_tma=True, fwd_ws=ws, fwd_warps=w)
-                        for ws, w in itertools.product((False, True), WARPS)]
             elif stage == "fwd+bwd":
                 grid = [dataclasses.replace(prev, bwd_m=m, bwd_n=n, dq_warps=w, dkdv_warps=w, dq_stages=s, dkdv_stages=s)
                         for (m, n), w, s in itertools.product(BWD_TILES, WARPS, BWD_STAGES)]

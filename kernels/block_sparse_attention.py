@@ -64,13 +64,6 @@ class KernelConfig:
     # tiles, whose fp32 partials a reduction pass sums in a fixed order (deterministic, no atomics).
     # 0 = off: one program per key tile, however long its column (see ``_column_split_plan``).
     col_split: int = 0
-    # Forward K/V tiles through tensor descriptors (TMA on Hopper and newer) instead of pointer loads,
-    # and (`fwd_ws`, needs `fwd_tma`) the loop over full tiles warp-specialized (Triton >= 3.5 autoWS,
-    # producer warps issue the loads while consumer warps run the matmuls and softmax). The Nsight
-    # Compute profile (BENCHMARKS.md) shows pointer-load kernels latency-bound at 8 warps per SM;
-    # this is the experiment against that. Off by default: not measured on a GPU yet.
-    fwd_tma: bool = False
-    fwd_ws: bool = False
 
 
 # Fixed configs per padded head dim (no autotune: the first call must not take minutes, and the
@@ -142,16 +135,11 @@ def _token_rule(q_pos, k_pos, hp, P0, P1, P2, KIND: tl.constexpr):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt, qk_scale,
               hp, P0, P1, P2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              KIND: tl.constexpr, DOT_PREC: tl.constexpr, USE_DESC: tl.constexpr):
-    """One key tile of the online softmax. ``k_src``/``v_src`` are the KV head's base pointers, or with
-    USE_DESC its tensor descriptors, whose out-of-bounds rows (past the sequence) and columns (past the
-    head dim) read as zeros, as the pointer loads' masks give."""
+              KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax; ``k_src``/``v_src`` point at the KV head's first token."""
     offs_k = kb * BLOCK_N + offs_n
-    if USE_DESC:
-        kt = tl.trans(k_src.load([kb * BLOCK_N, 0]))
-    else:
-        kt = tl.load(k_src + offs_k[None, :] * skt + offs_d[:, None],
-                     mask=(offs_k[None, :] < seqlen) & d_ok[:, None], other=0.0)
+    kt = tl.load(k_src + offs_k[None, :] * skt + offs_d[:, None],
+                 mask=(offs_k[None, :] < seqlen) & d_ok[:, None], other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     if MASKED:
         ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & (offs_k[None, :] < seqlen)
@@ -160,11 +148,8 @@ def _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, 
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    if USE_DESC:
-        v = v_src.load([kb * BLOCK_N, 0])
-    else:
-        v = tl.load(v_src + offs_k[:, None] * svt + offs_d[None, :],
-                    mask=(offs_k[:, None] < seqlen) & d_ok[None, :], other=0.0)
+    v = tl.load(v_src + offs_k[:, None] * svt + offs_d[None, :],
+                mask=(offs_k[:, None] < seqlen) & d_ok[None, :], other=0.0)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -196,8 +181,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
                 qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, slb, slh,
                 n_seq, n_qblocks, P0, P1, P2,
                 GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                USE_DESC: tl.constexpr = False, WARP_SPEC: tl.constexpr = False):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     bs = tl.program_id(2)
@@ -222,21 +206,14 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    k_src, v_src = k_base, v_base
-    if USE_DESC:
-        k_src = tl.make_tensor_descriptor(k_base, shape=[seqlen, HEAD_DIM], strides=[skt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-        v_src = tl.make_tensor_descriptor(v_base, shape=[seqlen, HEAD_DIM], strides=[svt, 1],
-                                          block_shape=[BLOCK_N, BLOCK_D])
-    # (Python's range in a Triton kernel is tl.range with default attributes; WARP_SPEC off changes nothing.)
-    for e in tl.range(r0, r0 + nf, warp_specialize=WARP_SPEC):
+    for e in range(r0, r0 + nf):
         kb = tl.load(ROW_IDX + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC, USE_DESC)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
     for e in range(r0 + nf, r1):
         kb = tl.load(ROW_IDX + e)
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC, USE_DESC)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + (start + offs_m[:, None]) * sot + h * soh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -601,7 +578,6 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
     lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
     p0, p1, p2, _ = spec.scalar_params()
     grid = (triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)
-    use_desc = cfg.fwd_tma and _descriptors_ok(k, v)
     _fwd_kernel[grid](
         q, k, v, o, lse, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
         scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
@@ -609,29 +585,9 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
         n_seq, lay.n_qblocks, p0, p1, p2,
         GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, DOT_PREC=_dot_prec(q.dtype),
-        USE_DESC=use_desc, WARP_SPEC=use_desc and cfg.fwd_ws,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
-
-
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    # Device-side tensor descriptors (tl.make_tensor_descriptor) need a global scratch buffer per launch.
-    # triton.set_allocator is process-wide, so it is only installed when a descriptor config runs.
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _descriptors_ok(*xs: torch.Tensor) -> bool:
-    """Whether K/V can be read through tensor descriptors (TMA): on a Hopper-or-newer GPU or under the
-    interpreter, 16-byte-aligned base addresses and token strides. Otherwise the pointer path runs."""
-    if interpret_mode():
-        return True
-    if not xs[0].is_cuda or torch.cuda.get_device_capability(xs[0].device)[0] < 9:
-        return False
-    if any(x.data_ptr() % 16 or any((st * x.element_size()) % 16 for st in x.stride()[:3]) for x in xs):
-        return False
-    triton.set_allocator(_descriptor_scratch)
-    return True
 
 
 def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
