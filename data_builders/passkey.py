@@ -419,17 +419,25 @@ def build_duo_training_sample(
     )
 
 
-def answer_labels(sample: PasskeySample, *, span: Literal["answers", "qa_tail"] = "answers") -> list[int]:
-    """Labels for `sample`: ``IGNORE_INDEX`` everywhere except the answer tokens (``span="answers"``) or the
-    whole question/answer tail after the haystack (``span="qa_tail"``, DuoAttention's choice: its
-    distillation loss runs over every QA token), where they equal ``input_ids`` (HF shifts them in the loss)."""
+LabelSpan = Literal["answers", "answer_predictions", "qa_tail"]
+
+
+def answer_labels(sample: PasskeySample, *, span: LabelSpan = "answers") -> list[int]:
+    """Labels for `sample`: ``IGNORE_INDEX`` everywhere except the answer tokens (``span="answers"``), the
+    positions that predict them (``span="answer_predictions"``: each answer's span one token earlier, so
+    it starts at the last question token, whose state picks the answer's first token), or the whole
+    question/answer tail after the haystack (``span="qa_tail"``, DuoAttention's choice: its distillation
+    loss runs over every QA token). Labelled positions hold ``input_ids`` (HF shifts them in an LM loss;
+    DuoAttention's hidden-state distillation uses the labelled positions as they are)."""
     labels = [IGNORE_INDEX] * len(sample.input_ids)
     if span == "qa_tail":
         ranges = [(sample.haystack_span[1], len(sample.input_ids))]
     elif span == "answers":
         ranges = sample.answer_spans
+    elif span == "answer_predictions":
+        ranges = [(a - 1, b - 1) for a, b in sample.answer_spans]
     else:
-        raise DataError(f"label span must be 'answers' or 'qa_tail', got {span!r}")
+        raise DataError(f"label span must be 'answers', 'answer_predictions' or 'qa_tail', got {span!r}")
     for s, e in ranges:
         labels[s:e] = sample.input_ids[s:e]
     return labels
@@ -447,13 +455,14 @@ def build_duo_training_set(
     filler: Filler = "corpus",
     key_format: KeyFormat = "words",
     words_per_key: int = 6,
-    label_span: Literal["answers", "qa_tail"] = "answers",
+    label_span: LabelSpan = "answers",
     corpus: str = DEFAULT_CORPUS,
 ):
     """`n` multi-passkey haystacks for DuoAttention gate training, as a ``datasets.Dataset``.
 
-    Each row has ``input_ids``, ``labels`` (``-100`` except the answer tokens, or the whole QA tail with
-    ``label_span="qa_tail"``), ``length`` and ``n_keys``. Lengths are drawn uniformly from
+    Each row has ``input_ids``, ``labels`` (``-100`` except the answer tokens, the positions predicting
+    them with ``label_span="answer_predictions"``, or the whole QA tail with ``label_span="qa_tail"``),
+    ``length`` and ``n_keys``. Lengths are drawn uniformly from
     ``[min_tokens, max_tokens]``; keys are `words_per_key` NATO-alphabet words (DuoAttention's
     format) or 5-digit numbers; filler is the corpus *train* split. Row i depends only on (seed, i).
     """

@@ -92,8 +92,11 @@ class DuoHaystack(Section):
     )
     words_per_key: int = Field(6, ge=1, description="Words per key (DuoAttention uses 32; 6 suits small models).")
     filler: Literal["corpus", "repeat"] = Field("corpus", description="Haystack text: the corpus train split, or repeated sentences.")
-    label_span: Literal["qa_tail", "answers"] = Field(
-        "qa_tail", description="Positions the distillation loss covers: the whole question/answer tail (DuoAttention) or the answers only."
+    label_span: Literal["qa_tail", "answers", "answer_predictions"] = Field(
+        "qa_tail",
+        description="Positions the distillation loss covers: the whole question/answer tail (DuoAttention), the answer "
+        "tokens, or the positions that predict them (each answer one token earlier: includes the last question token, "
+        "whose state picks the answer's first token).",
     )
 
     @model_validator(mode="after")

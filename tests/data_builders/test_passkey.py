@@ -114,6 +114,13 @@ def test_duo_labels_cover_exactly_the_answer_tokens(smollm2_tokenizer):
     assert [tok.decode(s.input_ids[a:b]).strip() for a, b in s.answer_spans] == s.answers
     tail = answer_labels(s, span="qa_tail")
     assert [i for i, v in enumerate(tail) if v != IGNORE_INDEX] == list(range(s.haystack_span[1], len(s.input_ids)))
+    # answer_predictions: the positions whose next token is an answer token, so each span starts at the
+    # question's last token ("... pass key is") and ends one before the answer's last token.
+    pred = answer_labels(s, span="answer_predictions")
+    positions = [i for i, v in enumerate(pred) if v != IGNORE_INDEX]
+    assert [i + 1 for i in positions] == [i for a, b in s.answer_spans for i in range(a, b)]
+    for a, _ in s.answer_spans:
+        assert tok.decode(s.input_ids[a - 4:a]).endswith("pass key is")
 
 
 def test_multi_key_needles_in_depth_order(tiny_tokenizer):
