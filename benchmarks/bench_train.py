@@ -217,12 +217,14 @@ def summary(rows: list[dict], tiny: bool) -> None:
         note = ""
         if not tiny and c in TARGET and ratio is not None:
             dense = next((d for d in rows if d["method"] == "dense" and d["context"] == c and not d.get("oom")), None)
-            mem_ok = dense is None or r["peak_mem_gib"] <= dense["peak_mem_gib"]
+            # exact bytes when the rows have them: two-decimal GiB hides differences of up to 10 MiB
+            key = "peak_mem_mib" if r.get("peak_mem_mib") is not None and dense and dense.get("peak_mem_mib") is not None else "peak_mem_gib"
+            mem_ok = dense is None or r[key] <= dense[key]
             if r["method"].partition("@")[0] in ("sf", "longlora"):
                 note = f"target {TARGET[c]}x at <= dense memory: {'met' if ratio >= TARGET[c] and mem_ok else 'NOT met'}"
             elif r["method"] == "noattn":
                 note = f"ceiling (issue: {CEILING[c]}x)"
-        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.1f}"
+        peak = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
         print(f"{r['method']:9} {c:>7} {r['s_per_step']:>7.3f} {r['tokens_per_s']:>9.1f} {peak:>8} "
               f"{'-' if ratio is None else f'{ratio:.2f}':>7} {anchor:>8}  {note}")
     print(f"issue anchors: dense {ANCHOR_DENSE_32K:,.0f} tok/s @32K (HF loss, 78 GiB); attention-free ceiling "
@@ -274,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             res = run_row(method, context, shape, dtype, device, args)
         except torch.cuda.OutOfMemoryError:
             res, oom = dict(s_per_step=None, loss_value=None), True
-        peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+        peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        peak = None if peak_bytes is None else round(peak_bytes / 2**30, 2)
         gc.collect()
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -284,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         tps = None if oom else round(context / res["s_per_step"], 1)
         row = dict(method=method, model_shape=shape_name, context=context, batch=1, steps=args.steps,
                    s_per_step=None if oom else round(res["s_per_step"], 4), tokens_per_s=tps, peak_mem_gib=peak,
+                   peak_mem_mib=None if peak_bytes is None else round(peak_bytes / 2**20, 1),
                    baseline=baseline, ratio_to_dense=round(tps / baseline, 3) if tps and baseline else None,
                    oom=oom, loss=args.loss, loss_value=res["loss_value"], grad_checkpointing=True, lora="r=8 q,k,v,o",
                    kernel=kernel_path(method, shape["num_attention_heads"], context, device, dtype),
