@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     probes = {name: fn(sg.default_backend(dev)) for name, fn in
               (("backend", str), ("native_gqa", sg.native_gqa), ("bottom_right_causal", sg.bottom_right_causal),
-               ("reads_head_major_views", sg.reads_head_major_views))}
+               ("reads_head_major_views", sg.reads_head_major_views),
+               ("reads_overlapping_views", sg.reads_overlapping_views))}
     print(json.dumps({"shape": f"T={t} Hq={hq} Hkv={hkv} D={d} bf16", "max_piece_heads": sg.MAX_PIECE_HEADS, **probes}))
     for name, fn in _functions(hq, hkv).items():
         rows = [measure(fn, q, k, v_proj.transpose(1, 2), grad) for _ in range(args.repeats)]

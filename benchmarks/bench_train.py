@@ -217,9 +217,8 @@ def summary(rows: list[dict], tiny: bool) -> None:
         note = ""
         if not tiny and c in TARGET and ratio is not None:
             dense = next((d for d in rows if d["method"] == "dense" and d["context"] == c and not d.get("oom")), None)
-            # exact bytes when the rows have them: two-decimal GiB hides differences of up to 10 MiB
-            key = "peak_mem_mib" if r.get("peak_mem_mib") is not None and dense and dense.get("peak_mem_mib") is not None else "peak_mem_gib"
-            mem_ok = dense is None or r[key] <= dense[key]
+            # in MiB: two-decimal GiB hides differences of up to 10 MiB
+            mem_ok = dense is None or r["peak_mem_mib"] <= dense["peak_mem_mib"]
             if r["method"].partition("@")[0] in ("sf", "longlora"):
                 note = f"target {TARGET[c]}x at <= dense memory: {'met' if ratio >= TARGET[c] and mem_ok else 'NOT met'}"
             elif r["method"] == "noattn":

@@ -309,14 +309,18 @@ def _key_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int]) -> tor
     return _with_sink_rows(x, b, p, heads) if p.sink else _view(x, b, p, heads)
 
 
-def _query_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad_q: bool, overlap: bool) -> torch.Tensor:
-    """The piece's queries (or forward outputs), with `sink` dummy rows in front of each group when the
-    backend's causal mask is aligned top-left (`pad_q`). The dummy rows' outputs are dropped and their
-    output gradient is zero, so any values do: where the backend reads overlapping views (`overlap`)
-    they are the `sink` real rows just before each group, read in place instead of copied."""
+def _query_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad_q: bool, overlap: bool,
+                zero_lead: bool = False) -> torch.Tensor:
+    """The piece's queries (or forward outputs, or output gradients), with `sink` dummy rows in front of
+    each group when the backend's causal mask is aligned top-left (`pad_q`). The dummy rows' outputs are
+    dropped and their output gradient is zero, so any query/output values do: where the backend reads
+    overlapping views (`overlap`) they are the `sink` real rows just before each group, read in place
+    instead of copied. `zero_lead` (the output gradient) always copies, with those rows zero."""
     if not (pad_q and p.sink):
         return _view(x, b, p, heads)
-    return _view(x, b, p, heads, lead=p.sink) if overlap else _with_sink_rows(x, b, p, heads)
+    if overlap and not zero_lead:
+        return _view(x, b, p, heads, lead=p.sink)
+    return _with_sink_rows(x, b, p, heads, zero_sinks=zero_lead)
 
 
 class ShiftedGroupAttentionFunction(torch.autograd.Function):
@@ -370,8 +374,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 rep = (p.h1 - p.h0) // (p.k1 - p.k0)
                 qh, kh = (p.h0, p.h1), (p.k0, p.k1)
                 qp, op = (_query_rows(x, b, p, qh, pad_q, overlap) for x in (q, out_h))
-                # the dummy rows' output gradient must be zero: always a copy
-                dop = _with_sink_rows(do_h, b, p, qh, zero_sinks=True) if pad_q and p.sink else _view(do_h, b, p, qh)
+                dop = _query_rows(do_h, b, p, qh, pad_q, overlap, zero_lead=True)
                 kp, vp = (_key_rows(x, b, p, kh) for x in (k, v))
                 if not gqa:
                     kp, vp = _expand(kp, rep), _expand(vp, rep)
