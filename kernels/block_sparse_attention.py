@@ -64,11 +64,6 @@ class KernelConfig:
     # tiles, whose fp32 partials a reduction pass sums in a fixed order (deterministic, no atomics).
     # 0 = off: one program per key tile, however long its column (see ``_column_split_plan``).
     col_split: int = 0
-    # dQ from the dK/dV pass: each (key tile, query tile) step also adds dS K into an fp32 dQ buffer with
-    # atomic adds, and the separate dQ kernel (which recomputes QK^T and exp a second time) is skipped:
-    # about 5 matmul-equivalents per tile instead of 7 (FlashAttention-2's backward). The atomics make
-    # dQ's summation order, so its last bits, vary from run to run; off by default (deterministic).
-    dq_atomic: bool = False
 
 
 # Fixed configs per padded head dim (no autotune: the first call must not take minutes, and the
@@ -310,9 +305,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
 
 
 @triton.jit
-def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, qb, offs_n, offs_mm, offs_d, d_ok,
-                   seqlen, sqt, sdot, sdqt, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
-                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm, offs_d, d_ok,
+                   seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
+                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
     offs_m = qb * BLOCK_M + offs_mm
     m_ok = offs_m < seqlen
     mask = m_ok[:, None] & d_ok[None, :]
@@ -329,9 +324,6 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base,
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
-    if ATOMIC_DQ:  # this tile's share of dQ (unscaled, fp32), summed over key tiles by atomic adds
-        dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC)
-        tl.atomic_add(dq_base + offs_m[:, None] * sdqt + offs_d[None, :], dq, mask=mask)
     return dk, dv
 
 
@@ -349,20 +341,20 @@ def _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt, svb, svh, s
 
 
 @triton.jit
-def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, COL_IDX, c0, nf, e0, e1, offs_n,
-                 offs_mm, offs_d, d_ok, seqlen, sqt, sdot, sdqt, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
-                 KIND: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, e0, e1, offs_n, offs_mm,
+                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
+                 KIND: tl.constexpr, DOT_PREC: tl.constexpr):
     """Entries [e0, e1) of a column that starts at c0 with nf unmasked (full) entries first."""
     for e in range(e0, tl.minimum(e1, c0 + nf)):
         qb = tl.load(COL_IDX + e)
-        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, qb, offs_n, offs_mm,
-                                offs_d, d_ok, seqlen, sqt, sdot, sdqt, qk_scale, hp, P0, P1, P2, BLOCK_M,
-                                False, KIND, DOT_PREC, ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
+                                False, KIND, DOT_PREC)
     for e in range(tl.maximum(e0, c0 + nf), e1):
         qb = tl.load(COL_IDX + e)
-        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, dq_base, qb, offs_n, offs_mm,
-                                offs_d, d_ok, seqlen, sqt, sdot, sdqt, qk_scale, hp, P0, P1, P2, BLOCK_M,
-                                True, KIND, DOT_PREC, ATOMIC_DQ)
+        dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
+                                True, KIND, DOT_PREC)
     return dk, dv
 
 
@@ -383,16 +375,16 @@ def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT,
-                     PART_K, PART_V, qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
-                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, sdqb, sdqh, sdqt, slb, slh, n_seq, n_kblocks, P0, P1, P2,
-                     split, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT, PART_K, PART_V,
+                     qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
+                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2, split, n_bs,
+                     GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                     HAS_SPLIT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                     HAS_SPLIT: tl.constexpr):
     """One program per (key tile, KV head, sequence): dK, dV of the tile summed over the GQA group's
     query heads. With HAS_SPLIT, each column contributes only its first ``split`` entries here; a tile
     with a longer column (TILE_SLOT >= 0) writes its fp32 partial to scratch for ``_bwd_dkdv_reduce_kernel``
-    and ``_bwd_dkdv_items_kernel`` covers the rest. With ATOMIC_DQ, dQ is accumulated into DQ_ACC as well."""
+    and ``_bwd_dkdv_items_kernel`` covers the rest."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     bs = tl.program_id(2)
@@ -417,10 +409,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
         hp = tl.load(HP + h)
         if HAS_SPLIT:
             c1 = tl.minimum(c1, c0 + split)
-        dk, dv = _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base,
-                              DQ_ACC + b * sdqb + h * sdqh + start * sdqt, COL_IDX, c0, nf, c0, c1,
-                              offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, sdqt, qk_scale, hp, P0, P1, P2,
-                              BLOCK_M, KIND, DOT_PREC, ATOMIC_DQ)
+        dk, dv = _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, c0, c1,
+                              offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2,
+                              BLOCK_M, KIND, DOT_PREC)
     if HAS_SPLIT:
         slot = tl.load(TILE_SLOT + kvh * n_kblocks + pid_n)
         if slot >= 0:
@@ -434,11 +425,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
 
 
 @triton.jit
-def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K,
-                           PART_V, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
-                           sdqb, sdqh, sdqt, slb, slh, n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K, PART_V,
+                           qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh, slb, slh,
+                           n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           DOT_PREC: tl.constexpr):
     """One program per (work item, sequence): entries [e0, e1) of query head h's column of key tile n,
     written as an fp32 partial to scratch slot ``slot`` (ITEMS rows: h, n, e0, e1, slot)."""
     item = tl.program_id(0)
@@ -461,10 +452,9 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_column(dk, dv, k, v, Q + b * sqb + h * sqh + start * sqt, DO + b * sdob + h * sdoh + start * sdot,
-                          LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start,
-                          DQ_ACC + b * sdqb + h * sdqh + start * sdqt, COL_IDX, c0, nf, e0, e1,
-                          offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, sdqt, qk_scale, tl.load(HP + h), P0, P1, P2,
-                          BLOCK_M, KIND, DOT_PREC, ATOMIC_DQ)
+                          LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start, COL_IDX, c0, nf, e0, e1,
+                          offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2,
+                          BLOCK_M, KIND, DOT_PREC)
     _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N, BLOCK_D)
 
 
@@ -615,15 +605,19 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1), t, hq,
         HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m,
     )
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     p0, p1, p2, _ = spec.scalar_params()
     common = dict(GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
-    if cfg.dq_atomic:  # fp32 dQ accumulated by the dK/dV pass (atomic adds); scaled and cast at the end
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    else:
-        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        _bwd_dq(q, k, v, do, dq, lse, delta, spec, scale, cu, n_seq, max_len, cfg, common, (p0, p1, p2))
+    lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
+    _bwd_dq_kernel[(triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)](
+        q, k, v, do, dq, lse, delta, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
+        scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
+        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
+    )
     lay = _layout_for(spec, max_len, hq, cfg.bwd_m, cfg.bwd_n, q.device)
     plan = _column_split_plan(lay, hkv, cfg.col_split, q.device) if cfg.col_split > 0 else None
     n_bs = b * n_seq
@@ -632,49 +626,31 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         part_k = torch.empty(plan.n_slots * n_bs * cfg.bwd_n * block_d, dtype=torch.float32, device=q.device)
         part_v = torch.empty_like(part_k)
         tile_slot = plan.tile_slot
-    dq_strides = (dq.stride(0), dq.stride(1), dq.stride(2))
     _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, n_bs)](
-        q, k, v, do, dk, dv, lse, delta, dq, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
+        q, k, v, do, dk, dv, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
         tile_slot, part_k, part_v,
         scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *dq_strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, cfg.col_split, n_bs,
         BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
-        HAS_SPLIT=plan is not None, ATOMIC_DQ=cfg.dq_atomic, **common,
+        HAS_SPLIT=plan is not None, **common,
     )
     if plan is not None:
         if plan.items.shape[0]:
             _bwd_dkdv_items_kernel[(plan.items.shape[0], n_bs)](
-                q, k, v, do, lse, delta, dq, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull, plan.items,
+                q, k, v, do, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull, plan.items,
                 part_k, part_v, scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-                *dq_strides, lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, n_bs,
-                BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
-                ATOMIC_DQ=cfg.dq_atomic, **common,
+                lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, n_bs,
+                BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
             )
         _bwd_dkdv_reduce_kernel[(plan.red_tile.shape[0], n_bs)](
             dk, dv, cu, plan.red_tile, plan.red_ptr, plan.red_slot, part_k, part_v, scale,
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             n_seq, lay.n_kblocks, n_bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.bwd_n, num_warps=4,
         )
-    if cfg.dq_atomic:
-        dq = (dq * scale).to(q.dtype)
     return dq, dk, dv
-
-
-def _bwd_dq(q, k, v, do, dq, lse, delta, spec, scale, cu, n_seq, max_len, cfg, common, params):
-    """The separate dQ kernel: one program per (query tile, head, sequence), over its row of key tiles."""
-    p0, p1, p2 = params
-    hq = q.shape[1]
-    lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
-    _bwd_dq_kernel[(triton.cdiv(max_len, cfg.fwd_m), hq, q.shape[0] * n_seq)](
-        q, k, v, do, dq, lse, delta, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
-        scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
-        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
-    )
 
 
 def _ensure_last_dim_contiguous(x):

@@ -197,41 +197,6 @@ def test_column_split_matches_reference(device, name, packed):
         torch.testing.assert_close(a, r, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("name", ["streaming", "s2", "sf", "dense"])
-@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
-@pytest.mark.parametrize("split", [0, 1], ids=["one-program-per-column", "column-split"])
-def test_atomic_dq_matches_reference(device, name, packed, split):
-    """KernelConfig.dq_atomic: dQ accumulated by the dK/dV pass with atomic adds (no separate dQ kernel),
-    alone and with the column split (whose extra programs then add to dQ too), gives the reference
-    gradients (GQA 4, fp32, head dim 80: a padded head dim), and the same dK/dV as the default path."""
-    import dataclasses
-
-    from headwise.kernels import sparse_attention_triton
-    from headwise.kernels.block_sparse_attention import pick_config
-
-    specs = GPU_SPECS if device == "cuda" else CPU_SPECS
-    t = 1500 if device == "cuda" else 97
-    spec = specs[name]
-    q, k, v = _inputs(1, 8, 2, t, 80, torch.float32, device, 23)
-    cu = _packing(t, device) if packed else None
-    base = pick_config(80, spec.resolve(t), device)
-    col_split = (8 if device == "cuda" else 3) if not packed else (4 if device == "cuda" else 1)
-    cfg = dataclasses.replace(base, dq_atomic=True, col_split=col_split if split else 0)
-    do = torch.randn(1, t, 8, 80, generator=torch.Generator().manual_seed(3)).to(device)
-    grads = {}
-    for key, c in (("atomic", cfg), ("default", base)):
-        xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-        out, _ = sparse_attention_triton(*xs, spec, cu_seqlens=cu, config=c)
-        grads[key] = torch.autograd.grad(out, xs, do)
-    rs = [x.clone().requires_grad_(True) for x in (q, k, v)]
-    ref = torch.autograd.grad(reference_attention(*rs, spec, cu_seqlens=cu), rs, do)
-    for a, r in zip(grads["atomic"], ref):
-        torch.testing.assert_close(a, r, atol=2e-4, rtol=2e-4)
-    if not split:  # dK/dV come from the same programs in the same order: identical
-        for a, b in zip(grads["atomic"][1:], grads["default"][1:]):
-            assert torch.equal(a, b)
-
-
 def test_column_split_plan_covers_every_entry_once():
     """The plan's main programs (each head's first `split` entries) and items partition every column of
     every split tile; unsplit tiles keep slot -1."""
