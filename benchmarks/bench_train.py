@@ -15,6 +15,9 @@ LoRA r=8 / alpha 16 on q,k,v,o with gradient checkpointing (non-reentrant), time
 - `noattn`: a ceiling measurement, not a method: attention returns V (GQA-repeated) unchanged, so
   it costs ~nothing; this is the issue's "attention made free" speed that no attention can beat.
 
+`--liger` runs every row (dense included) with Liger-Kernel's fused RMSNorm, SwiGLU MLP and rotary
+embedding (`training.liger_kernels`), so the rows still differ by attention alone.
+
 Loss: `--loss chunked` (default) is headwise's logit-free loss (`headwise.losses.chunked_lm_loss`
 on the final hidden states, as the trainer's fused loss), for every method, so rows differ by
 attention alone; 64K needs it. `--loss hf` is the model's own labels loss (full-sequence logits),
@@ -149,6 +152,11 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
     cuda = device == "cuda"
     model = build_model(shape, dtype, device)
     install_attention(model, method)
+    if args.liger:  # as headwise.training does with training.liger_kernels: after the patch, before PEFT
+        from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
+
+        check_liger_kernels(model.config.model_type, device)
+        apply_liger_kernels(model)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.24 renamed it (the old name warns)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -239,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each row's timed steps, profile one more step and print its N costliest ops")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--liger", action="store_true",
+                   help="every row with Liger-Kernel's fused RMSNorm/SwiGLU/rotary (training.liger_kernels; CUDA)")
     p.add_argument("--budget-s", type=float, default=540, help="skip the rows that would end past this many seconds")
     p.add_argument("--tiny", action="store_true", help="tiny fp32 shape on CPU: checks the script end to end")
     p.add_argument("--out", default=None, help="JSONL file (default benchmarks/results/train.jsonl; --tiny: none)")
@@ -289,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                    peak_mem_mib=None if peak_bytes is None else round(peak_bytes / 2**20, 1),
                    baseline=baseline, ratio_to_dense=round(tps / baseline, 3) if tps and baseline else None,
                    oom=oom, loss=args.loss, loss_value=res["loss_value"], grad_checkpointing=True, lora="r=8 q,k,v,o",
+                   fused_ops="liger (rms_norm, swiglu, rope)" if args.liger else None,
                    kernel=kernel_path(method, shape["num_attention_heads"], context, device, dtype),
                    impl=headwise.kernels.SHIFTED_GROUPS_IMPL if method.partition("@")[0] in ("sf", "longlora") else None,
                    max_piece_heads=headwise.kernels.shifted_groups.MAX_PIECE_HEADS,

@@ -163,6 +163,11 @@ class TrainingSection(Section):
         description="Compute the LM loss without materialising full-sequence logits. `chunked` (and `auto`): our "
         "checkpointed chunked loss (any device); `liger`: Liger-Kernel's fused linear cross-entropy (CUDA, opt-in).",
     )
+    liger_kernels: bool = Field(
+        False,
+        description="Replace RMSNorm, the SwiGLU MLP and the rotary embedding with Liger-Kernel's fused Triton kernels "
+        "(CUDA; fewer elementwise passes per layer, for every method and the dense baseline alike). Needs `pip install 'headwise[liger]'`.",
+    )
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (a killed run resumes from the last).")
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept on disk.")

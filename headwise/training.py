@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
 from headwise.losses import resolve_fused_loss
 from headwise.methods import Method, method_for
 from headwise.model_loading import load_config, load_model, load_tokenizer
@@ -274,12 +275,18 @@ def train(loaded: LoadedRecipe) -> TrainResult:
         method.prepare_model(skeleton)  # the method's extra modules count as names too
     check_module_names(skeleton, recipe, method)
     check_data_sources(recipe.data)
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    resolve_fused_loss(recipe.training.fused_cross_entropy, device_type)  # raises now, not after the weights load
+    if recipe.training.liger_kernels:
+        check_liger_kernels(model_config.model_type, device_type)
     resume = prepare_run_dir(recipe, recipe.model_dump(mode="json"), loaded.resolved_yaml())
 
     t0 = time.time()
     tokenizer = load_tokenizer(recipe.model)
     model = load_model(recipe.model, training=True, config=model_config)
     method.prepare_model(model)
+    if recipe.training.liger_kernels:
+        apply_liger_kernels(model)
     model = wrap_peft(model, recipe, method)
     if is_main_process() and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()

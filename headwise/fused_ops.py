@@ -1,0 +1,56 @@
+"""Liger-Kernel's fused RMSNorm, SwiGLU MLP and rotary embedding for training (`training.liger_kernels`).
+
+A long-context LoRA step spends a large share of its time outside attention and outside the big
+matmuls: transformers' RMSNorm, SiLU x up and rotary embedding are chains of pure-torch elementwise
+ops, each reading and writing the whole (T, hidden) activation. With gradient checkpointing they run
+three times per step (forward, recompute, backward). Liger-Kernel replaces each chain with one Triton
+kernel. That speeds up every method and the dense baseline alike, so it changes what "attention made
+free" can reach, not how attention methods compare. `benchmarks/bench_train.py --liger` measures it.
+
+Liger's kernels are CUDA-only (they do not run under the Triton interpreter), so the option is
+checked before any weights load: CUDA, liger-kernel installed, and a model type Liger supports.
+The swap happens on the loaded model before the PEFT wrap. Weights and module names are unchanged,
+so LoRA targets, trainable norms and the saved checkpoint are as without it. Liger's rotary patch
+replaces the model family's module-level `apply_rotary_pos_emb`, so it applies to every model of
+that family in the process, not only to this instance.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from headwise.errors import HeadwiseError
+
+FIELD = "training.liger_kernels"
+FUSED = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False, "fused_linear_cross_entropy": False}
+
+
+def _apply_fns() -> dict[str, Any]:
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise HeadwiseError(f"{FIELD} needs liger-kernel: pip install 'headwise[liger]' (or set {FIELD}: false)") from None
+    return MODEL_TYPE_TO_APPLY_LIGER_FN
+
+
+def check_liger_kernels(model_type: str, device_type: str) -> None:
+    """Raise a HeadwiseError naming the field unless Liger's fused ops can run for this model here."""
+    if device_type != "cuda":
+        raise HeadwiseError(f"{FIELD} needs a CUDA GPU (Liger's Triton kernels do not run on {device_type}); "
+                            f"set {FIELD}: false")
+    fns = _apply_fns()
+    if model_type not in fns:
+        raise HeadwiseError(f"{FIELD}: Liger-Kernel has no fused ops for model type {model_type!r} "
+                            f"(it supports {', '.join(sorted(fns))}); set {FIELD}: false")
+
+
+def apply_liger_kernels(model: torch.nn.Module) -> None:
+    """Swap the model's RMSNorm, SwiGLU MLP and rotary embedding for Liger's fused kernels, in place.
+
+    `model` is the loaded (not yet PEFT-wrapped) causal LM; call `check_liger_kernels` first."""
+    fn = _apply_fns()[model.config.model_type]
+    params = inspect.signature(fn).parameters
+    fn(model=model, **{k: v for k, v in FUSED.items() if k in params})
