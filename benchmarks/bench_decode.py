@@ -9,6 +9,8 @@ bandwidth bound of the row: (bytes of weights read per token + bytes of kept KV)
     python benchmarks/bench_decode.py --contexts 32768 --policies full,streaming,h2o,duo,full-hf
     python benchmarks/bench_decode.py --contexts 131072 --policies full,streaming,h2o,duo
     python benchmarks/bench_decode.py --contexts 131072 --policies full-hf
+    # where a 50%-streaming Duo cache dominates the weights (KV 131 KB/token on this shape; 512K full = 68.7 GB):
+    python benchmarks/bench_decode.py --mode compile --contexts 262144,524288 --policies full,duo
     # CPU smoke test of the whole script (tiny shape, nothing written unless --out):
     python benchmarks/bench_decode.py --tiny
 
@@ -64,10 +66,10 @@ def policies(shape: dict, seed: int = 0) -> dict[str, dict]:
     }
 
 
-def build_model(shape: dict, dtype: torch.dtype, device: str):
+def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int = 262144):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(**shape, max_position_embeddings=262144, rope_theta=500000.0, attn_implementation="sdpa")
+    config = LlamaConfig(**shape, max_position_embeddings=max_positions, rope_theta=500000.0, attn_implementation="sdpa")
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
@@ -223,7 +225,8 @@ def main(argv=None) -> int:
 
     if args.attention:
         kv_attention.FUSED_DECODE = args.attention == "fused"
-    model = build_model(shape, dtype, device)
+    # positions past the longest prompt and its decode steps (262144 covers the default 128K rows)
+    model = build_model(shape, dtype, device, max(262144, max(contexts) + args.warmup + args.new_tokens))
     table = policies(shape)
     wbytes = weight_bytes_per_token(model)
     gpu = torch.cuda.get_device_name() if device == "cuda" else "cpu"

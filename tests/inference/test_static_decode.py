@@ -173,3 +173,29 @@ def test_cuda_graph_decode_equals_eager(policy):
     for layer in range(2):
         for group in range(len(eager.cache.layers[layer].groups)):
             assert graphed.cache.kept_positions(layer, group) == eager.cache.kept_positions(layer, group)
+
+
+def test_static_from_releases_the_dynamic_cache_layer_by_layer(llama):
+    """The hand-over from the prefilled dynamic cache to the slot stores frees every dynamic K/V tensor
+    (else it holds twice the KV bytes at once), and the decoder still generates what it did before."""
+    import weakref
+
+    from headwise.static_decode import prompt_positions
+
+    policy = {"type": "duo", "retrieval_heads": [[1, 0], [0, 1]], "sink": 2, "recent": 6}
+    ids = random_ids(1, 30, seed=5)
+    mask = torch.ones_like(ids)
+    expected = StaticDecoder(llama, policy, max_new_tokens=8, mode="eager", prefill_chunk=0).generate(ids, mask)
+
+    dyn = make_cache(llama, policy, always=True)
+    with torch.inference_mode():
+        out = llama(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), use_cache=True,
+                    logits_to_keep=1, **{cache_kwarg(llama): dyn})
+    first = out.logits[:, -1].argmax(-1)
+    del out
+    held = [weakref.ref(t) for layer in dyn.layers for _, store in layer.groups for t in (store.keys, store.values)]
+    assert all(r() is not None for r in held)
+    decoder = StaticDecoder(llama, policy, max_new_tokens=8, mode="eager", prefill_chunk=0)
+    decoder.static_from(dyn, first, torch.full((1,), 30))
+    assert all(r() is None for r in held)  # freed, not merely dropped from the store
+    assert torch.equal(decoder.decode(8), expected)
