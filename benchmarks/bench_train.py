@@ -20,13 +20,17 @@ embedding (`training.liger_kernels`), so the rows still differ by attention alon
 
 Loss: `--loss chunked` (default) is headwise's logit-free loss (`headwise.losses.chunked_lm_loss`
 on the final hidden states, as the trainer's fused loss), for every method, so rows differ by
-attention alone; 64K needs it. `--loss hf` is the model's own labels loss (full-sequence logits),
+attention alone; 64K needs it. `--loss liger` is Liger-Kernel's fused linear cross-entropy
+(`training.fused_cross_entropy: liger`, CUDA), which computes the logits' gradient in the forward
+instead of recomputing the logits in the backward. `--loss hf` is the model's own labels loss (full-sequence logits),
 which is what the issue's dense anchor (5,730 tokens/s, 78 GiB at 32K) used.
 
     # GPU (H200), one call; rows go to benchmarks/results/train.jsonl:
     python benchmarks/bench_train.py --contexts 32768,65536 --methods dense,sf,longlora,noattn
     # where one step's time goes, per method (torch.profiler, after the timed steps):
     python benchmarks/bench_train.py --contexts 32768 --methods dense,sf --profile 25
+    # what is alive at each method's memory peak (allocation sites, MiB):
+    python benchmarks/bench_train.py --contexts 65536 --methods dense,sf --memory-peak 12
     # CPU smoke test of the whole script (tiny fp32 shape, contexts 256,512, nothing written unless --out):
     OMP_NUM_THREADS=1 python benchmarks/bench_train.py --tiny
 """
@@ -116,13 +120,14 @@ def kernel_path(method: str, heads: int, context: int, device: str, dtype: torch
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, loss_mode: str) -> float:
-    if loss_mode == "chunked":
-        from headwise.losses import chunked_lm_loss
+    if loss_mode in ("chunked", "liger"):
+        from headwise.losses import chunked_lm_loss, liger_lm_loss
 
         # Final hidden states and a (B, 0, V) logits tensor, as headwise.training asks for them.
         out = model(input_ids=ids, use_cache=False, output_hidden_states=True,
                     logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
-        loss = chunked_lm_loss(out.hidden_states[-1], model.get_output_embeddings(), ids)
+        loss_fn = chunked_lm_loss if loss_mode == "chunked" else liger_lm_loss
+        loss = loss_fn(out.hidden_states[-1], model.get_output_embeddings(), ids)
     else:
         out = model(input_ids=ids, labels=ids, use_cache=False)
         loss = out.loss
@@ -183,6 +188,15 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     check_lora_updated(model, before, method)
+    if args.memory_peak and cuda:  # one more step, traced (recording stacks slows it, so it is not timed)
+        from memory_peak import PeakTrace, format_peak_report, peak_report
+
+        with PeakTrace() as trace:
+            train_step(model, opt, ids, args.loss)
+            torch.cuda.synchronize()
+        print(f"\nmemory peak of one step, {method}{'@' + impl if impl else ''} T={context} "
+              f"(max_memory_allocated {trace.max_allocated / 2**20:.1f} MiB):", flush=True)
+        print(format_peak_report(peak_report(trace.snapshot, top=args.memory_peak)), flush=True)
     if args.profile:
         print_step_profile(model, opt, ids, args.loss, f"{method}{'@' + impl if impl else ''} T={context}", args.profile)
     return dict(s_per_step=statistics.median(times), loss_value=losses[-1])
@@ -242,11 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default=None, help="comma-separated: dense,sf,longlora,noattn (default dense,sf,longlora; --tiny: all)")
     p.add_argument("--contexts", default=None, help="comma-separated (default 32768,65536; --tiny: 256,512)")
-    p.add_argument("--loss", default="chunked", choices=["chunked", "hf"])
+    p.add_argument("--loss", default="chunked", choices=["chunked", "liger", "hf"])
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="after each row's timed steps, profile one more step and print its N costliest ops")
     p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--memory-peak", type=int, default=0, metavar="N",
+                   help="after each row's timed steps, trace one more step's allocations (CUDA) and print the "
+                   "N largest allocation sites alive at its memory peak (benchmarks/memory_peak.py)")
     p.add_argument("--liger", action="store_true",
                    help="every row with Liger-Kernel's fused RMSNorm/SwiGLU/rotary (training.liger_kernels; CUDA)")
     p.add_argument("--budget-s", type=float, default=540, help="skip the rows that would end past this many seconds")

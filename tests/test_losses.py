@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -86,3 +88,24 @@ def test_chunked_loss_casts_fp32_hidden_states_to_a_bf16_head():
     torch.testing.assert_close(loss, expected)
     loss.backward()
     assert hidden.grad is not None and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
+                    reason="needs CUDA and liger-kernel")
+def test_liger_loss_matches_chunked_loss_on_gpu():
+    """Liger's fused linear cross-entropy (gradient computed in the forward) against our chunked loss."""
+    from headwise.losses import liger_lm_loss
+
+    model = _model().float().cuda()
+    ids = torch.randint(0, 300, (2, 301), device="cuda")
+    labels = ids.clone()
+    labels[0, :9] = -100
+    losses, grads = [], []
+    for fn in (chunked_lm_loss, liger_lm_loss):
+        out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=torch.empty(0, dtype=torch.long, device="cuda"))
+        loss = fn(out.hidden_states[-1], model.lm_head, labels)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [model.model.layers[0].self_attn.q_proj.weight, model.model.norm.weight]))
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    for g, r in zip(grads[1], grads[0]):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-6)
