@@ -3,9 +3,14 @@
 At 64K tokens and a 128K vocabulary, bf16 logits alone take 16 GiB and their fp32 softmax twice
 that; the loss of long-context training must never hold them. Two ways:
 
-- `chunked`: split the final hidden states into chunks of `chunk_size` tokens; each chunk's
-  `lm_head` projection + cross-entropy runs under `torch.utils.checkpoint`, so only one chunk's
-  logits exist at a time, in forward and in backward. Pure torch, any device.
+- `chunked`: split the final hidden states into chunks of `chunk_size` tokens, so only one chunk's
+  logits exist at a time. Pure torch, any device. When the output head is a plain `nn.Linear`
+  whose weight is materialised (not a ZeRO-3 partition), each chunk's gradient is computed in the
+  forward, as Liger's fused kernel does (`_LinearCrossEntropy`): the backward then only scales
+  stored gradients, instead of recomputing the logits (one lm_head matmul per token, 34 TFLOP per
+  step at 32K on a 128K vocabulary) and their softmax. Otherwise (PEFT-wrapped head, ZeRO-3) each
+  chunk's projection + cross-entropy runs under `torch.utils.checkpoint` through the module call,
+  so wrappers and ZeRO-3's gathering hooks see an ordinary forward and backward.
 - `liger`: Liger-Kernel's fused linear cross-entropy (Triton, CUDA), which also never writes the
   logits out.
 
@@ -38,6 +43,71 @@ def _chunk_ce_sum(lm_head: torch.nn.Module, hidden: torch.Tensor, labels: torch.
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of next-token cross-entropy over `targets` of `hidden @ weight.T + bias`, chunk by chunk,
+    with the gradients computed in the forward.
+
+    hidden: (N, d); weight: (V, d); bias: (V,) or None; targets: (N,) with IGNORE_INDEX where no loss.
+    Saved for the backward: d(loss)/d(hidden) (N, d) in hidden's dtype and, when the weight or bias
+    trains, their fp32 gradients; the backward multiplies them by the incoming scalar gradient. The
+    logits are fp32 at least (a bf16 log-sum-exp over 100K+ classes loses ~2 digits), as in `_chunk_ce_sum`."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_size: int):
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # fp32 logits (fp64 stays fp64, for tests)
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
+        total = torch.zeros((), dtype=acc, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_size):
+            y = targets[start : start + chunk_size]
+            valid = y != IGNORE_INDEX
+            if not valid.any():
+                continue
+            # the head's dtype, as the module call would (a trained fp32 final norm feeds a bf16 head)
+            h = hidden[start : start + chunk_size].to(weight.dtype)
+            logits = F.linear(h, weight, None if bias is None else bias.to(h.dtype)).to(acc)
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = valid.nonzero().squeeze(1)
+            picked = logits[rows, y[rows]]
+            total += (lse[rows] - picked).sum()
+            # d(sum of losses)/d(logits) = softmax - one-hot on valid rows, 0 elsewhere (in place: the
+            # fp32 logits become their gradient, so a chunk holds one (chunk, V) fp32 buffer)
+            dlogits = logits.sub_(lse[:, None]).exp_()
+            dlogits[rows, y[rows]] -= 1
+            dlogits[~valid] = 0
+            if grad_h is not None:
+                grad_h[start : start + chunk_size] = (dlogits.to(h.dtype) @ weight).to(grad_h.dtype)
+            if grad_w is not None:
+                grad_w += dlogits.T @ h.to(acc)
+            if grad_b is not None:
+                grad_b += dlogits.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        g = grad_total
+        return (
+            None if grad_h is None else grad_h * g.to(grad_h.dtype),
+            None if grad_w is None else (grad_w * g).to(w_dtype),
+            None if grad_b is None else (grad_b * g).to(b_dtype),
+            None,
+            None,
+        )
+
+
+def _fuses_gradient(lm_head: torch.nn.Module) -> bool:
+    """Whether the head's weight can be used directly: a plain Linear holding its whole weight (not a
+    PEFT wrapper, not a ZeRO-3 partition, whose data exists only inside the module's own forward)."""
+    return (type(lm_head) is torch.nn.Linear and not hasattr(lm_head.weight, "ds_id")
+            and lm_head.weight.dim() == 2 and lm_head.weight.numel() > 0)
+
+
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
     """Labels aligned with hidden states: position t predicts token t+1; the last position predicts nothing."""
     return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
@@ -60,13 +130,16 @@ def chunked_lm_loss(
     """
     targets = shift_labels(labels).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
+    denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
+    if _fuses_gradient(lm_head):
+        total = _LinearCrossEntropy.apply(flat, lm_head.weight, lm_head.bias, targets, chunk_size)
+        return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
     total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     for start in range(0, flat.shape[0], chunk_size):
         h, y = flat[start : start + chunk_size], targets[start : start + chunk_size]
         if not (y != IGNORE_INDEX).any():
             continue
         total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=False)
-    denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
     return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
 
 

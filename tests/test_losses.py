@@ -90,6 +90,49 @@ def test_chunked_loss_casts_fp32_hidden_states_to_a_bf16_head():
     assert hidden.grad is not None and hidden.grad.dtype == torch.float32 and hidden.grad.abs().sum() > 0
 
 
+
+class _WrappedHead(torch.nn.Linear):
+    """Not a plain Linear (as a PEFT-wrapped head is not): the loss must go through the module call."""
+
+
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["trained-head", "frozen-head"])
+def test_gradient_in_forward_equals_the_checkpointed_path(frozen_head):
+    """A plain Linear head gets its gradients in the forward (the head is never called again in the
+    backward); a wrapped head goes through checkpointed module calls. Both equal F.cross_entropy on the
+    full logits, in the loss and in the gradients of the hidden states, the weight and the bias."""
+    torch.manual_seed(0)
+    plain = torch.nn.Linear(24, 50, bias=True).double()
+    wrapped = _WrappedHead(24, 50, bias=True).double()
+    wrapped.load_state_dict(plain.state_dict())
+    labels = torch.randint(0, 50, (3, 17))
+    labels[1, 4:9] = -100
+    hidden = torch.randn(3, 17, 24, dtype=torch.float64)
+    results = []
+    for head in (None, plain, wrapped):
+        h = hidden.clone().requires_grad_(True)
+        params = [] if frozen_head else [(head or plain).weight, (head or plain).bias]
+        for prm in (plain.weight, plain.bias, wrapped.weight, wrapped.bias):
+            prm.requires_grad_(not frozen_head)
+        calls = []
+        hook = (head or plain).register_forward_hook(lambda *a: calls.append(1))
+        if head is None:  # the reference: full logits, one cross-entropy
+            logits = plain(h)[:, :-1].reshape(-1, 50)
+            loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
+        else:
+            loss = chunked_lm_loss(h, head, labels, chunk_size=5)
+        grads = torch.autograd.grad(loss, [h, *params])
+        hook.remove()
+        results.append((loss, grads, len(calls)))
+    (ref_loss, ref_grads, _), (fused_loss, fused_grads, fused_calls), (ckpt_loss, ckpt_grads, ckpt_calls) = results
+    assert fused_calls == 0  # the fused path uses the weight directly, with no second pass over the logits
+    # 51 positions in chunks of 5 = 11 chunks; skipped: 20-24 (row 1's masked labels, shifted by one) and
+    # 50 (the last row's final position predicts nothing): 9 chunks, each run twice (forward, recompute)
+    assert ckpt_calls == 2 * 9
+    for loss, grads in ((fused_loss, fused_grads), (ckpt_loss, ckpt_grads)):
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+        for g, r in zip(grads, ref_grads):
+            torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="needs CUDA and liger-kernel")
 def test_liger_loss_matches_chunked_loss_on_gpu():
