@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         except torch.cuda.OutOfMemoryError:
             res, oom = dict(s_per_step=None, loss_value=None), True
         peak_bytes = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        # the tensors' own bytes at the peak: max_memory_allocated counts allocator blocks (512 B
+        # rounding, and a large block may keep up to 1 MiB of unsplit remainder)
+        requested = torch.cuda.memory_stats().get("requested_bytes.all.peak") if device == "cuda" else None
         peak = None if peak_bytes is None else round(peak_bytes / 2**30, 2)
         gc.collect()
         if device == "cuda":
@@ -314,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         row = dict(method=method, model_shape=shape_name, context=context, batch=1, steps=args.steps,
                    s_per_step=None if oom else round(res["s_per_step"], 4), tokens_per_s=tps, peak_mem_gib=peak,
                    peak_mem_mib=None if peak_bytes is None else round(peak_bytes / 2**20, 1),
+                   peak_requested_mib=None if requested is None else round(requested / 2**20, 1),
                    baseline=baseline, ratio_to_dense=round(tps / baseline, 3) if tps and baseline else None,
                    oom=oom, loss=args.loss, loss_value=res["loss_value"], grad_checkpointing=True, lora="r=8 q,k,v,o",
                    fused_ops="liger (rms_norm, swiglu, rope)" if args.liger else None,

@@ -323,6 +323,9 @@ def _query_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad_
     return _with_sink_rows(x, b, p, heads, zero_sinks=zero_lead)
 
 
+_SAVED = object()  # marks where a backend state held a tensor (restored from the saved tensors)
+
+
 class ShiftedGroupAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec, scale, backend):
@@ -349,18 +352,23 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 lses.append(lse)
                 states.append(st)
                 del qp, kp, vp, o  # one piece's temporaries at a time (peak memory)
-        # The per-piece fp32 lse (B x Hq x T x 4 bytes per layer) must go through save_for_backward:
-        # held on ctx as an attribute it outlives a checkpointed layer's forward (gradient
-        # checkpointing frees only saved tensors), 128 MiB over 32 layers at 32K. The backend states
-        # (ints, and for cuDNN/flash the RNG seed and offset as one-element tensors) stay on ctx.
-        ctx.save_for_backward(q, k, v, out, *lses)
-        ctx.meta = (scale, backend, pieces, states, gqa, pad_q, overlap)
+        # Every tensor the backward needs goes through save_for_backward: held on ctx as an attribute it
+        # outlives a checkpointed layer's forward (gradient checkpointing frees only saved tensors). For
+        # the per-piece fp32 lse that was 128 MiB over 32 layers at 32K; the backend states' tensors
+        # (cuDNN/flash: RNG seed and offset, sequence offsets) are small, but per piece and per layer.
+        state_tensors = [x for st in states for x in (st or ()) if isinstance(x, torch.Tensor)]
+        templates = [st if st is None else tuple(_SAVED if isinstance(x, torch.Tensor) else x for x in st)
+                     for st in states]
+        ctx.save_for_backward(q, k, v, out, *lses, *state_tensors)
+        ctx.meta = (scale, backend, pieces, templates, len(lses), gqa, pad_q, overlap)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, *lses = ctx.saved_tensors
-        scale, backend, pieces, states, gqa, pad_q, overlap = ctx.meta
+        scale, backend, pieces, templates, n_lse, gqa, pad_q, overlap = ctx.meta
+        q, k, v, out, *rest = ctx.saved_tensors
+        lses, saved = rest[:n_lse], iter(rest[n_lse:])
+        states = [st if st is None else tuple(next(saved) if x is _SAVED else x for x in st) for st in templates]
         _, bwd = BACKENDS[backend]
         bsz = q.shape[0]
         out_h, do_h = out.transpose(1, 2), dout.contiguous().transpose(1, 2)  # (expanded grads have 0 strides)

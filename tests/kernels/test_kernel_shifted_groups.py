@@ -156,9 +156,10 @@ def test_group_ratio_resolves_like_the_kernel(device, ratio):
 
 def test_everything_the_backward_needs_goes_through_saved_tensors(monkeypatch):
     """Activation checkpointing drops what autograd saves during a checkpointed forward and recomputes
-    it for the backward. The per-piece log-sum-exps must take that path: held on ctx as attributes
-    they stayed alive for every layer until the backward (the SF training step's memory gap over SDPA).
-    Saved-tensor hooks that drop every tensor stand in for the checkpoint; the lse must then be freed."""
+    it for the backward. The per-piece log-sum-exps and the tensors in a backend's state must take that
+    path: held on ctx as attributes they stay alive for every layer until the backward (the lse did:
+    the SF training step's memory gap over SDPA). Saved-tensor hooks that drop every tensor stand in
+    for the checkpoint; those tensors must then be freed."""
     import weakref
 
     from headwise.kernels import shifted_groups
@@ -167,17 +168,27 @@ def test_everything_the_backward_needs_goes_through_saved_tensors(monkeypatch):
     lse_refs = []
 
     def observed_fwd(q, k, v, scale):
+        # a backend state of ints and a tensor, as cuDNN's and flash's (RNG seed/offset) are
         o, lse, st = fwd(q, k, v, scale)
-        lse_refs.append(weakref.ref(lse))
-        return o, lse, st
+        seed = torch.zeros(1)
+        lse_refs.extend([weakref.ref(lse), weakref.ref(seed)])
+        return o, lse, (st, 7, seed)
 
-    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, bwd))
+    def observed_bwd(do, q, k, v, out, lse, scale, state):
+        st, seven, seed = state
+        assert seven == 7 and isinstance(seed, torch.Tensor)
+        return bwd(do, q, k, v, out, lse, scale, st)
+
+    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
     spec = LayoutSpec("shifted_groups", group_size=32, sink=4)
     q, k, v = (torch.randn(1, h, 100, 16, requires_grad=True) for h in (4, 2, 2))
     with torch.autograd.graph.saved_tensors_hooks(lambda t: None, lambda _: None):
         out = shifted_group_attention(q, k, v, spec, backend="torch")
-    assert out.grad_fn is not None and len(lse_refs) >= 3  # unshifted, shifted and edge pieces
+    assert out.grad_fn is not None and len(lse_refs) >= 6  # unshifted, shifted and edge pieces
     assert all(ref() is None for ref in lse_refs)
+    # without the hooks the backend's state reaches its backward intact (ints and tensors in place)
+    out = shifted_group_attention(q, k, v, spec, backend="torch")
+    torch.autograd.grad(out.sum(), (q, k, v))
 
 
 def test_checkpointed_gradients_equal_plain_ones():
