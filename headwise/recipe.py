@@ -161,7 +161,8 @@ class TrainingSection(Section):
     fused_cross_entropy: Literal["off", "auto", "chunked", "liger"] = Field(
         "off",
         description="Compute the LM loss without materialising full-sequence logits. `chunked` (and `auto`): our "
-        "checkpointed chunked loss (any device); `liger`: Liger-Kernel's fused linear cross-entropy (CUDA, opt-in).",
+        "chunked loss, gradients computed in the forward (any device); `liger`: Liger-Kernel's fused linear "
+        "cross-entropy (CUDA, opt-in).",
     )
     liger_kernels: bool = Field(
         False,
