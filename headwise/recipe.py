@@ -161,7 +161,7 @@ class TrainingSection(Section):
     fused_cross_entropy: Literal["off", "auto", "chunked", "liger"] = Field(
         "off",
         description="Compute the LM loss without materialising full-sequence logits. `chunked` (and `auto`): our "
-        "chunked loss, gradients computed in the forward (any device); `liger`: Liger-Kernel's fused linear "
+        "chunked loss, gradients computed in the forward for a plain output head (any device); `liger`: Liger-Kernel's fused linear "
         "cross-entropy (CUDA, opt-in).",
     )
     liger_kernels: bool = Field(
