@@ -41,7 +41,11 @@ def test_accelerate_launch_deepspeed_two_cpu_processes(tmp_path, tiny_model_dir,
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=3, per_device_train_batch_size=2))
+    # The logit-free loss, as the Llama-3 DeepSpeed recipes use it: under ZeRO-2 the head's whole weight
+    # is there and its gradients come from the forward; under ZeRO-3 it is a partition, and the loss
+    # goes through the module call (checkpointed chunks) so ZeRO's gathering hooks run.
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=3, per_device_train_batch_size=2,
+                                                fused_cross_entropy="auto"))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
@@ -53,6 +57,8 @@ def test_accelerate_launch_deepspeed_two_cpu_processes(tmp_path, tiny_model_dir,
 
     summary = json.loads((run_dir / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["global_step"] == 3
+    losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    assert losses and all(0 < x < 20 for x in losses)  # a real cross-entropy (ln 49K = 10.8 at init), not 0 or NaN
     saved = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
     assert saved and all(t.numel() > 0 for t in saved.values())
     lora_b = {k: v for k, v in saved.items() if "lora_B" in k}

@@ -133,6 +133,18 @@ def test_gradient_in_forward_equals_the_checkpointed_path(frozen_head):
         for g, r in zip(grads, ref_grads):
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
+
+@pytest.mark.parametrize("head_cls", [torch.nn.Linear, _WrappedHead], ids=["trained-plain-head", "wrapped-head"])
+def test_zero3_heads_the_loss_cannot_take_are_refused_clearly(head_cls):
+    """Under ZeRO-3 (parameters carry DeepSpeed's `ds_id`) a trained or PEFT-wrapped head can take
+    neither path (tests/test_deepspeed.py runs the frozen-head case for real): one message naming the
+    field and the ways out, not a checkpoint metadata error deep in the backward."""
+    head = head_cls(8, 20, bias=False)
+    head.weight.ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
+    hidden = torch.randn(1, 6, 8, requires_grad=True)
+    with pytest.raises(HeadwiseError, match=r"training\.fused_cross_entropy under DeepSpeed ZeRO-3 .*ZeRO-2.*: off"):
+        chunked_lm_loss(hidden, head, torch.randint(0, 20, (1, 6)), chunk_size=4)
+
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="needs CUDA and liger-kernel")
 def test_liger_loss_matches_chunked_loss_on_gpu():
