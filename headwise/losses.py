@@ -8,9 +8,9 @@ that; the loss of long-context training must never hold them. Two ways:
   chunk's gradient is computed in the forward, as Liger's fused kernel does (`_LinearCrossEntropy`):
   the backward then only scales stored gradients, instead of recomputing the logits (one lm_head
   matmul per token, 34 TFLOP per step at 32K on a 128K vocabulary) and their softmax. Under ZeRO-3
-  the (frozen) head's weight is gathered for that call. A PEFT-wrapped head (its own forward adds
-  adapters) runs each chunk's projection + cross-entropy under `torch.utils.checkpoint` through the
-  module call instead; ZeRO-3 cannot take that path, nor a trained head (clear error).
+  a frozen head's weight is gathered for that call. A PEFT-wrapped head (its own forward adds
+  adapters), or a trained head under ZeRO-3, runs each chunk's projection + cross-entropy under
+  `torch.utils.checkpoint` through the module call instead (reentrant under ZeRO-3).
 - `liger`: Liger-Kernel's fused linear cross-entropy (Triton, CUDA), which also never writes the
   logits out.
 
@@ -106,30 +106,13 @@ def _zero3_partitioned(lm_head: torch.nn.Module) -> bool:
 
 
 def _fused_linear_ce(flat, lm_head, targets, chunk_size):
-    """`_LinearCrossEntropy` on a plain Linear head; under ZeRO-3 its weight is gathered for the call.
-
-    A ZeRO-3 head's data exists only while gathered, and its gradient must reach DeepSpeed's reduction
-    hooks as a partition: only a frozen head (LoRA's usual case) can be used this way. A checkpointed
-    module call does not work either: its recompute in the backward sees the partition, not the
-    gathered weight (torch.utils.checkpoint's metadata check fails), so a trained head is refused."""
+    """`_LinearCrossEntropy` on a plain Linear head; a (frozen) ZeRO-3 head is gathered for the call."""
     if not _zero3_partitioned(lm_head):
         return _LinearCrossEntropy.apply(flat, lm_head.weight, lm_head.bias, targets, chunk_size)
-    if any(prm.requires_grad for prm in lm_head.parameters()):
-        raise HeadwiseError(
-            "training.fused_cross_entropy under DeepSpeed ZeRO-3 needs a frozen output head, but lm_head trains "
-            "here (tied to trained embeddings, or in the trainable modules); use ZeRO-2, or set "
-            "training.fused_cross_entropy: off"
-        )
     import deepspeed
 
     with deepspeed.zero.GatheredParameters(list(lm_head.parameters()), modifier_rank=None):
         return _LinearCrossEntropy.apply(flat, lm_head.weight, lm_head.bias, targets, chunk_size)
-
-
-def _fuses_gradient(lm_head: torch.nn.Module) -> bool:
-    """Whether the loss can use the head's weight directly: a plain Linear (not a PEFT wrapper, whose
-    own forward adds adapters); ZeRO-3 heads qualify too (`_fused_linear_ce` gathers them)."""
-    return type(lm_head) is torch.nn.Linear
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -155,21 +138,22 @@ def chunked_lm_loss(
     targets = shift_labels(labels).reshape(-1)
     flat = hidden.reshape(-1, hidden.shape[-1])
     denom = num_items_in_batch if num_items_in_batch is not None else (targets != IGNORE_INDEX).sum()
-    if _fuses_gradient(lm_head):
+    zero3 = _zero3_partitioned(lm_head)
+    # A plain Linear head (not a PEFT wrapper, whose forward adds adapters) gets its gradients in the
+    # forward. Under ZeRO-3 only a frozen one: a trained partitioned head's gradient must reach
+    # DeepSpeed's reduction hooks through the module's own autograd path.
+    if type(lm_head) is torch.nn.Linear and not (zero3 and any(prm.requires_grad for prm in lm_head.parameters())):
         total = _fused_linear_ce(flat, lm_head, targets, chunk_size)
         return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
-    if _zero3_partitioned(lm_head):
-        raise HeadwiseError(
-            f"training.fused_cross_entropy under DeepSpeed ZeRO-3 needs a plain Linear output head, got "
-            f"{type(lm_head).__name__} (a PEFT wrapper: the head is in the trainable modules); use ZeRO-2, or set "
-            "training.fused_cross_entropy: off"
-        )
     total = flat.new_zeros((), dtype=torch.promote_types(flat.dtype, torch.float32))
     for start in range(0, flat.shape[0], chunk_size):
         h, y = flat[start : start + chunk_size], targets[start : start + chunk_size]
         if not (y != IGNORE_INDEX).any():
             continue
-        total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=False)
+        # Under ZeRO-3 the reentrant form: its recompute is an ordinary forward, in which ZeRO-3's hooks
+        # gather the head; the non-reentrant recompute inside the backward sees the partition instead
+        # (torch.utils.checkpoint's metadata check fails).
+        total = total + checkpoint(_chunk_ce_sum, lm_head, h, y, use_reentrant=zero3)
     return total / torch.as_tensor(denom, device=total.device).clamp(min=1)
 
 

@@ -34,18 +34,22 @@ def _accelerate_config(tmp_path, stage: str, port: int):
     return path
 
 
+@pytest.mark.parametrize("method", [None, "sinklora"], ids=["lora", "sinklora"])
 @pytest.mark.parametrize("stage,port", [("zero2", 29511), ("zero3", 29512)])
-def test_accelerate_launch_deepspeed_two_cpu_processes(tmp_path, tiny_model_dir, stage, port):
+def test_accelerate_launch_deepspeed_two_cpu_processes(tmp_path, tiny_model_dir, stage, port, method):
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path / "run"
-    # The logit-free loss, as the Llama-3 DeepSpeed recipes use it: under ZeRO-2 the head's whole weight
-    # is there and its gradients come from the forward; under ZeRO-3 it is a partition, and the loss
-    # goes through the module call (checkpointed chunks) so ZeRO's gathering hooks run.
-    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=3, per_device_train_batch_size=2,
-                                                fused_cross_entropy="auto"))
+    # The logit-free loss, as the DeepSpeed recipes use it. Plain LoRA leaves the head a frozen Linear:
+    # its gradients come from the forward (under ZeRO-3 with the weight gathered for it). SinkLoRA
+    # trains the embeddings, tied to the head in this model, so the head is a PEFT wrapper: checkpointed
+    # module calls (reentrant under ZeRO-3, whose hooks must gather the head in the recompute).
+    data = tiny_recipe(tiny_model_dir, run_dir, max_steps=3, per_device_train_batch_size=2, fused_cross_entropy="auto")
+    if method:
+        data["method"] = {"name": method}
+    recipe = write_recipe(tmp_path, data)
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",

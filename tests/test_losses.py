@@ -135,15 +135,27 @@ def test_gradient_in_forward_equals_the_checkpointed_path(frozen_head):
 
 
 @pytest.mark.parametrize("head_cls", [torch.nn.Linear, _WrappedHead], ids=["trained-plain-head", "wrapped-head"])
-def test_zero3_heads_the_loss_cannot_take_are_refused_clearly(head_cls):
-    """Under ZeRO-3 (parameters carry DeepSpeed's `ds_id`) a trained or PEFT-wrapped head can take
-    neither path (tests/test_deepspeed.py runs the frozen-head case for real): one message naming the
-    field and the ways out, not a checkpoint metadata error deep in the backward."""
-    head = head_cls(8, 20, bias=False)
+def test_zero3_trained_or_wrapped_heads_take_the_reentrant_checkpoint(head_cls):
+    """Under ZeRO-3 (parameters carry DeepSpeed's `ds_id`) a trained or PEFT-wrapped head goes through
+    reentrant checkpointed module calls (tests/test_deepspeed.py runs them for real): the head is
+    called again in the backward, and loss and gradients equal the full-logit cross-entropy."""
+    torch.manual_seed(0)
+    head = head_cls(8, 20, bias=False).double()
     head.weight.ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
-    hidden = torch.randn(1, 6, 8, requires_grad=True)
-    with pytest.raises(HeadwiseError, match=r"training\.fused_cross_entropy under DeepSpeed ZeRO-3 .*ZeRO-2.*: off"):
-        chunked_lm_loss(hidden, head, torch.randint(0, 20, (1, 6)), chunk_size=4)
+    hidden = torch.randn(1, 9, 8, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 20, (1, 9))
+    calls = []
+    hook = head.register_forward_hook(lambda *a: calls.append(1))
+    loss = chunked_lm_loss(hidden, head, labels, chunk_size=4)
+    loss.backward()  # (the reentrant form refuses torch.autograd.grad)
+    hook.remove()
+    assert len(calls) == 2 * 2  # 8 positions with a label in chunks of 4, each recomputed once
+    grads = [hidden.grad, head.weight.grad]
+    ref = torch.nn.functional.cross_entropy(head(hidden)[:, :-1].reshape(-1, 20), labels[:, 1:].reshape(-1))
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    for g, r in zip(grads, torch.autograd.grad(ref, [hidden, head.weight])):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+
 
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="needs CUDA and liger-kernel")
