@@ -164,7 +164,12 @@ def liger_lm_loss(
     *,
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Liger-Kernel's fused linear cross-entropy (CUDA only)."""
+    """Liger-Kernel's fused linear cross-entropy (CUDA only) on a plain, whole Linear head.
+
+    A PEFT-wrapped head (its forward adds adapters) or a ZeRO-3 partition cannot be handed to Liger as
+    one weight tensor; those take `chunked_lm_loss`, which handles both."""
+    if type(lm_head) is not torch.nn.Linear or _zero3_partitioned(lm_head):
+        return chunked_lm_loss(hidden, lm_head, labels, num_items_in_batch=num_items_in_batch)
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     targets = shift_labels(labels).reshape(-1)

@@ -157,6 +157,21 @@ def test_zero3_trained_or_wrapped_heads_take_the_reentrant_checkpoint(head_cls):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
+
+def test_liger_loss_hands_wrapped_or_partitioned_heads_to_the_chunked_loss():
+    """Liger takes one weight tensor; a PEFT-wrapped or ZeRO-3 head goes to the chunked loss (no Liger
+    import, so this runs on CPU) and gives its result."""
+    from headwise.losses import liger_lm_loss
+
+    torch.manual_seed(0)
+    wrapped = _WrappedHead(8, 20, bias=False).double()
+    partitioned = torch.nn.Linear(8, 20, bias=False).double()
+    partitioned.weight.ds_id = 0
+    hidden = torch.randn(2, 7, 8, dtype=torch.float64)
+    labels = torch.randint(0, 20, (2, 7))
+    for head in (wrapped, partitioned):
+        torch.testing.assert_close(liger_lm_loss(hidden, head, labels), chunked_lm_loss(hidden, head, labels))
+
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="needs CUDA and liger-kernel")
 def test_liger_loss_matches_chunked_loss_on_gpu():
