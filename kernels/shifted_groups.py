@@ -373,8 +373,14 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
         bsz = q.shape[0]
         out_h, do_h = out.transpose(1, 2), dout.contiguous().transpose(1, 2)  # (expanded grads have 0 strides)
         dq = torch.empty_like(q)
-        dk = torch.zeros_like(k)
-        dv = torch.zeros_like(v)
+        # Each KV head's rows are written by one run of pieces whose groups tile [0, T), starting with the
+        # group at token 0 (which holds the sink tokens; the other groups' sink gradients are added to it
+        # later): the group rows can be copied, not added to zeros (one pass less over dK and dV). When a
+        # KV head serves query heads of both kinds, two runs write its rows: then they are summed.
+        kv_runs = [(p.k0, p.k1) for p in pieces if p.start == 0]
+        shared = len({j for k0, k1 in kv_runs for j in range(k0, k1)}) < sum(k1 - k0 for k0, k1 in kv_runs)
+        dk = torch.zeros_like(k) if shared else torch.empty_like(k)
+        dv = torch.zeros_like(v) if shared else torch.empty_like(v)
         it = zip(lses, states)
         for b in range(bsz):
             for p in pieces:
@@ -391,7 +397,8 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                     dkp, dvp = (x.unflatten(1, (-1, rep)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dkp, dvp))
                 _view(dq, b, p, qh).copy_(dqp[:, :, p.sink :] if pad_q else dqp)
                 for full, part in ((dk, dkp), (dv, dvp)):
-                    _view(full, b, p, kh).add_(part[:, :, p.sink :])
+                    rows = _view(full, b, p, kh)
+                    rows.add_(part[:, :, p.sink :]) if shared else rows.copy_(part[:, :, p.sink :])
                     if p.sink:  # the sink keys' gradient from every group of the piece
                         full[b, kh[0] : kh[1], : p.sink] += part[:, :, : p.sink].sum(0, dtype=torch.float32).to(full.dtype)
                 del qp, op, dop, kp, vp, dqp, dkp, dvp  # one piece's temporaries at a time (peak memory)
