@@ -10,9 +10,9 @@ free" can reach, not how attention methods compare. `benchmarks/bench_train.py -
 Liger's kernels are CUDA-only (they do not run under the Triton interpreter), so the option is
 checked before any weights load: CUDA, liger-kernel installed, and a model type Liger supports.
 The swap happens on the loaded model before the PEFT wrap. Weights and module names are unchanged,
-so LoRA targets, trainable norms and the saved checkpoint are as without it. Liger's rotary patch
-replaces the model family's module-level `apply_rotary_pos_emb`, so it applies to every model of
-that family in the process, not only to this instance.
+so LoRA targets, trainable norms and the saved checkpoint are as without it. Liger also replaces
+the model family's module-level `apply_rotary_pos_emb`, RMSNorm and MLP classes, so every model of
+that family built later in the same process gets the fused ops too, not only this instance.
 """
 
 from __future__ import annotations
