@@ -15,7 +15,8 @@ LoRA r=8 / alpha 16 on q,k,v,o with gradient checkpointing (non-reentrant), time
 - `noattn`: a ceiling measurement, not a method: attention returns V (GQA-repeated) unchanged, so
   it costs ~nothing; this is the issue's "attention made free" speed that no attention can beat.
 
-`--liger` runs every row (dense included) with Liger-Kernel's fused RMSNorm, SwiGLU MLP and rotary
+`--peft-forward peft` runs PEFT's own LoRA forward instead of headwise's fused one (`peft.fused_forward`),
+to measure what that saves. `--liger` runs every row (dense included) with Liger-Kernel's fused RMSNorm, SwiGLU MLP and rotary
 embedding (`training.liger_kernels`), so the rows still differ by attention alone.
 
 Loss: `--loss chunked` (default) is headwise's logit-free loss (`headwise.losses.chunked_lm_loss`
@@ -168,6 +169,10 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
+    if args.peft_forward == "fused":  # as headwise.training does with peft.fused_forward (the default)
+        from headwise.fused_lora import fuse_lora_forward
+
+        fuse_lora_forward(model)
     model.train()
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     opt = torch.optim.AdamW(trainable.values(), lr=1e-4)
@@ -267,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--memory-peak", type=int, default=0, metavar="N",
                    help="after each row's timed steps, trace one more step's allocations (CUDA) and print the "
                    "N largest allocation sites alive at its memory peak (benchmarks/memory_peak.py)")
+    p.add_argument("--peft-forward", default="fused", choices=["fused", "peft"],
+                   help="LoRA forward: headwise's one-GEMM add (peft.fused_forward, the default) or PEFT's own")
     p.add_argument("--liger", action="store_true",
                    help="every row with Liger-Kernel's fused RMSNorm/SwiGLU/rotary (training.liger_kernels; CUDA)")
     p.add_argument("--budget-s", type=float, default=540, help="skip the rows that would end past this many seconds")
@@ -323,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
                    peak_requested_mib=None if requested is None else round(requested / 2**20, 1),
                    baseline=baseline, ratio_to_dense=round(tps / baseline, 3) if tps and baseline else None,
                    oom=oom, loss=args.loss, loss_value=res["loss_value"], grad_checkpointing=True, lora="r=8 q,k,v,o",
-                   fused_ops="liger (rms_norm, swiglu, rope)" if args.liger else None,
+                   fused_ops="liger (rms_norm, swiglu, rope)" if args.liger else None, peft_forward=args.peft_forward,
                    kernel=kernel_path(method, shape["num_attention_heads"], context, device, dtype),
                    impl=headwise.kernels.SHIFTED_GROUPS_IMPL if method.partition("@")[0] in ("sf", "longlora") else None,
                    max_piece_heads=headwise.kernels.shifted_groups.MAX_PIECE_HEADS,

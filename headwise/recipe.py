@@ -137,6 +137,12 @@ class PeftSection(Section):
         description="Extra modules trained fully and saved with the adapter (name suffixes, e.g. `embed_tokens`, "
         "`norm`: LongLoRA's LoRA+).",
     )
+    fused_forward: bool = Field(
+        True,
+        description="Add each adapter's output to the base projection inside one in-place GEMM instead of PEFT's "
+        "three full-size elementwise results (same sum; PEFT's own forward for dropout, DoRA, merged or disabled "
+        "adapters and ZeRO-3).",
+    )
 
 
 # -------------------------------------------------------------------------------------- training

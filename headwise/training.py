@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.fused_lora import fuse_lora_forward
 from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
 from headwise.losses import resolve_fused_loss
 from headwise.methods import Method, method_for
@@ -152,7 +153,10 @@ def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.n
         task_type="CAUSAL_LM",
         **extra,
     )
-    return get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if peft_cfg.fused_forward:
+        fuse_lora_forward(model)
+    return model
 
 
 def training_arguments(recipe: Recipe, *, sft: bool) -> Any:
