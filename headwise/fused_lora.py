@@ -14,9 +14,16 @@ with respect to the base output passes through, unscaled), so LoRA's gradients a
 formula.
 
 Only the plain case is fused, and the check runs at every call: one active adapter, vanilla LoRA
-(no DoRA or other variant, no LoRA bias), no dropout, a plain `nn.Linear` base that is not merged,
-not disabled and not a ZeRO-3 partition (whose B weight exists only inside its own forward), and
-input, adapter and output of one dtype. Anything else runs PEFT's own forward unchanged.
+(no DoRA or other variant, no LoRA bias), no dropout, and a plain `nn.Linear` base that is not
+merged, not disabled and not a ZeRO-3 partition (whose B weight exists only inside its own forward).
+Anything else runs PEFT's own forward unchanged.
+
+Dtypes: with input, adapter and base of one dtype the sum is PEFT's up to the rounding of one fused
+GEMM. PEFT keeps adapters in fp32 on a bf16/fp16 base (`autocast_adapter_dtype`). Its forward then
+casts the whole (T, in) input to fp32 and adds an fp32 (T, out) branch, which costs more than the
+base projection's own traffic. The fused path instead casts the adapter's small factors to the
+input's and output's dtype, as autocast does. The adapter's GEMMs then run in bf16 with fp32
+accumulation, and the fp32 parameters get fp32 gradients.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ def _plain_adapter(module: torch.nn.Module, x: torch.Tensor, args: tuple, kwargs
         return None
     if not isinstance(module.lora_dropout[name], torch.nn.Identity) or b.bias is not None:
         return None
-    if hasattr(b.weight, "ds_id") or not (x.dtype == a.weight.dtype == b.weight.dtype == module.base_layer.weight.dtype):
+    if hasattr(b.weight, "ds_id") or not (x.is_floating_point() and a.weight.is_floating_point()):
         return None
     return name
 
@@ -52,9 +59,12 @@ def _fused_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Te
     if name is None:
         return getattr(self, _ORIGINAL)(x, *args, **kwargs)
     result = self.base_layer(x)
-    low = self.lora_A[name](x)  # (..., r)
-    scaled_b = self.lora_B[name].weight * self.scaling[name]  # (out, r): the scaling on the small factor
-    result.view(-1, result.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]), scaled_b.t())
+    a = self.lora_A[name].weight  # (r, in)
+    # The adapter's small factors go to the input's and the output's dtype, not the (T, in) input to
+    # theirs: PEFT keeps adapters in fp32 on a bf16 base and would cast the whole input up.
+    low = torch.nn.functional.linear(x, a if a.dtype == x.dtype else a.to(x.dtype))  # (..., r)
+    scaled_b = (self.lora_B[name].weight * self.scaling[name]).to(result.dtype)  # (out, r)
+    result.view(-1, result.shape[-1]).addmm_(low.reshape(-1, low.shape[-1]).to(result.dtype), scaled_b.t())
     return result
 
 
