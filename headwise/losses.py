@@ -63,19 +63,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             y = targets[start : start + chunk_size]
             valid = y != IGNORE_INDEX
-            if not valid.any():
+            rows = valid.nonzero().squeeze(1)  # one host sync per chunk, which also tells an all-ignored chunk
+            if not rows.numel():
                 continue
+            y_rows = y[rows]
             # the head's dtype, as the module call would (a trained fp32 final norm feeds a bf16 head)
             h = hidden[start : start + chunk_size].to(weight.dtype)
             logits = F.linear(h, weight, None if bias is None else bias.to(h.dtype)).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
-            rows = valid.nonzero().squeeze(1)
-            picked = logits[rows, y[rows]]
+            picked = logits[rows, y_rows]
             total += (lse[rows] - picked).sum()
             # d(sum of losses)/d(logits) = softmax - one-hot on valid rows, 0 elsewhere (in place: the
             # fp32 logits become their gradient, so a chunk holds one (chunk, V) fp32 buffer)
             dlogits = logits.sub_(lse[:, None]).exp_()
-            dlogits[rows, y[rows]] -= 1
+            dlogits[rows, y_rows] -= 1
             dlogits[~valid] = 0
             if grad_h is not None:
                 grad_h[start : start + chunk_size] = (dlogits.to(h.dtype) @ weight).to(grad_h.dtype)

@@ -398,7 +398,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 _view(dq, b, p, qh).copy_(dqp[:, :, p.sink :] if pad_q else dqp)
                 for full, part in ((dk, dkp), (dv, dvp)):
                     rows = _view(full, b, p, kh)
-                    rows.add_(part[:, :, p.sink :]) if shared else rows.copy_(part[:, :, p.sink :])
+                    (rows.add_ if shared else rows.copy_)(part[:, :, p.sink :])
                     if p.sink:  # the sink keys' gradient from every group of the piece
                         full[b, kh[0] : kh[1], : p.sink] += part[:, :, : p.sink].sum(0, dtype=torch.float32).to(full.dtype)
                 del qp, op, dop, kp, vp, dqp, dkp, dvp  # one piece's temporaries at a time (peak memory)

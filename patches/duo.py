@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 
+from headwise.data_builders.passkey import Filler, KeyFormat, LabelSpan
 from headwise.errors import HeadwiseError
 from headwise.methods import Method, register_method
 from headwise.patches.training_attention import (
@@ -87,12 +88,12 @@ class DuoHaystack(Section):
     min_tokens: int = Field(1024, gt=0, description="Shortest haystack in tokens (lengths are drawn uniformly).")
     max_tokens: int = Field(2048, gt=0, description="Longest haystack in tokens.")
     n_keys: int = Field(10, ge=1, le=16, description="Passkeys per haystack (DuoAttention: 10).")
-    key_format: Literal["words", "digits5"] = Field(
+    key_format: KeyFormat = Field(
         "words", description="`words`: NATO-alphabet words (DuoAttention's format); `digits5`: 5-digit numbers."
     )
     words_per_key: int = Field(6, ge=1, description="Words per key (DuoAttention uses 32; 6 suits small models).")
-    filler: Literal["corpus", "repeat"] = Field("corpus", description="Haystack text: the corpus train split, or repeated sentences.")
-    label_span: Literal["qa_tail", "answers", "answer_predictions"] = Field(
+    filler: Filler = Field("corpus", description="Haystack text: the corpus train split, or repeated sentences.")
+    label_span: LabelSpan = Field(
         "qa_tail",
         description="Positions the distillation loss covers: the whole question/answer tail (DuoAttention), the answer "
         "tokens, or the positions that predict them (each answer one token earlier: includes the last question token, "
