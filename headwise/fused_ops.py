@@ -10,15 +10,22 @@ free" can reach, not how attention methods compare. `benchmarks/bench_train.py -
 Liger's kernels are CUDA-only (they do not run under the Triton interpreter), so the option is
 checked before any weights load: CUDA, liger-kernel installed, and a model type Liger supports.
 The swap happens on the loaded model before the PEFT wrap. Weights and module names are unchanged,
-so LoRA targets, trainable norms and the saved checkpoint are as without it. Liger also replaces
-the model family's module-level `apply_rotary_pos_emb`, RMSNorm and MLP classes, so every model of
-that family built later in the same process gets the fused ops too, not only this instance.
+so LoRA targets, trainable norms and the saved checkpoint are as without it.
+
+Liger patches by rebinding the model family's module-level names (`LlamaRMSNorm`, `LlamaMLP`,
+`apply_rotary_pos_emb`), which would give every model of that family built later in the process
+Liger's CUDA-only ops, a CPU evaluation model included. `apply_liger_kernels` confines it: the
+module-level classes are restored once this instance's modules are swapped, and the rotary function,
+which the attention layers look up by module-level name at call time, becomes one that runs Liger's
+kernel on CUDA tensors and the family's own function on any other device.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any
+import sys
+from typing import Any, Callable
 
 import torch
 
@@ -53,4 +60,27 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
     `model` is the loaded (not yet PEFT-wrapped) causal LM; call `check_liger_kernels` first."""
     fn = _apply_fns()[model.config.model_type]
     params = inspect.signature(fn).parameters
+    modeling = sys.modules[type(model).__module__]
+    before = dict(vars(modeling))
     fn(model=model, **{k: v for k, v in FUSED.items() if k in params})
+    for name, value in before.items():
+        patched = getattr(modeling, name)
+        if patched is value:
+            continue
+        if inspect.isfunction(value) and inspect.isfunction(patched):
+            setattr(modeling, name, _on_cuda_only(patched, value))
+        else:
+            setattr(modeling, name, value)
+
+
+def _on_cuda_only(fused: Callable, original: Callable) -> Callable:
+    """`fused` for CUDA tensors, `original` otherwise (decided by the first tensor argument)."""
+    original = getattr(original, "__wrapped_original__", original)  # a second apply does not nest
+
+    @functools.wraps(original)
+    def dispatch(*args: Any, **kwargs: Any) -> Any:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return (fused if first is not None and first.is_cuda else original)(*args, **kwargs)
+
+    dispatch.__wrapped_original__ = original
+    return dispatch

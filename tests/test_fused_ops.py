@@ -36,6 +36,35 @@ def test_liger_kernels_refuse_a_model_type_liger_cannot_patch():
             check_liger_kernels("llama", "cuda")
 
 
+@pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")
+def test_liger_kernels_stay_on_the_patched_model():
+    """Liger rebinds module-level names; a model built afterwards (here on CPU, where Liger's kernels
+    cannot run) must still get the family's own ops and compute what it did before."""
+    from transformers.models.llama import modeling_llama
+
+    names = ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb")
+    before = {n: getattr(modeling_llama, n) for n in names}
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=128, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    ref = LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (1, 37))
+    expected = ref(input_ids=ids, labels=ids).loss
+    try:
+        for _ in range(2):  # a second apply must not nest the rotary dispatch
+            apply_liger_kernels(LlamaForCausalLM(cfg))
+        assert modeling_llama.LlamaRMSNorm is before["LlamaRMSNorm"]
+        assert modeling_llama.LlamaMLP is before["LlamaMLP"]
+        assert modeling_llama.apply_rotary_pos_emb.__wrapped_original__ is before["apply_rotary_pos_emb"]
+        later = LlamaForCausalLM(cfg)
+        later.load_state_dict(ref.state_dict())
+        assert type(later.model.norm) is before["LlamaRMSNorm"]
+        torch.testing.assert_close(later(input_ids=ids, labels=ids).loss, expected, rtol=0, atol=0)
+    finally:
+        for n, v in before.items():
+            setattr(modeling_llama, n, v)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_LIGER, reason="needs CUDA and liger-kernel")
 def test_liger_kernels_match_the_model_on_gpu():
     torch.manual_seed(0)
