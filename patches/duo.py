@@ -31,6 +31,14 @@ same heads (lower layers, then lower head indices, become streaming first; DuoAt
 breaks ties with random noise, so its cut inside a tie at 1.0 is random). A threshold marks
 `gate < threshold` as streaming (`gate >= threshold` keeps full attention, as DuoAttention does).
 
+Which gate values are binarised: DuoAttention's final values by default. `method.average_last: f`
+uses instead the mean of the gates the run logged (`duo_gates.jsonl`, every `training.logging_steps`)
+over the last fraction `f` of training. This departs from the paper and its code. The reason is
+measured on SmolLM2 (BENCHMARKS.md, "Training-seed replicates"): lambda = 0.05 drives most gates to
+zero, so a 50% cut falls among final values of 0.001-0.016, whose order changes with the training
+seed. The run then writes the mean to `full_attention_heads.tsv` and the final values to
+`full_attention_heads_last.tsv`, and the export averages up to the exported checkpoint.
+
 `headwise export RUN_DIR` of a Duo run writes no weights (the model is the unchanged base model,
 `weights: "base"` in `headwise_inference.json`), the `duo` KV policy at `method.streaming_fraction`
 (or `method.threshold`), and `duo_attention/`: DuoAttention's own pattern folder
@@ -74,6 +82,8 @@ logger = logging.getLogger(__name__)
 ATTENTION_NAME = "headwise_duo"  # neutral: no flash/sdpa/flex_attention in the name
 GATE_MODULE = "duo_gate"  # module name under each attention module (PEFT `trainable_modules` suffix)
 GATE_TSV = "full_attention_heads.tsv"  # DuoAttention's file name
+LAST_GATE_TSV = "full_attention_heads_last.tsv"  # the final gates, when GATE_TSV holds their mean (average_last)
+GATE_LOG = "duo_gates.jsonl"  # one line per logging step: {"step": N, "gates": [[...], ...]}
 PATTERN_DIR = "duo_attention"  # DuoAttention-compatible pattern folder inside an export
 STANDARD_FRACTIONS = (0.25, 0.5, 0.75)
 
@@ -120,6 +130,12 @@ class DuoMethod(Section):
     )
     threshold: float | None = Field(
         None, ge=0, le=1, description="Binarise at a gate threshold instead (gate < threshold: streaming); overrides streaming_fraction."
+    )
+    average_last: float = Field(
+        0.0, ge=0, le=1,
+        description="Export the mean of the gates logged over this last fraction of training instead of their final "
+        "values (0: final values, as DuoAttention). Near-zero gates end in an order set by the last steps' noise; the "
+        "mean ranks them by the whole window.",
     )
     haystack: DuoHaystack = Field(default_factory=DuoHaystack, description="The synthetic passkey training data.")
 
@@ -313,6 +329,39 @@ def read_gate_tsv(path: str | Path) -> torch.Tensor:
     return torch.tensor([[float(v) for v in r] for r in rows], dtype=torch.float64).clamp(0.0, 1.0)
 
 
+def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None = None) -> torch.Tensor:
+    """The mean of the gates logged in a Duo run's `duo_gates.jsonl` over the last `last_fraction` of
+    training (steps in `(upto - last_fraction * upto, upto]`, `upto` = `upto_step` or the last logged
+    step), as a `(layers, kv_heads)` float64 grid.
+
+    Why: with lambda = 0.05 most gates reach zero within the first ~100 steps (AdamW moves each gate
+    by about the learning rate per step, whatever its gradient's size), and the final values of those
+    near zero, where a 50% cut falls on small models, reflect the last few steps' samples. Their mean
+    over a window weighs every sample of it. A step logged twice (a resumed run logs again from its
+    checkpoint) counts once, with its latest line."""
+    log = Path(log)
+    if not log.is_file():
+        raise HeadwiseError(f"{log} is missing: method.average_last averages the gates this run logs there; "
+                            "export with method.average_last: 0 to use the final gates")
+    by_step: dict[int, list] = {}
+    for n, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            by_step[int(row["step"])] = row["gates"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise HeadwiseError(f"{log}:{n}: not a gate log line ({type(e).__name__}); expected "
+                                '{"step": N, "gates": [[...], ...]}') from None
+    upto = upto_step if upto_step is not None else max(by_step, default=0)
+    start = upto - last_fraction * upto
+    window = [g for step, g in sorted(by_step.items()) if start < step <= upto]
+    if not window:
+        raise HeadwiseError(f"{log}: no gates logged in steps ({start:g}, {upto}]; lower training.logging_steps "
+                            f"or raise method.average_last ({last_fraction})")
+    return torch.stack([_as_grid(g) for g in window]).mean(dim=0)
+
+
 def write_mask_tsv(mask: Sequence[Sequence[int]], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join("\t".join(str(int(v)) for v in row) + "\n" for row in mask))
@@ -423,12 +472,14 @@ def right_pad_collator(pad_token_id: int):
     return collate
 
 
-def _gate_callback(run_dir: str, state_ref):
+def _gate_callback(run_dir: str, state_ref, average_last: float):
     from transformers import TrainerCallback
 
     class DuoGateCallback(TrainerCallback):
         """Projects the gates onto [0, 1] after every optimizer step, logs them, and writes the gate
-        TSV (DuoAttention's format) at every checkpoint and the gates + heatmap PNG at the end."""
+        TSV (DuoAttention's format) at every checkpoint and the gates + heatmap PNG at the end (with
+        `average_last`, the TSV and heatmap hold the gates' mean over that window, and
+        `full_attention_heads_last.tsv` the final values)."""
 
         def on_optimizer_step(self, args, state, control, model=None, **kwargs):
             for g in gate_modules(model):
@@ -446,8 +497,8 @@ def _gate_callback(run_dir: str, state_ref):
             logs.update(stats)
             if state.log_history:
                 state.log_history[-1].update(stats)
-            with open(Path(run_dir) / "duo_gates.jsonl", "a") as f:
-                f.write(json.dumps({"step": state.global_step, "gates": g.tolist()}) + "\n")
+            if state.is_world_process_zero:
+                _log_gates(run_dir, state.global_step, g)
 
         def on_save(self, args, state, control, model=None, **kwargs):
             if model is not None and state.is_world_process_zero:
@@ -457,10 +508,27 @@ def _gate_callback(run_dir: str, state_ref):
             if model is None or not state.is_world_process_zero:
                 return
             g = collect_gates(model)
+            title = f"DuoAttention gates, step {state.global_step}"
+            if average_last > 0:
+                _log_gates(run_dir, state.global_step, g)  # the final gates join the window (a no-op if just logged)
+                write_gate_tsv(g, Path(run_dir) / LAST_GATE_TSV)
+                g = averaged_gates(Path(run_dir) / GATE_LOG, average_last, state.global_step)
+                title = f"DuoAttention gates, mean over the last {average_last:.0%} of {state.global_step} steps"
             write_gate_tsv(g, Path(run_dir) / GATE_TSV)
-            plot_gate_heatmap(g, Path(run_dir) / "duo_gates.png", title=f"DuoAttention gates, step {state.global_step}")
+            plot_gate_heatmap(g, Path(run_dir) / "duo_gates.png", title=title)
 
     return DuoGateCallback()
+
+
+def _log_gates(run_dir: str, step: int, gates: torch.Tensor) -> None:
+    """Append one line to the run's gate log, unless its last line already is this step's."""
+    path = Path(run_dir) / GATE_LOG
+    if path.is_file():
+        lines = path.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("step") == step:
+            return
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "gates": gates.tolist()}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- the method
@@ -556,7 +624,7 @@ class DuoAttention(Method):
     def callbacks(self, run_dir: str) -> list[Any]:
         import weakref
 
-        return [_gate_callback(run_dir, weakref.ref(self.state))]
+        return [_gate_callback(run_dir, weakref.ref(self.state), self.config.average_last)]
 
     # ---- export
 
@@ -566,10 +634,16 @@ class DuoAttention(Method):
     def export_artifacts(self, weights_dir: Path, out_dir: Path, *, streaming_fraction: float | None = None,
                          threshold: float | None = None, **_: Any):
         """Write the DuoAttention pattern folder; return the `duo` KV policy for headwise_inference.json."""
-        gates = gates_from_weights(weights_dir)
         cfg = self.config
-        write_pattern_dir(gates, Path(out_dir) / PATTERN_DIR, sink=cfg.sink, recent=cfg.recent,
-                          extra={"headwise_method": "duo", "reg_weight": cfg.gate_lambda})
+        extra = {"headwise_method": "duo", "reg_weight": cfg.gate_lambda}
+        if cfg.average_last > 0:
+            weights_dir = Path(weights_dir)
+            step = re.fullmatch(r"checkpoint-(\d+)", weights_dir.name)
+            gates = averaged_gates(weights_dir.parent / GATE_LOG, cfg.average_last, int(step.group(1)) if step else None)
+            extra["gates"] = f"mean over the last {cfg.average_last:g} of training (headwise method.average_last)"
+        else:
+            gates = gates_from_weights(weights_dir)
+        write_pattern_dir(gates, Path(out_dir) / PATTERN_DIR, sink=cfg.sink, recent=cfg.recent, extra=extra)
         if threshold is None and streaming_fraction is None:
             threshold, streaming_fraction = cfg.threshold, cfg.streaming_fraction
         return duo_policy(gates, streaming_fraction=streaming_fraction, threshold=threshold, sink=cfg.sink, recent=cfg.recent)

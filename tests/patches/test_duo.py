@@ -22,9 +22,12 @@ from headwise.kv_cache import make_cache
 from headwise.kv_stores import DynamicStore
 from headwise.methods import method_for
 from headwise.patches.duo import (
+    GATE_LOG,
     GATE_TSV,
+    LAST_GATE_TSV,
     PATTERN_DIR,
     DuoMethod,
+    averaged_gates,
     binarize_gates,
     collect_gates,
     duo_attention,
@@ -311,3 +314,79 @@ def test_export_reload_generate(duo_run, tmp_path):
     all_full = headwise.load(export, policy=duo_policy(export, streaming_fraction=0.0))
     plain = headwise.load(export, policy=FullPolicy())
     assert all_full.generate(prompt, max_new_tokens=6) == plain.generate(prompt, max_new_tokens=6)
+
+
+# ---------------------------------------------------------------------------------------------- averaged gates
+
+
+def _write_log(path, rows):
+    path.write_text("".join(json.dumps({"step": step, "gates": gates}) + "\n" for step, gates in rows))
+
+
+def test_averaged_gates_take_the_window_and_a_resumed_steps_latest_line(tmp_path):
+    log = tmp_path / GATE_LOG
+    g = {step: [[step / 10, 1 - step / 10], [0.5, step / 100]] for step in (2, 4, 6, 8)}
+    resumed_6 = [[0.9, 0.1], [0.2, 0.3]]  # a run resumed from checkpoint-4 logs step 6 again, differently
+    _write_log(log, [(2, g[2]), (4, g[4]), (6, g[6]), (6, resumed_6), (8, g[8])])
+    expected = (torch.tensor(resumed_6, dtype=torch.float64) + torch.tensor(g[8], dtype=torch.float64)) / 2
+    torch.testing.assert_close(averaged_gates(log, 0.5), expected)  # steps in (4, 8]
+    torch.testing.assert_close(averaged_gates(log, 0.5, upto_step=4), torch.tensor(g[4], dtype=torch.float64))  # (2, 4]
+    torch.testing.assert_close(averaged_gates(log, 1.0), torch.tensor([g[2], g[4], resumed_6, g[8]], dtype=torch.float64).mean(0))
+    with pytest.raises(HeadwiseError, match=r"no gates logged in steps \(6.3, 7\]; lower training.logging_steps"):
+        averaged_gates(log, 0.1, upto_step=7)
+    with pytest.raises(HeadwiseError, match="is missing: method.average_last averages"):
+        averaged_gates(tmp_path / "nope.jsonl", 0.5)
+    log.write_text(log.read_text() + "not json\n")
+    with pytest.raises(HeadwiseError, match=r"duo_gates.jsonl:6: not a gate log line"):
+        averaged_gates(log, 0.5)
+
+
+def test_average_last_needs_two_logged_steps_in_its_window(tiny_model_dir, tmp_path):
+    from headwise.recipe_loader import load_recipe
+
+    data = tiny_recipe(tiny_model_dir, tmp_path / "run", max_steps=8, logging_steps=4)
+    data["method"] = {"name": "duo", "average_last": 0.5}
+    data["peft"] = {"type": "none", "trainable_modules": ["duo_gate"]}
+    data["export"] = {"format": "merged"}
+    with pytest.raises(Exception, match=r"method.average_last \(0.5\) averages the gates logged over the last 4 of 8 steps"):
+        load_recipe(write_recipe(tmp_path, data))
+    data["training"]["logging_steps"] = 2
+    assert load_recipe(write_recipe(tmp_path, data)).recipe.method.average_last == 0.5
+
+
+def test_average_last_exports_the_mean_of_the_logged_gates(tiny_model_dir, tmp_path):
+    """A real run: the run's TSV and the export's pattern and policy hold the mean of the gates the run
+    logged over its last half (checked against the log lines themselves), the final gates are kept
+    beside them, and exporting a checkpoint averages only up to that checkpoint."""
+    from headwise.recipe_loader import load_recipe
+    from headwise.training import train
+
+    data = tiny_recipe(tiny_model_dir, tmp_path / "run", max_steps=8, learning_rate=0.02, lr_scheduler_type="constant",
+                       save_steps=4)
+    data["method"] = {"name": "duo", "sink": 4, "recent": 16, "average_last": 0.5,
+                      "haystack": {"num_samples": 4, "min_tokens": 160, "max_tokens": 240, "n_keys": 2, "words_per_key": 2}}
+    data["peft"] = {"type": "none", "trainable_modules": ["duo_gate"]}
+    data["export"] = {"format": "merged"}
+    result = train(load_recipe(write_recipe(tmp_path, data)))
+    run_dir = tmp_path / "run"
+    logged = {}
+    for line in (run_dir / GATE_LOG).read_text().splitlines():
+        row = json.loads(line)
+        logged[row["step"]] = torch.tensor(row["gates"], dtype=torch.float64)
+    assert sorted(logged) == list(range(1, 9))  # logging_steps 1; step 8 once although logged and ended there
+    final = collect_gates(result.model).double()
+    torch.testing.assert_close(logged[8], final)
+    mean_5_8 = torch.stack([logged[s] for s in (5, 6, 7, 8)]).mean(0)
+    assert not torch.allclose(mean_5_8, final)  # the gates still move, so the two files differ
+    torch.testing.assert_close(read_gate_tsv(run_dir / GATE_TSV), mean_5_8, rtol=0, atol=1e-12)
+    torch.testing.assert_close(read_gate_tsv(run_dir / LAST_GATE_TSV), final, rtol=0, atol=1e-6)
+
+    res = run_cli("export", str(run_dir), "--out", str(tmp_path / "export"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.loads((tmp_path / "export" / "headwise_inference.json").read_text())
+    assert config["kv_policy"]["retrieval_heads"] == binarize_gates(mean_5_8, streaming_fraction=0.5)
+    torch.testing.assert_close(read_gate_tsv(tmp_path / "export" / PATTERN_DIR / GATE_TSV), mean_5_8, rtol=0, atol=1e-12)
+    res = run_cli("export", str(run_dir), "--checkpoint", "checkpoint-4", "--out", str(tmp_path / "export4"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    mean_3_4 = (logged[3] + logged[4]) / 2
+    torch.testing.assert_close(read_gate_tsv(tmp_path / "export4" / PATTERN_DIR / GATE_TSV), mean_3_4, rtol=0, atol=1e-12)
