@@ -1,7 +1,7 @@
 """The `headwise` command line (also `python -m headwise`, so `accelerate launch -m headwise ...` works).
 
     headwise train RECIPE [key.sub=value ...]      train (resumes from the last checkpoint)
-    headwise export RUN_DIR [--format merged]      adapter/merged folder + model card + inference config
+    headwise export RUN_DIR [method.x=value ...]   adapter/merged folder + model card + inference config
     headwise push PATH --repo-id owner/name        upload an export to the Hugging Face Hub
     headwise generate PATH "prompt"                generate with an export (or any model)
     headwise recipe show|validate|list|fields      inspect recipes
@@ -41,7 +41,8 @@ def _cmd_train(args) -> int:
 def _cmd_export(args) -> int:
     from headwise.export import export_run
 
-    out = export_run(args.run_dir, out_dir=args.out, format=args.format, checkpoint=args.checkpoint, overwrite=args.overwrite)
+    out = export_run(args.run_dir, out_dir=args.out, format=args.format, checkpoint=args.checkpoint,
+                     overwrite=args.overwrite, overrides=args.overrides)
     print(f"headwise: exported to {out}")
     return 0
 
@@ -109,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write the adapter or merged model, inference config and model card")
     e.add_argument("run_dir")
+    e.add_argument("overrides", nargs="*", help="method.key=value / export.key=value changes for this export only "
+                   "(e.g. method.streaming_fraction=0.75 for a DuoAttention run)")
     e.add_argument("--out", help="export folder (default: export.dir of the recipe, else RUN_DIR/export)")
     e.add_argument("--format", choices=["adapter", "merged"], help="override export.format")
     e.add_argument("--checkpoint", help="export checkpoint-N instead of the final weights")

@@ -14,6 +14,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Sequence
 
 import yaml
 
@@ -70,16 +71,16 @@ def export_run(
     format: str | None = None,
     checkpoint: str | None = None,
     overwrite: bool = False,
-    method_options: dict | None = None,
+    overrides: Sequence[str] = (),
 ) -> Path:
     """Export a run directory; returns the export folder.
 
-    `method_options` go to the method's `export_artifacts` (Duo: `streaming_fraction` or `threshold`,
-    overriding the recipe's `method.streaming_fraction` / `method.threshold`).
+    `overrides` (`method.key=value`, `export.key=value`) change the run's recipe for this export only,
+    e.g. `method.streaming_fraction=0.75` for a Duo run; the export's `headwise_recipe.yaml` records them.
     """
     run_dir = Path(run_dir)
     try:
-        recipe = read_run_recipe(run_dir)
+        recipe = read_run_recipe(run_dir, overrides)
     except RunDirError as e:
         raise ExportError(str(e)) from e
     method = method_for(recipe.method)
@@ -110,7 +111,7 @@ def export_run(
         else:  # base: the base model's config only (the weights load from base_model)
             load_config(recipe.model).save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        policy = method.export_artifacts(src, tmp, **(method_options or {}))
+        policy = method.export_artifacts(src, tmp)
         inference = build_inference_config(recipe, weights=fmt, kv_policy=policy)
         inference.save(tmp)
         (tmp / "headwise_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

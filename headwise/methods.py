@@ -68,9 +68,9 @@ class Method:
         (DuoAttention: only a head pattern is learned); None: the recipe's `export.format`."""
         return None
 
-    def export_artifacts(self, weights_dir: Any, out_dir: Any, **options: Any) -> Any:
+    def export_artifacts(self, weights_dir: Any, out_dir: Any) -> Any:
         """Write method files into the export folder; return a KV policy for headwise_inference.json, or None
-        (the recipe's `export.kv_policy`). `options` come from `export_run(method_options=...)`."""
+        (the recipe's `export.kv_policy`). The method's config is the run's, with the export's overrides."""
         return None
 
 

@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -163,9 +163,15 @@ def prepare_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str
     return resume
 
 
-def read_run_recipe(run_dir: str | Path) -> Recipe:
-    """The resolved recipe saved beside a run (used by export and push)."""
-    from headwise.recipe_loader import RecipeError, validate_mapping
+EXPORT_OVERRIDABLE = ("method", "export")
+
+
+def read_run_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recipe:
+    """The resolved recipe saved beside a run (used by export and push), with `overrides` applied.
+
+    Only `method.*` (not `method.name`) and `export.*` may be overridden: everything else describes
+    how the saved weights were trained."""
+    from headwise.recipe_loader import RecipeError, apply_overrides, parse_override, validate_mapping
 
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
@@ -175,6 +181,14 @@ def read_run_recipe(run_dir: str | Path) -> Recipe:
     except yaml.YAMLError as e:
         raise RunDirError(f"{path} is not valid YAML ({e}); restore it from the recipe you trained with") from e
     try:
-        return validate_mapping(data, label=str(path))
+        for text in overrides:
+            key = parse_override(text)[0]
+            if key[0] not in EXPORT_OVERRIDABLE or key[:2] == ["method", "name"]:
+                raise RunDirError(
+                    f"override {text!r}: only method.* (not method.name) and export.* settings can change after "
+                    f"training; {'.'.join(key)} describes how {run_dir} was trained (train again to change it)"
+                )
+        label = str(path) + (f" with {' '.join(overrides)}" if overrides else "")
+        return validate_mapping(apply_overrides(data, overrides, {}), label=label)
     except RecipeError as e:
         raise RunDirError(str(e)) from e

@@ -631,9 +631,9 @@ class DuoAttention(Method):
     def export_weights(self) -> str | None:
         return "base"  # the model is the unchanged base model; only the head pattern is new
 
-    def export_artifacts(self, weights_dir: Path, out_dir: Path, *, streaming_fraction: float | None = None,
-                         threshold: float | None = None, **_: Any):
-        """Write the DuoAttention pattern folder; return the `duo` KV policy for headwise_inference.json."""
+    def export_artifacts(self, weights_dir: Path, out_dir: Path):
+        """Write the DuoAttention pattern folder; return the `duo` KV policy for headwise_inference.json
+        (at `method.streaming_fraction`, or `method.threshold`: `headwise export RUN method.threshold=0.5`)."""
         cfg = self.config
         extra = {"headwise_method": "duo", "reg_weight": cfg.gate_lambda}
         if cfg.average_last > 0:
@@ -644,6 +644,5 @@ class DuoAttention(Method):
         else:
             gates = gates_from_weights(weights_dir)
         write_pattern_dir(gates, Path(out_dir) / PATTERN_DIR, sink=cfg.sink, recent=cfg.recent, extra=extra)
-        if threshold is None and streaming_fraction is None:
-            threshold, streaming_fraction = cfg.threshold, cfg.streaming_fraction
-        return duo_policy(gates, streaming_fraction=streaming_fraction, threshold=threshold, sink=cfg.sink, recent=cfg.recent)
+        return duo_policy(gates, streaming_fraction=cfg.streaming_fraction, threshold=cfg.threshold, sink=cfg.sink,
+                          recent=cfg.recent)

@@ -390,3 +390,36 @@ def test_average_last_exports_the_mean_of_the_logged_gates(tiny_model_dir, tmp_p
     assert res.returncode == 0, res.stderr[-3000:]
     mean_3_4 = (logged[3] + logged[4]) / 2
     torch.testing.assert_close(read_gate_tsv(tmp_path / "export4" / PATTERN_DIR / GATE_TSV), mean_3_4, rtol=0, atol=1e-12)
+
+
+def test_export_overrides_change_the_policy_and_refuse_training_fields(duo_run, tmp_path):
+    """`headwise export RUN method.x=value` re-binarises the same gates; fields that describe how the
+    weights were trained are refused with one message, before anything is written."""
+    import yaml
+
+    run_dir, result = duo_run
+    gates = collect_gates(result.model)
+    res = run_cli("export", str(run_dir), "method.streaming_fraction=0.75", "--out", str(tmp_path / "e75"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    config = json.loads((tmp_path / "e75" / "headwise_inference.json").read_text())
+    assert config["kv_policy"]["retrieval_heads"] == binarize_gates(gates, streaming_fraction=0.75)
+    assert binarize_gates(gates, streaming_fraction=0.75) != binarize_gates(gates, streaming_fraction=0.5)
+    recorded = yaml.safe_load((tmp_path / "e75" / "headwise_recipe.yaml").read_text())
+    assert recorded["method"]["streaming_fraction"] == 0.75
+    # the run's own gate log, averaged at export time (the run itself trained with average_last 0)
+    res = run_cli("export", str(run_dir), "method.average_last=0.5", "--out", str(tmp_path / "avg"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    logged = {json.loads(line)["step"]: json.loads(line)["gates"] for line in (run_dir / GATE_LOG).read_text().splitlines()}
+    mean = torch.tensor([logged[s] for s in (5, 6, 7, 8)], dtype=torch.float64).mean(0)
+    torch.testing.assert_close(read_gate_tsv(tmp_path / "avg" / PATTERN_DIR / GATE_TSV), mean, rtol=0, atol=1e-12)
+
+    for override, message in [
+        ("training.max_steps=3", "only method.* (not method.name) and export.* settings can change after training; "
+                                 "training.max_steps describes how"),
+        ("method.name=sinklora", "method.name describes how"),
+        ("method.streaming_fraction=2", "method.streaming_fraction"),
+    ]:
+        res = run_cli("export", str(run_dir), override, "--out", str(tmp_path / "refused"))
+        assert res.returncode == 2, (override, res.stderr[-2000:])
+        assert message in res.stderr, (override, res.stderr[-2000:])
+        assert not (tmp_path / "refused").exists()
