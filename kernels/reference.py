@@ -182,3 +182,41 @@ def reference_attention(
     if return_lse:
         return out, torch.stack(lses)
     return out
+
+
+# ------------------------------------------------------------------------------ explicit masked attention
+
+
+def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def masked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                             scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 attention of q (B, Hq, Tq, D) over k/v (B, Hkv, Tk, D) (GQA by repeat) under one
+    (Tq, Tk) boolean `allowed` mask shared by all heads. Returns out (B, Hq, Tq, D) in q's dtype and
+    the log-sum-exp (B, Hq, Tq) fp32. The torch backend of the exact dense-kernel forms
+    (`shifted_groups.py`, `band_attention.py`), for CPU tests: it holds the whole score matrix."""
+    rep = q.shape[1] // k.shape[1]
+    s = (q.float() @ _repeat_kv(k, rep).float().transpose(-1, -2)) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    return (torch.exp(s - lse.unsqueeze(-1)) @ _repeat_kv(v, rep).float()).to(q.dtype), lse
+
+
+def masked_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                              lse: torch.Tensor, allowed: torch.Tensor, scale: float):
+    """Gradients (dq, dk, dv) of `masked_attention_forward`, given its output and log-sum-exp (or a
+    merged output and log-sum-exp over a larger key set: then these are this key set's share of the
+    merged attention's gradients). GQA gradients are summed over each KV head's query heads."""
+    b, hkv, t, d = k.shape
+    rep = q.shape[1] // hkv
+    qf, kf, vf, dof = q.float(), _repeat_kv(k, rep).float(), _repeat_kv(v, rep).float(), do.float()
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    p = torch.exp(s.masked_fill(~allowed, float("-inf")) - lse.unsqueeze(-1))
+    dv = p.transpose(-1, -2) @ dof
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * out.float()).sum(-1, keepdim=True))
+    dk = ds.transpose(-1, -2) @ qf * scale
+    if rep > 1:
+        dk, dv = (x.view(b, hkv, rep, t, d).sum(2) for x in (dk, dv))
+    return (ds @ kf * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -43,6 +43,7 @@ from typing import Optional
 import torch
 
 from .layouts import LayoutSpec
+from .reference import masked_attention_backward, masked_attention_forward
 
 # ------------------------------------------------------------------------------ dense causal backends
 # Each backend: fwd(q, k, v, scale) -> (out, lse, state), and bwd(do, q, k, v, out, lse, scale, state)
@@ -60,26 +61,12 @@ def _expand(x, rep):
 
 
 def _torch_fwd(q, k, v, scale):
-    rep = q.shape[1] // k.shape[1]
-    s = (q.float() @ _expand(k, rep).float().transpose(-1, -2)) * scale
-    s = s.masked_fill(_causal(q.shape[2], k.shape[2], q.device), float("-inf"))
-    lse = torch.logsumexp(s, -1)
-    out = (torch.exp(s - lse.unsqueeze(-1)) @ _expand(v, rep).float()).to(q.dtype)
+    out, lse = masked_attention_forward(q, k, v, ~_causal(q.shape[2], k.shape[2], q.device), scale)
     return out, lse, None
 
 
 def _torch_bwd(do, q, k, v, out, lse, scale, state):
-    b, hkv, t, d = k.shape
-    rep = q.shape[1] // hkv
-    qf, kf, vf, dof = q.float(), _expand(k, rep).float(), _expand(v, rep).float(), do.float()
-    s = (qf @ kf.transpose(-1, -2)) * scale
-    p = torch.exp(s.masked_fill(_causal(q.shape[2], t, q.device), float("-inf")) - lse.unsqueeze(-1))
-    dv = p.transpose(-1, -2) @ dof
-    ds = p * (dof @ vf.transpose(-1, -2) - (dof * out.float()).sum(-1, keepdim=True))
-    dk = ds.transpose(-1, -2) @ qf * scale
-    if rep > 1:
-        dk, dv = (x.view(b, hkv, rep, t, d).sum(2) for x in (dk, dv))
-    return (ds @ kf * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return masked_attention_backward(do, q, k, v, out, lse, ~_causal(q.shape[2], k.shape[2], q.device), scale)
 
 
 def _cudnn_fwd(q, k, v, scale):
