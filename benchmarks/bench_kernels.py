@@ -11,6 +11,9 @@ SDPA-cuDNN dense causal and SDPA-flash (FlashAttention-2) dense causal, all in o
     python benchmarks/bench_kernels.py --T 32768 --passes fwd+bwd --hkv 32 --layouts s2,sf
     python benchmarks/bench_kernels.py --budget-s 500        # stop cleanly before a time limit
 
+For sliding-window and streaming layouts, when cudnn-frontend is installed and its band works
+(``kernels/band_attention.py``), the cuDNN diagonal-band form is timed too (``ms_band``).
+
 Columns: ``density`` = allowed (q, k) pairs over causal pairs (dense causal = 1);
 ``tile_density`` = pairs in the tiles our kernel computes over causal pairs (what its work scales
 with); ``eff_vs_cudnn`` = ms_cudnn * tile_density / ms_headwise (throughput on computed tiles
@@ -98,7 +101,7 @@ def make_fn(kind, q, k, v, do, spec, passes, extra=None):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from headwise.kernels import shifted_group_attention, sparse_attention, sparse_attention_triton
+    from headwise.kernels import band_layout_attention, shifted_group_attention, sparse_attention, sparse_attention_triton
 
     hq, hkv = q.shape[1], k.shape[1]
     if kind == "headwise":
@@ -107,6 +110,8 @@ def make_fn(kind, q, k, v, do, spec, passes, extra=None):
         f = lambda: sparse_attention_triton(q, k, v, spec)[0]  # noqa: E731
     elif kind == "regrouped":
         f = lambda: shifted_group_attention(q, k, v, spec)  # noqa: E731
+    elif kind == "band":
+        f = lambda: band_layout_attention(q, k, v, spec)  # noqa: E731
     elif kind == "flex":
         flex, bm = extra
         f = lambda: flex(q, k, v, block_mask=bm, enable_gqa=hq != hkv)  # noqa: E731
@@ -165,6 +170,7 @@ def main(argv=None):
 
     flex = torch.compile(flex_attention, dynamic=False)
     layouts = _layouts()
+    from headwise.kernels.band_attention import band_ready
     gpu = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
@@ -201,6 +207,8 @@ def main(argv=None):
             row["tile_density"] = round(tile_density(spec, t, h, device), 4)
             times = {}
             kinds = ["headwise"] + (["block_sparse", "regrouped"] if spec.kind == "shifted_groups" else [])
+            if band_ready(q.device, spec):  # cuDNN's diagonal band (kernels/band_attention.py), when installed
+                kinds.append("band")
             for kind in kinds:
                 fn, grads = make_fn(kind, q, k, v, do, spec, passes)
                 times[kind] = bench(lambda: (fn(), [setattr(x, "grad", None) for x in grads]), (kind, name, key),
@@ -220,6 +228,8 @@ def main(argv=None):
             )
             if spec.kind == "shifted_groups":
                 row.update(ms_block_sparse=times.get("block_sparse"), ms_regrouped=times.get("regrouped"))
+            if "band" in times:
+                row.update(ms_band=times["band"])
             from headwise.kernels import _use_regrouped
 
             row["impl"] = "regrouped" if spec.kind == "shifted_groups" and _use_regrouped(spec) else "block_sparse"
@@ -247,6 +257,8 @@ def _print_row(r):
     extra = ""
     if "ms_regrouped" in r:
         extra = f" bs={r['ms_block_sparse']} rg={r['ms_regrouped']}"
+    if r.get("ms_band"):
+        extra += f" band={r['ms_band']} flex/band={_ratio(r['ms_flex'], r['ms_band'])}"
     print(f"{r['layout']:>14} T={r['T']:>6} Hkv={r['Hkv']:>2} {r['pass']:>7} dens={r['density']:.3f} "
           f"ours={hw} flex={r['ms_flex']} cudnn={r['ms_cudnn']} fa2={r['ms_fa2']} | "
           f"flex/ours={_ratio(r['ms_flex'], hw)} cudnn/ours={_ratio(r['ms_cudnn'], hw)} "

@@ -12,7 +12,9 @@ Public API::
     out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
 
 Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts, SF and LongLoRA, take the
-regrouped dense form: cuDNN on strided per-group views; see ``SHIFTED_GROUPS_IMPL``); CPU tensors
+regrouped dense form: cuDNN on strided per-group views; see ``SHIFTED_GROUPS_IMPL``; with
+``HEADWISE_BAND_IMPL=cudnn``, sliding-window and streaming layouts take cuDNN's diagonal band, see
+``BAND_IMPL``); CPU tensors
 run the torch reference, unless ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run
 in the interpreter (how CI tests them).
 """
@@ -24,6 +26,8 @@ from typing import Optional, Union
 
 import torch
 
+from . import band_attention
+from .band_attention import band_layout_attention
 from .block_sparse_attention import KernelConfig, interpret_mode, sparse_attention_triton
 from .decode_attention import decode_attention
 from .layouts import (
@@ -40,12 +44,14 @@ from .reference import reference_attention, token_mask
 from .shifted_groups import shifted_group_attention
 
 __all__ = [
+    "BAND_IMPL",
     "BlockLayout",
     "KernelConfig",
     "LayoutSpec",
     "SHIFTED_GROUPS_IMPL",
     "sparse_attention_triton",
     "build_dense_causal_layout",
+    "band_layout_attention",
     "build_layout",
     "build_s2_layout",
     "build_shifted_group_layout",
@@ -63,6 +69,12 @@ __all__ = [
 # prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
 # regrouped form (measurements in BENCHMARKS.md, "Attention kernels").
 SHIFTED_GROUPS_IMPL = os.environ.get("HEADWISE_SHIFTED_GROUPS_IMPL", "auto")
+
+
+# Which form runs the sliding-window and streaming layouts on CUDA (16-bit inputs, no cu_seqlens, no
+# lse requested): "block_sparse" (the Triton kernel, the default) or "cudnn" (cuDNN's diagonal-band SDPA
+# through cudnn-frontend, plus the sink part; kernels/band_attention.py). Opt-in until measured faster.
+BAND_IMPL = band_attention.BAND_IMPL
 
 
 def _use_regrouped(spec: LayoutSpec) -> bool:
@@ -110,6 +122,14 @@ def sparse_attention(
         and not return_lse
     ):
         return shifted_group_attention(q, k, v, spec, scale=scale)
+    if (
+        BAND_IMPL == "cudnn"
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and cu_seqlens is None
+        and not return_lse
+        and band_attention.band_ready(q.device, spec)
+    ):
+        return band_layout_attention(q, k, v, spec, scale=scale)
     out, lse = sparse_attention_triton(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens,
                                       max_seqlen=max_seqlen, config=config)
     return (out, lse) if return_lse else out

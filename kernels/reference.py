@@ -195,13 +195,14 @@ def masked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
                              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 attention of q (B, Hq, Tq, D) over k/v (B, Hkv, Tk, D) (GQA by repeat) under one
     (Tq, Tk) boolean `allowed` mask shared by all heads. Returns out (B, Hq, Tq, D) in q's dtype and
-    the log-sum-exp (B, Hq, Tq) fp32. The torch backend of the exact dense-kernel forms
+    the log-sum-exp (B, Hq, Tq) in fp32 (fp64 for fp64 inputs). The torch backend of the exact dense-kernel forms
     (`shifted_groups.py`, `band_attention.py`), for CPU tests: it holds the whole score matrix."""
     rep = q.shape[1] // k.shape[1]
-    s = (q.float() @ _repeat_kv(k, rep).float().transpose(-1, -2)) * scale
+    acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for 16-bit inputs, fp64 stays fp64
+    s = (q.to(acc) @ _repeat_kv(k, rep).to(acc).transpose(-1, -2)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, -1)
-    return (torch.exp(s - lse.unsqueeze(-1)) @ _repeat_kv(v, rep).float()).to(q.dtype), lse
+    return (torch.exp(s - lse.unsqueeze(-1)) @ _repeat_kv(v, rep).to(acc)).to(q.dtype), lse
 
 
 def masked_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -211,11 +212,12 @@ def masked_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     merged attention's gradients). GQA gradients are summed over each KV head's query heads."""
     b, hkv, t, d = k.shape
     rep = q.shape[1] // hkv
-    qf, kf, vf, dof = q.float(), _repeat_kv(k, rep).float(), _repeat_kv(v, rep).float(), do.float()
+    acc = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf, dof = q.to(acc), _repeat_kv(k, rep).to(acc), _repeat_kv(v, rep).to(acc), do.to(acc)
     s = (qf @ kf.transpose(-1, -2)) * scale
-    p = torch.exp(s.masked_fill(~allowed, float("-inf")) - lse.unsqueeze(-1))
+    p = torch.exp(s.masked_fill(~allowed, float("-inf")) - lse.to(acc).unsqueeze(-1))
     dv = p.transpose(-1, -2) @ dof
-    ds = p * (dof @ vf.transpose(-1, -2) - (dof * out.float()).sum(-1, keepdim=True))
+    ds = p * (dof @ vf.transpose(-1, -2) - (dof * out.to(acc)).sum(-1, keepdim=True))
     dk = ds.transpose(-1, -2) @ qf * scale
     if rep > 1:
         dk, dv = (x.view(b, hkv, rep, t, d).sum(2) for x in (dk, dv))

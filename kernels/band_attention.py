@@ -1,0 +1,296 @@
+"""Exact sliding-window and streaming attention through cuDNN's own diagonal-band SDPA.
+
+The band layouts are the two where the Triton kernel family stays below FlexAttention or far below
+cuDNN's throughput. At 32K fwd+bwd the sliding window runs 0.90x FlexAttention, and streaming with 32
+KV heads 0.98x. Nsight Compute shows the kernels latency-bound at 8 warps per SM (BENCHMARKS.md,
+"Targets (issue 5)"). cuDNN's SDPA takes a causal mask with a left bound (`sliding_window_length`,
+cudnn-frontend >= 1.9), which torch's `scaled_dot_product_attention` does not expose. This module
+runs the band layouts on it. The idea is the one `shifted_groups.py` applies to shifted groups: the
+best dense kernel on an exact decomposition.
+
+- **Sliding window `W`** (`q - W < k <= q`): one band call.
+- **Streaming (`s` sinks, `r` recent)** (`k <= q` and (`k < s` or `q - k < r`)): a band of `r` over
+  every row, plus the sink keys outside that band. Those are `k < s` with `k <= q - r`. For rows
+  `q >= r` they form a causal attention aligned top-left, of queries `[r, T)` over keys
+  `[0, min(s, T - r))`, where local row `i` sees keys `<= i`, i.e. `k <= q - r`. cuDNN's causal mask
+  is aligned top-left, so it is one SDPA call, and no row is empty. The two key sets are disjoint,
+  so the outputs merge through their log-sum-exps.
+- **Backward: no log-sum-exp gradient.** Each part's backward kernel gets the *merged* output and
+  log-sum-exp, as ring attention does. Its `P = exp(S - lse)` is then the merged softmax restricted
+  to its keys, and its `D = rowsum(dO * O)` is the merged one. So each part returns its keys' exact
+  gradients, and the query gradients of the two parts add up.
+
+Backends: `cudnn` (cudnn-frontend graphs for the band, built once per shape and strides and cached;
+the sink part through torch's private cuDNN SDPA op, as in `shifted_groups.py`), and `torch` (fp32
+masked attention, for tests on CPU). `band_left_offset` probes once per device that cudnn-frontend
+imports, that the band runs on strided GQA inputs, and which `sliding_window_length` reproduces the
+rule above. It compares forward and gradients against the torch backend.
+
+**Status: opt-in, unmeasured.** `HEADWISE_BAND_IMPL=cudnn` routes both layouts here; the default
+stays the Triton kernel. `benchmarks/bench_kernels.py` times this form too (`ms_band`) when
+cudnn-frontend is installed (`pip install 'headwise[cudnn]'`). Packed sequences (`cu_seqlens`) and
+`return_lse=True` always take the Triton kernel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Optional
+
+import torch
+
+from .layouts import LayoutSpec
+from .reference import masked_attention_backward, masked_attention_forward
+from .shifted_groups import _cudnn_bwd, _cudnn_fwd, bottom_right_causal, native_gqa
+
+BAND_IMPL = os.environ.get("HEADWISE_BAND_IMPL", "block_sparse")
+
+
+def _band_allowed(tq: int, tk: int, window: int, device) -> torch.Tensor:
+    i = torch.arange(tq, device=device).view(-1, 1)
+    j = torch.arange(tk, device=device).view(1, -1)
+    return (j <= i) & (i - j < window)
+
+
+def _top_left_causal(tq: int, tk: int, device) -> torch.Tensor:
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).tril()
+
+
+# ------------------------------------------------------------------------------ the band: cudnn-frontend
+
+
+_HANDLES: dict[int, object] = {}
+
+
+def _handle(device_index: int):
+    import cudnn
+
+    if device_index not in _HANDLES:
+        with torch.cuda.device(device_index):
+            _HANDLES[device_index] = cudnn.create_handle()
+    handle = _HANDLES[device_index]
+    cudnn.set_stream(handle, torch.cuda.current_stream(device_index).cuda_stream)
+    return handle
+
+
+def _geometry(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    return tuple(x.shape), tuple(x.stride())
+
+
+@functools.lru_cache(maxsize=64)
+def _band_graphs(device_index: int, dtype: torch.dtype, q_geo, k_geo, v_geo, o_geo, left: int, scale: float):
+    """Forward and backward cudnn-frontend graphs for one geometry: ((graph, tensors), (graph, tensors),
+    workspace bytes). The backward's dO, dQ, dK and dV take the geometries of O, Q, K and V."""
+    import cudnn
+
+    handle = _handle(device_index)
+    io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
+    f32 = cudnn.data_type.FLOAT
+    b, h, t, _ = q_geo[0]
+    stats_geo = ((b, h, t, 1), (h * t, t, 1, 1))
+
+    def tensor(graph, geo, name, data_type=io):
+        return graph.tensor(dim=list(geo[0]), stride=list(geo[1]), data_type=data_type, name=name)
+
+    heur = [cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK]
+    fwd = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    fq, fk, fv = tensor(fwd, q_geo, "q"), tensor(fwd, k_geo, "k"), tensor(fwd, v_geo, "v")
+    fo, fstats = fwd.sdpa(name="band", q=fq, k=fk, v=fv, generate_stats=True, attn_scale=scale,
+                          use_causal_mask=True, sliding_window_length=left)
+    fo.set_output(True).set_dim(list(o_geo[0])).set_stride(list(o_geo[1]))
+    fstats.set_output(True).set_data_type(f32).set_dim(list(stats_geo[0])).set_stride(list(stats_geo[1]))
+    fwd.build(heur)
+
+    bwd = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
+    bq, bk, bv = tensor(bwd, q_geo, "q"), tensor(bwd, k_geo, "k"), tensor(bwd, v_geo, "v")
+    bo, bdo, bstats = tensor(bwd, o_geo, "o"), tensor(bwd, o_geo, "do"), tensor(bwd, stats_geo, "stats", f32)
+    dq, dk, dv = bwd.sdpa_backward(name="band_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bstats, attn_scale=scale,
+                                   use_causal_mask=True, sliding_window_length=left)
+    for grad, geo in ((dq, q_geo), (dk, k_geo), (dv, v_geo)):
+        grad.set_output(True).set_dim(list(geo[0])).set_stride(list(geo[1]))
+    bwd.build(heur)
+    workspace = max(fwd.get_workspace_size(), bwd.get_workspace_size(), 1)
+    return (fwd, (fq, fk, fv, fo, fstats)), (bwd, (bq, bk, bv, bo, bdo, bstats, dq, dk, dv)), workspace
+
+
+def _left(window: int, device_index: int) -> int:
+    offset = band_left_offset(device_index)
+    if offset is None:
+        raise RuntimeError("cudnn-frontend's band SDPA is not available on this device (band_left_offset)")
+    return window + offset
+
+
+def _cudnn_band_fwd(q, k, v, window, scale, left=None):
+    """out (B, T, Hq, D) contiguous, lse (B, Hq, T, 1) fp32; q/k/v (B, H, T, D) views."""
+    index = q.device.index or 0
+    left = _left(window, index) if left is None else left
+    out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    out_h = out.transpose(1, 2)
+    lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], 1, device=q.device, dtype=torch.float32)
+    (graph, (fq, fk, fv, fo, fstats)), _, ws = _band_graphs(index, q.dtype, _geometry(q), _geometry(k), _geometry(v),
+                                                          _geometry(out_h), left, scale)
+    workspace = torch.empty(ws, device=q.device, dtype=torch.uint8)
+    graph.execute({fq: q, fk: k, fv: v, fo: out_h, fstats: lse}, workspace, handle=_handle(index))
+    return out, lse
+
+
+def _cudnn_band_bwd(do_h, q, k, v, out_h, lse, window, scale, left=None):
+    """dq, dk, dv like q, k, v; do_h and out_h (B, H, T, D) views of (B, T, H, D) buffers."""
+    index = q.device.index or 0
+    left = _left(window, index) if left is None else left
+    _, (graph, (bq, bk, bv, bo, bdo, bstats, dq, dk, dv)), ws = _band_graphs(
+        index, q.dtype, _geometry(q), _geometry(k), _geometry(v), _geometry(out_h), left, scale)
+    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    workspace = torch.empty(ws, device=q.device, dtype=torch.uint8)
+    graph.execute({bq: q, bk: k, bv: v, bo: out_h, bdo: do_h, bstats: lse, dq: grads[0], dk: grads[1], dv: grads[2]},
+                  workspace, handle=_handle(index))
+    return grads
+
+
+# ------------------------------------------------------------------------------ the band: torch (tests, CPU)
+
+
+def _torch_band_fwd(q, k, v, window, scale, left=None):
+    out_h, lse = masked_attention_forward(q, k, v, _band_allowed(q.shape[2], k.shape[2], window, q.device), scale)
+    return out_h.transpose(1, 2).contiguous(), lse.unsqueeze(-1)
+
+
+def _torch_band_bwd(do_h, q, k, v, out_h, lse, window, scale, left=None):
+    return masked_attention_backward(do_h, q, k, v, out_h, lse.squeeze(-1),
+                                     _band_allowed(q.shape[2], k.shape[2], window, q.device), scale)
+
+
+# ------------------------------------------------------------------------------ the sink part (top-left causal)
+
+
+def _torch_corner_fwd(q, k, v, scale):
+    out, lse = masked_attention_forward(q, k, v, _top_left_causal(q.shape[2], k.shape[2], q.device), scale)
+    return out, lse, None
+
+
+def _torch_corner_bwd(do, q, k, v, out, lse, scale, state):
+    return masked_attention_backward(do, q, k, v, out, lse, _top_left_causal(q.shape[2], k.shape[2], q.device), scale)
+
+
+BACKENDS = {
+    "torch": (_torch_band_fwd, _torch_band_bwd, _torch_corner_fwd, _torch_corner_bwd),
+    "cudnn": (_cudnn_band_fwd, _cudnn_band_bwd, _cudnn_fwd, _cudnn_bwd),  # cuDNN's causal mask is top-left
+}
+
+
+def _expand(x: torch.Tensor, rep: int) -> torch.Tensor:
+    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+class BandLayoutAttention(torch.autograd.Function):
+    """q (B, Hq, T, D), k/v (B, Hkv, T, D) views -> out (B, T, Hq, D) contiguous."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window, sink, scale, backend):
+        band_fwd, _, corner_fwd, _ = BACKENDS[backend]
+        t = q.shape[2]
+        out, lse = band_fwd(q, k, v, window, scale)
+        out_h = out.transpose(1, 2)
+        n_sink = min(sink, t - window) if sink else 0
+        state, gqa = None, True
+        if n_sink > 0:
+            rep = q.shape[1] // k.shape[1]
+            gqa = backend == "torch" or native_gqa("cudnn", q.device.index or 0)
+            kc, vc = (_expand(x[:, :, :n_sink], 1 if gqa else rep) for x in (k, v))
+            oc, lc, state = corner_fwd(q[:, :, window:], kc, vc, scale)
+            # merge rows [window, T): the band's part and the sink part, through their log-sum-exps
+            # (in fp32, fp64 for fp64 inputs)
+            acc = torch.promote_types(q.dtype, torch.float32)
+            lb, ls = lse[:, :, window:, 0].to(acc), lc.reshape(lse[:, :, window:, 0].shape).to(acc)
+            merged = torch.logaddexp(lb, ls)
+            rows = out_h[:, :, window:]
+            rows.copy_(rows.to(acc) * torch.exp(lb - merged).unsqueeze(-1) + oc.to(acc) * torch.exp(ls - merged).unsqueeze(-1))
+            lse[:, :, window:, 0] = merged
+            ctx.corner_lse_shape = tuple(lc.shape)
+        state_tensors = [x for x in (state or ()) if isinstance(x, torch.Tensor)]
+        ctx.save_for_backward(q, k, v, out, lse, *state_tensors)
+        ctx.meta = (window, sink, n_sink, scale, backend, gqa,
+                    None if state is None else tuple(None if isinstance(x, torch.Tensor) else x for x in state))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        window, sink, n_sink, scale, backend, gqa, template = ctx.meta
+        q, k, v, out, lse, *state_tensors = ctx.saved_tensors
+        _, band_bwd, _, corner_bwd = BACKENDS[backend]
+        do_h, out_h = dout.contiguous().transpose(1, 2), out.transpose(1, 2)
+        dq, dk, dv = band_bwd(do_h, q, k, v, out_h, lse, window, scale)
+        if n_sink > 0:
+            saved = iter(state_tensors)
+            state = tuple(next(saved) if x is None else x for x in template) if template is not None else None
+            rep = q.shape[1] // k.shape[1]
+            kc, vc = (_expand(x[:, :, :n_sink], 1 if gqa else rep) for x in (k, v))
+            lc = lse[:, :, window:, 0].reshape(ctx.corner_lse_shape).contiguous()
+            dqc, dkc, dvc = corner_bwd(do_h[:, :, window:], q[:, :, window:], kc, vc, out_h[:, :, window:], lc, scale, state)
+            if not gqa and rep > 1:
+                dkc, dvc = (x.unflatten(1, (-1, rep)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dkc, dvc))
+            dq[:, :, window:] += dqc
+            dk[:, :, :n_sink] += dkc
+            dv[:, :, :n_sink] += dvc
+        return dq, dk, dv, None, None, None, None
+
+
+def band_layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: LayoutSpec,
+                          scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Exact sliding-window or streaming attention as a band (+ sink) decomposition.
+
+    q: (B, Hq, T, D), k/v: (B, Hkv, T, D), any strides with a unit last stride. Returns (B, T, Hq, D)
+    contiguous. `backend`: "cudnn" (default on CUDA) or "torch"."""
+    if spec.kind == "sliding_window":
+        window, sink = spec.window, 0
+    elif spec.kind == "streaming":
+        window, sink = spec.recent, spec.sink
+    else:
+        raise ValueError(f"band_layout_attention takes sliding_window or streaming specs, got {spec.kind}")
+    backend = backend or ("cudnn" if q.is_cuda else "torch")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return BandLayoutAttention.apply(q, k, v, window, sink, scale, backend)
+
+
+def band_ready(device: torch.device, spec: LayoutSpec) -> bool:
+    """Whether the cuDNN backend runs `spec` here: the band works (`band_left_offset`), and for
+    streaming with sinks, cuDNN's causal mask is aligned top-left (the sink part relies on it)."""
+    if device.type != "cuda" or spec.kind not in ("sliding_window", "streaming"):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if band_left_offset(index) is None:
+        return False
+    return spec.kind == "sliding_window" or not spec.sink or not bottom_right_causal("cudnn", index)
+
+
+@functools.lru_cache(maxsize=None)
+def band_left_offset(device_index: int = 0) -> Optional[int]:
+    """`sliding_window_length - window` that makes cudnn-frontend's band equal the sliding-window
+    rule on this device (forward and gradients against the torch backend, on strided GQA inputs),
+    or None where cudnn-frontend is missing or its band fails."""
+    try:
+        import cudnn  # noqa: F401
+
+        dev = f"cuda:{device_index}"
+        gen = torch.Generator(device=dev).manual_seed(0)
+
+        def leaf(h):  # transformers' transposed (B, T, H, D) buffers
+            return torch.randn(1, 256, h, 64, device=dev, dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+
+        q, k, v = leaf(4), leaf(2), leaf(2)
+        window, scale = 48, 0.125
+        do_h = torch.randn(1, 256, 4, 64, device=dev, dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+        ref_out, ref_lse = _torch_band_fwd(q, k, v, window, scale)
+        ref_grads = _torch_band_bwd(do_h, q, k, v, ref_out.transpose(1, 2), ref_lse, window, scale)
+        for offset in (0, -1, 1):
+            out, lse = _cudnn_band_fwd(q, k, v, window, scale, left=window + offset)
+            grads = _cudnn_band_bwd(do_h, q, k, v, out.transpose(1, 2), lse, window, scale, left=window + offset)
+            if (torch.allclose(out.float(), ref_out.float(), atol=2e-2, rtol=2e-2)
+                    and torch.allclose(lse, ref_lse, atol=1e-2, rtol=1e-3)
+                    and all(torch.allclose(g.float(), r.float(), atol=5e-2, rtol=5e-2) for g, r in zip(grads, ref_grads))):
+                return offset
+        return None
+    except Exception:  # cudnn-frontend missing, its cuDNN lacks the band, or the strides were refused
+        return None
