@@ -197,7 +197,7 @@ class BandLayoutAttention(torch.autograd.Function):
         state, gqa = None, True
         if n_sink > 0:
             rep = q.shape[1] // k.shape[1]
-            gqa = backend == "torch" or native_gqa("cudnn", q.device.index or 0)
+            gqa = not q.is_cuda or native_gqa("cudnn", q.device.index or 0)  # else K/V heads are repeated
             kc, vc = (_expand(x[:, :, :n_sink], 1 if gqa else rep) for x in (k, v))
             oc, lc, state = corner_fwd(q[:, :, window:], kc, vc, scale)
             # merge rows [window, T): the band's part and the sink part, through their log-sum-exps
@@ -230,7 +230,8 @@ class BandLayoutAttention(torch.autograd.Function):
             lc = lse[:, :, window:, 0].reshape(ctx.corner_lse_shape).contiguous()
             dqc, dkc, dvc = corner_bwd(do_h[:, :, window:], q[:, :, window:], kc, vc, out_h[:, :, window:], lc, scale, state)
             if not gqa and rep > 1:
-                dkc, dvc = (x.unflatten(1, (-1, rep)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dkc, dvc))
+                acc = torch.promote_types(dkc.dtype, torch.float32)
+                dkc, dvc = (x.unflatten(1, (-1, rep)).sum(2, dtype=acc).to(x.dtype) for x in (dkc, dvc))
             dq[:, :, window:] += dqc
             dk[:, :, :n_sink] += dkc
             dv[:, :, :n_sink] += dvc

@@ -94,3 +94,31 @@ def test_sparse_attention_routes_band_layouts_to_cudnn_when_asked(monkeypatch):
     out = kernels.sparse_attention(q, k, v, LayoutSpec("streaming", sink=16, recent=64))
     ref = reference_attention(q.float(), k.float(), v.float(), LayoutSpec("streaming", sink=16, recent=64))
     assert calls and (out.float() - ref).abs().max().item() < 3e-2
+
+
+def test_sink_part_state_reaches_its_backward_cpu(monkeypatch):
+    """cuDNN's SDPA op returns a state (RNG seed/offset tensors, sequence bounds) that its backward
+    needs back; its tensors go through save_for_backward (gradient checkpointing frees only those).
+    A torch sink part that carries such a state checks the round trip on CPU."""
+    from headwise.kernels import band_attention
+
+    band_fwd, band_bwd, corner_fwd, corner_bwd = band_attention.BACKENDS["torch"]
+    seen = []
+
+    def fwd_with_state(q, k, v, scale):
+        out, lse, _ = corner_fwd(q, k, v, scale)
+        return out, lse, (torch.tensor([7]), q.shape[2], torch.tensor([11]))
+
+    def bwd_with_state(do, q, k, v, out, lse, scale, state):
+        seen.append(state)
+        return corner_bwd(do, q, k, v, out, lse, scale, None)
+
+    monkeypatch.setitem(band_attention.BACKENDS, "stateful", (band_fwd, band_bwd, fwd_with_state, bwd_with_state))
+    spec = LayoutSpec("streaming", sink=4, recent=16)
+    q, k, v, do = _inputs(45, 4, 2, 16, torch.float64, "cpu", True)
+    got = _grads(lambda a, b, c: band_layout_attention(a, b, c, spec, backend="stateful"), (q, k, v), do)
+    ref = _grads(lambda a, b, c: reference_attention(a, b, c, spec), (q, k, v), do)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
+    (state,) = seen
+    assert int(state[0]) == 7 and state[1] == 45 - 16 and int(state[2]) == 11
