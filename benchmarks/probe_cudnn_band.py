@@ -36,46 +36,36 @@ def main() -> int:
         return 2
     from headwise.kernels import LayoutSpec, reference_attention
     from headwise.kernels.band_attention import (
-        _cudnn_band_bwd,
-        _cudnn_band_fwd,
-        _torch_band_bwd,
-        _torch_band_fwd,
         band_layout_attention,
         band_left_offset,
+        band_offset_matches,
         band_ready,
+        compare_band_offsets,
     )
 
     backend = getattr(cudnn, "backend_version", lambda: "?")()
     print(f"cudnn-frontend {getattr(cudnn, '__version__', '?')}, cuDNN backend {backend}, torch {torch.__version__} "
           f"(its cuDNN {torch.backends.cudnn.version()}), {torch.cuda.get_device_name()}", flush=True)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def leaf(t, h, d=128):
-        return torch.randn(1, t, h, d, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
-
     ok = False
     for hkv in (32, 8):
-        q, k, v, do_h = leaf(1024, 32), leaf(1024, hkv), leaf(1024, hkv), leaf(1024, 32)
-        window, scale = 256, 128 ** -0.5
-        ref_out, ref_lse = _torch_band_fwd(q, k, v, window, scale)
-        ref_grads = _torch_band_bwd(do_h, q, k, v, ref_out.transpose(1, 2), ref_lse, window, scale)
-        for left in (window - 1, window, window + 1):
-            try:
-                out, lse = _cudnn_band_fwd(q, k, v, window, scale, left=left)
-                grads = _cudnn_band_bwd(do_h, q, k, v, out.transpose(1, 2), lse, window, scale, left=left)
-                torch.cuda.synchronize()
-            except Exception as e:  # noqa: BLE001 - a diagnosis reports every failure
-                print(f"hkv={hkv} sliding_window_length={left}: {type(e).__name__}: {str(e)[:600]}", flush=True)
-                traceback.print_exc(limit=4)
+        for offset, errors in compare_band_offsets(torch.cuda.current_device(), t=1024, hq=32, hkv=hkv, d=128, window=256):
+            label = f"hkv={hkv} sliding_window_length=window{offset:+d}"
+            if isinstance(errors, Exception):
+                print(f"{label}: {type(errors).__name__}: {str(errors)[:600]}", flush=True)
+                traceback.print_exception(errors, limit=4)
                 continue
-            errs = [(out.float() - ref_out.float()).abs().max().item(), (lse - ref_lse).abs().max().item()]
-            errs += [(g.float() - r.float()).abs().max().item() / r.float().abs().max().item() for g, r in zip(grads, ref_grads)]
-            print(f"hkv={hkv} sliding_window_length={left}: max |out - ref| {errs[0]:.4f}, |lse - ref| {errs[1]:.4f}, "
-                  f"relative dq/dk/dv errors {errs[2]:.4f} / {errs[3]:.4f} / {errs[4]:.4f}", flush=True)
-            ok = ok or max(errs) < 0.05
+            print(f"{label}: " + ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
+                  + (" (matches)" if band_offset_matches(errors) else ""), flush=True)
+            ok = ok or band_offset_matches(errors)
     print(f"band_left_offset: {band_left_offset(torch.cuda.current_device())}", flush=True)
+    device = torch.device("cuda", torch.cuda.current_device())
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def leaf(t, h, d=128):  # transformers' transposed (B, T, H, D) buffers
+        return torch.randn(1, t, h, d, device=device, dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+
     for spec in (LayoutSpec("sliding_window", window=256), LayoutSpec("streaming", sink=128, recent=256)):
-        if not band_ready(q.device, spec):
+        if not band_ready(device, spec):
             print(f"{spec.kind}: band_ready False", flush=True)
             continue
         q, k, v = leaf(2048, 32).requires_grad_(), leaf(2048, 8).requires_grad_(), leaf(2048, 8).requires_grad_()

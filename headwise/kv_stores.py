@@ -84,6 +84,10 @@ class DynamicStore:
 
     def __init__(self, rule: EvictionRule):
         self.rule = rule
+        self.release()
+
+    def release(self) -> None:
+        """Drop every tensor the store holds (the state of a new, empty store)."""
         self.keys = self.values = None
         self.valid = self.pos = self.score = None
         self.n_new = 0

@@ -254,15 +254,9 @@ class Recipe(Section):
             raise ValueError("peft.type `none` trains only `peft.trainable_modules`, which is empty; list modules or use `lora`")
         if self.peft.type == "none" and self.export.format == "adapter":
             raise ValueError("peft.type `none` has no adapter to export; set export.format: merged")
-        average_last = getattr(self.method, "average_last", 0.0)  # method duo
-        if average_last > 0 and self.training.max_steps > 0:
-            window = average_last * self.training.max_steps
-            if window // self.training.logging_steps < 2:
-                raise ValueError(
-                    f"method.average_last ({average_last}) averages the gates logged over the last {window:g} of "
-                    f"{self.training.max_steps} steps, but training.logging_steps ({self.training.logging_steps}) logs "
-                    "fewer than 2 there; lower training.logging_steps or raise method.average_last"
-                )
+        method_rules = getattr(self.method, "check_recipe", None)  # a method's rules on other sections
+        if method_rules is not None:
+            method_rules(self)
         if self.training.resume not in ("auto", "never") and not Path(self.training.resume).is_dir():
             raise ValueError(
                 f"training.resume {self.training.resume!r} is not `auto`, `never` or an existing checkpoint directory"

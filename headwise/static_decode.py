@@ -203,7 +203,7 @@ class StaticDecoder:
         for layer in dyn.layers:
             layers.append(StaticHeadwiseLayer(layer, self.max_new_tokens))
             for _, store in layer.groups:
-                store.keys = store.values = store.valid = store.pos = store.score = None
+                store.release()
         self.cache = bind_cache(self.model, HeadwiseCache(layers, dyn.policy))
         self.ids = first_token.reshape(-1, 1).clone()
         self.pos = next_position.reshape(-1, 1).to(torch.long).clone()

@@ -187,8 +187,17 @@ def reference_attention(
 # ------------------------------------------------------------------------------ explicit masked attention
 
 
-def _repeat_kv(x: torch.Tensor, rep: int) -> torch.Tensor:
+def repeat_kv_heads(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """K or V (B, Hkv, T, D) repeated to the query heads (B, Hkv * rep, T, D): head h serves h*rep..h*rep+rep-1."""
     return x if rep == 1 else x.repeat_interleave(rep, dim=1)
+
+
+def sum_kv_groups(x: torch.Tensor, rep: int) -> torch.Tensor:
+    """The inverse for gradients: (B, Hkv * rep, T, D) -> (B, Hkv, T, D), each KV head's `rep` query
+    heads summed (accumulated in fp32 at least), in x's dtype."""
+    if rep == 1:
+        return x
+    return x.unflatten(1, (-1, rep)).sum(2, dtype=torch.promote_types(x.dtype, torch.float32)).to(x.dtype)
 
 
 def masked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
@@ -199,10 +208,10 @@ def masked_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     (`shifted_groups.py`, `band_attention.py`), for CPU tests: it holds the whole score matrix."""
     rep = q.shape[1] // k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)  # fp32 for 16-bit inputs, fp64 stays fp64
-    s = (q.to(acc) @ _repeat_kv(k, rep).to(acc).transpose(-1, -2)) * scale
+    s = (q.to(acc) @ repeat_kv_heads(k, rep).to(acc).transpose(-1, -2)) * scale
     s = s.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(s, -1)
-    return (torch.exp(s - lse.unsqueeze(-1)) @ _repeat_kv(v, rep).to(acc)).to(q.dtype), lse
+    return (torch.exp(s - lse.unsqueeze(-1)) @ repeat_kv_heads(v, rep).to(acc)).to(q.dtype), lse
 
 
 def masked_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -210,15 +219,13 @@ def masked_attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     """Gradients (dq, dk, dv) of `masked_attention_forward`, given its output and log-sum-exp (or a
     merged output and log-sum-exp over a larger key set: then these are this key set's share of the
     merged attention's gradients). GQA gradients are summed over each KV head's query heads."""
-    b, hkv, t, d = k.shape
-    rep = q.shape[1] // hkv
+    rep = q.shape[1] // k.shape[1]
     acc = torch.promote_types(q.dtype, torch.float32)
-    qf, kf, vf, dof = q.to(acc), _repeat_kv(k, rep).to(acc), _repeat_kv(v, rep).to(acc), do.to(acc)
+    qf, kf, vf, dof = q.to(acc), repeat_kv_heads(k, rep).to(acc), repeat_kv_heads(v, rep).to(acc), do.to(acc)
     s = (qf @ kf.transpose(-1, -2)) * scale
     p = torch.exp(s.masked_fill(~allowed, float("-inf")) - lse.to(acc).unsqueeze(-1))
     dv = p.transpose(-1, -2) @ dof
     ds = p * (dof @ vf.transpose(-1, -2) - (dof * out.to(acc)).sum(-1, keepdim=True))
     dk = ds.transpose(-1, -2) @ qf * scale
-    if rep > 1:
-        dk, dv = (x.view(b, hkv, rep, t, d).sum(2) for x in (dk, dv))
+    dk, dv = sum_kv_groups(dk, rep), sum_kv_groups(dv, rep)
     return (ds @ kf * scale).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

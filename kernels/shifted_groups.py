@@ -43,7 +43,7 @@ from typing import Optional
 import torch
 
 from .layouts import LayoutSpec
-from .reference import masked_attention_backward, masked_attention_forward
+from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
 
 # ------------------------------------------------------------------------------ dense causal backends
 # Each backend: fwd(q, k, v, scale) -> (out, lse, state), and bwd(do, q, k, v, out, lse, scale, state)
@@ -54,10 +54,6 @@ from .reference import masked_attention_backward, masked_attention_forward
 def _causal(tq, tk, device):
     """Masked (True) pairs of causal attention aligned bottom-right: query i sees keys <= i + tk - tq."""
     return torch.ones(tq, tk, dtype=torch.bool, device=device).triu(1 + tk - tq)
-
-
-def _expand(x, rep):
-    return x if rep == 1 else x.repeat_interleave(rep, dim=1)
 
 
 def _torch_fwd(q, k, v, scale):
@@ -333,7 +329,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 qp = _query_rows(q, b, p, (p.h0, p.h1), pad_q, overlap)
                 kp, vp = (_key_rows(x, b, p, (p.k0, p.k1)) for x in (k, v))
                 if not gqa:
-                    kp, vp = _expand(kp, rep), _expand(vp, rep)
+                    kp, vp = repeat_kv_heads(kp, rep), repeat_kv_heads(vp, rep)
                 o, lse, st = fwd(qp, kp, vp, scale)
                 _view(out_h, b, p, (p.h0, p.h1)).copy_(o[:, :, p.sink :] if pad_q else o)
                 lses.append(lse)
@@ -378,10 +374,10 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 dop = _query_rows(do_h, b, p, qh, pad_q, overlap, zero_lead=True)
                 kp, vp = (_key_rows(x, b, p, kh) for x in (k, v))
                 if not gqa:
-                    kp, vp = _expand(kp, rep), _expand(vp, rep)
+                    kp, vp = repeat_kv_heads(kp, rep), repeat_kv_heads(vp, rep)
                 dqp, dkp, dvp = bwd(dop, qp, kp, vp, op, lse, scale, st)
-                if not gqa and rep > 1:
-                    dkp, dvp = (x.unflatten(1, (-1, rep)).sum(2, dtype=torch.float32).to(x.dtype) for x in (dkp, dvp))
+                if not gqa:
+                    dkp, dvp = sum_kv_groups(dkp, rep), sum_kv_groups(dvp, rep)
                 _view(dq, b, p, qh).copy_(dqp[:, :, p.sink :] if pad_q else dqp)
                 for full, part in ((dk, dkp), (dv, dvp)):
                     rows = _view(full, b, p, kh)

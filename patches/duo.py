@@ -139,6 +139,17 @@ class DuoMethod(Section):
     )
     haystack: DuoHaystack = Field(default_factory=DuoHaystack, description="The synthetic passkey training data.")
 
+    def check_recipe(self, recipe: Any) -> None:
+        """Rules across sections (called by the recipe's validation): `average_last` needs at least two
+        logged gate snapshots in its window."""
+        steps, every = recipe.training.max_steps, recipe.training.logging_steps
+        if self.average_last > 0 and steps > 0 and (self.average_last * steps) // every < 2:
+            raise ValueError(
+                f"method.average_last ({self.average_last}) averages the gates logged over the last "
+                f"{self.average_last * steps:g} of {steps} steps, but training.logging_steps ({every}) logs fewer "
+                "than 2 there; lower training.logging_steps or raise method.average_last"
+            )
+
 
 # ---------------------------------------------------------------------------------------------- gates
 
