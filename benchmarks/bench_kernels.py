@@ -12,7 +12,8 @@ SDPA-cuDNN dense causal and SDPA-flash (FlashAttention-2) dense causal, all in o
     python benchmarks/bench_kernels.py --budget-s 500        # stop cleanly before a time limit
 
 For sliding-window and streaming layouts, when cudnn-frontend is installed and its band works
-(``kernels/band_attention.py``), the cuDNN diagonal-band form is timed too (``ms_band``).
+(``kernels/band_attention.py``), both forms are timed too: the Triton kernel (``ms_block_sparse``)
+and the cuDNN diagonal band (``ms_band``). ``impl`` names the form ``ms_headwise`` ran.
 
 Columns: ``density`` = allowed (q, k) pairs over causal pairs (dense causal = 1);
 ``tile_density`` = pairs in the tiles our kernel computes over causal pairs (what its work scales
@@ -170,6 +171,7 @@ def main(argv=None):
 
     flex = torch.compile(flex_attention, dynamic=False)
     layouts = _layouts()
+    from headwise.kernels import attention_impl
     from headwise.kernels.band_attention import band_ready
     gpu = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
@@ -206,9 +208,10 @@ def main(argv=None):
             row["density"] = round(spec.density(t, h), 4)
             row["tile_density"] = round(tile_density(spec, t, h, device), 4)
             times = {}
+            impl = attention_impl(spec, q)
             kinds = ["headwise"] + (["block_sparse", "regrouped"] if spec.kind == "shifted_groups" else [])
             if band_ready(q.device, spec):  # cuDNN's diagonal band (kernels/band_attention.py), when installed
-                kinds.append("band")
+                kinds += ["block_sparse", "band"]
             for kind in kinds:
                 fn, grads = make_fn(kind, q, k, v, do, spec, passes)
                 times[kind] = bench(lambda: (fn(), [setattr(x, "grad", None) for x in grads]), (kind, name, key),
@@ -226,13 +229,10 @@ def main(argv=None):
                 ms_headwise=times.get("headwise"), ms_flex=times.get("flex"),
                 ms_cudnn=dense_cache[key]["cudnn"], ms_fa2=dense_cache[key]["fa2"],
             )
-            if spec.kind == "shifted_groups":
-                row.update(ms_block_sparse=times.get("block_sparse"), ms_regrouped=times.get("regrouped"))
-            if "band" in times:
-                row.update(ms_band=times["band"])
-            from headwise.kernels import _use_regrouped
-
-            row["impl"] = "regrouped" if spec.kind == "shifted_groups" and _use_regrouped(spec) else "block_sparse"
+            for kind in ("block_sparse", "regrouped", "band"):
+                if kind in times:
+                    row[f"ms_{kind}"] = times[kind]
+            row["impl"] = impl
             if row["ms_headwise"] and row["ms_cudnn"]:
                 row["eff_vs_cudnn"] = round(row["ms_cudnn"] * row["tile_density"] / row["ms_headwise"], 3)
             row.update(gpu=gpu, date=date, command=command, torch=torch.__version__,
@@ -255,8 +255,10 @@ def _ratio(a, b):
 def _print_row(r):
     hw = r["ms_headwise"]
     extra = ""
+    if "ms_block_sparse" in r:
+        extra = f" impl={r['impl']} bs={r['ms_block_sparse']}"
     if "ms_regrouped" in r:
-        extra = f" bs={r['ms_block_sparse']} rg={r['ms_regrouped']}"
+        extra += f" rg={r['ms_regrouped']}"
     if r.get("ms_band"):
         extra += f" band={r['ms_band']} flex/band={_ratio(r['ms_flex'], r['ms_band'])}"
     print(f"{r['layout']:>14} T={r['T']:>6} Hkv={r['Hkv']:>2} {r['pass']:>7} dens={r['density']:.3f} "

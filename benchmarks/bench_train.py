@@ -116,8 +116,8 @@ def kernel_path(method: str, heads: int, context: int, device: str, dtype: torch
         return f"torch reference, {desc}"
     import headwise.kernels as k
 
-    regrouped = k._use_regrouped(spec) and dtype in (torch.float16, torch.bfloat16)
-    return f"{'regrouped' if regrouped else 'block_sparse'} (HEADWISE_SHIFTED_GROUPS_IMPL={k.SHIFTED_GROUPS_IMPL}), {desc}"
+    impl = k.attention_impl(spec, torch.empty(1, device=device, dtype=dtype))
+    return f"{impl} (HEADWISE_SHIFTED_GROUPS_IMPL={k.SHIFTED_GROUPS_IMPL}), {desc}"
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, loss_mode: str) -> float:

@@ -12,9 +12,8 @@ Public API::
     out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
 
 Dispatch: CUDA tensors run the Triton kernels (shifted-group layouts, SF and LongLoRA, take the
-regrouped dense form: cuDNN on strided per-group views; see ``SHIFTED_GROUPS_IMPL``; with
-``HEADWISE_BAND_IMPL=cudnn``, sliding-window and streaming layouts take cuDNN's diagonal band, see
-``BAND_IMPL``); CPU tensors
+regrouped dense form: cuDNN on strided per-group views, see ``SHIFTED_GROUPS_IMPL``; sliding-window
+layouts take cuDNN's diagonal band where cudnn-frontend is installed, see ``BAND_IMPL``); CPU tensors
 run the torch reference, unless ``TRITON_INTERPRET=1`` is set, in which case the Triton kernels run
 in the interpreter (how CI tests them).
 """
@@ -45,6 +44,7 @@ from .shifted_groups import shifted_group_attention
 
 __all__ = [
     "BAND_IMPL",
+    "attention_impl",
     "BlockLayout",
     "KernelConfig",
     "LayoutSpec",
@@ -72,13 +72,37 @@ SHIFTED_GROUPS_IMPL = os.environ.get("HEADWISE_SHIFTED_GROUPS_IMPL", "auto")
 
 
 # Which form runs the sliding-window and streaming layouts on CUDA (16-bit inputs, no cu_seqlens, no
-# lse requested): "block_sparse" (the Triton kernel, the default) or "cudnn" (cuDNN's diagonal-band SDPA
-# through cudnn-frontend, plus the sink part; kernels/band_attention.py). Opt-in until measured faster.
+# lse requested), where cudnn-frontend is installed and its band passes `band_ready`'s probe:
+# "auto" (default): the sliding window takes cuDNN's diagonal band (measured 1.30-1.41x FlexAttention
+#   and 1.44-1.76x our Triton kernel at 8K/32K fwd+bwd and 128K fwd, BENCHMARKS.md), streaming keeps
+#   the Triton kernel (its band form measured slower: 6.3 vs 4.7-5.1 ms at 32K, 11.0 vs 3.5 ms at 128K);
+# "cudnn": both layouts take the band form (kernels/band_attention.py);
+# "block_sparse": both take the Triton kernel.
 BAND_IMPL = band_attention.BAND_IMPL
+
+
+def _use_band(spec: LayoutSpec) -> bool:
+    return BAND_IMPL == "cudnn" or (BAND_IMPL == "auto" and spec.kind == "sliding_window")
 
 
 def _use_regrouped(spec: LayoutSpec) -> bool:
     return SHIFTED_GROUPS_IMPL in ("auto", "regrouped")
+
+
+def attention_impl(spec: LayoutSpec, q: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
+                   return_lse: bool = False) -> str:
+    """Which form `sparse_attention` runs for `spec` on `q`'s device and dtype: "reference" (CPU
+    without the Triton interpreter), "regrouped" (shifted groups, see `SHIFTED_GROUPS_IMPL`), "band"
+    (see `BAND_IMPL`) or "block_sparse" (the Triton kernel). The dense exact forms take 16-bit CUDA
+    inputs without packing (`cu_seqlens`) or a returned log-sum-exp; everything else runs Triton."""
+    if not (q.is_cuda or interpret_mode()):
+        return "reference"
+    dense_form_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens is None and not return_lse
+    if dense_form_ok and spec.kind == "shifted_groups" and _use_regrouped(spec):
+        return "regrouped"
+    if dense_form_ok and _use_band(spec) and band_attention.band_ready(q.device, spec):
+        return "band"
+    return "block_sparse"
 
 
 def sparse_attention(
@@ -110,25 +134,12 @@ def sparse_attention(
         ``out (B, T, Hq, D)`` contiguous, and ``lse`` if ``return_lse``.
     """
     spec = layout.spec if isinstance(layout, BlockLayout) else layout
-    use_triton = q.is_cuda or interpret_mode()
-    if not use_triton:
+    impl = attention_impl(spec, q, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    if impl == "reference":
         return reference_attention(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
-    if (
-        q.is_cuda
-        and spec.kind == "shifted_groups"
-        and _use_regrouped(spec)
-        and q.dtype in (torch.float16, torch.bfloat16)  # cuDNN / flash take 16-bit inputs only
-        and cu_seqlens is None
-        and not return_lse
-    ):
+    if impl == "regrouped":
         return shifted_group_attention(q, k, v, spec, scale=scale)
-    if (
-        BAND_IMPL == "cudnn"
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and cu_seqlens is None
-        and not return_lse
-        and band_attention.band_ready(q.device, spec)
-    ):
+    if impl == "band":
         return band_layout_attention(q, k, v, spec, scale=scale)
     out, lse = sparse_attention_triton(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens,
                                       max_seqlen=max_seqlen, config=config)

@@ -26,10 +26,15 @@ masked attention, for tests on CPU). `band_left_offset` probes once per device t
 imports, that the band runs on strided GQA inputs, and which `sliding_window_length` reproduces the
 rule above. It compares forward and gradients against the torch backend.
 
-**Status: opt-in, unmeasured.** `HEADWISE_BAND_IMPL=cudnn` routes both layouts here; the default
-stays the Triton kernel. `benchmarks/bench_kernels.py` times this form too (`ms_band`) when
-cudnn-frontend is installed (`pip install 'headwise[cudnn]'`). Packed sequences (`cu_seqlens`) and
-`return_lse=True` always take the Triton kernel.
+**Status: the sliding window's default; streaming's opt-in.** Measured on the H200 (BENCHMARKS.md,
+"Targets (issue 5)"), the band runs the sliding window 1.30-1.41x faster than FlexAttention and
+1.44-1.76x faster than the Triton kernel, at 8K and 32K fwd+bwd and 128K fwd with 32 and 8 KV heads,
+so `BAND_IMPL="auto"` (`HEADWISE_BAND_IMPL`) sends the sliding window here wherever cudnn-frontend
+is installed (`pip install 'headwise[cudnn]'`) and `band_ready` passes. Streaming's band form
+measured slower than the Triton kernel (6.3-6.5 vs 4.7-5.1 ms at 32K fwd+bwd, 11.0 vs 3.5 ms at
+128K fwd; likely the sink part's unfused fp32 merge of every row past `r`, not profiled), so
+streaming takes it only with `HEADWISE_BAND_IMPL=cudnn`. Packed sequences
+(`cu_seqlens`) and `return_lse=True` always take the Triton kernel.
 """
 
 from __future__ import annotations
@@ -43,9 +48,10 @@ import torch
 
 from .layouts import LayoutSpec
 from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
-from .shifted_groups import _cudnn_bwd, _cudnn_fwd, bottom_right_causal, native_gqa
+from .shifted_groups import (_cudnn_bwd, _cudnn_fwd, bottom_right_causal, join_backend_states, native_gqa,
+                             split_backend_states)
 
-BAND_IMPL = os.environ.get("HEADWISE_BAND_IMPL", "block_sparse")
+BAND_IMPL = os.environ.get("HEADWISE_BAND_IMPL", "auto")
 
 
 def _band_allowed(tq: int, tk: int, window: int, device) -> torch.Tensor:
@@ -205,22 +211,21 @@ class BandLayoutAttention(torch.autograd.Function):
             rows.copy_(rows.to(acc) * torch.exp(lb - merged).unsqueeze(-1) + oc.to(acc) * torch.exp(ls - merged).unsqueeze(-1))
             lse[:, :, window:, 0] = merged
             ctx.corner_lse_shape = tuple(lc.shape)
-        state_tensors = [x for x in (state or ()) if isinstance(x, torch.Tensor)]
+        # the cuDNN state holds tensors and None (no sequence offsets): `split_backend_states` tells them apart
+        state_tensors, templates = split_backend_states([state])
         ctx.save_for_backward(q, k, v, out, lse, *state_tensors)
-        ctx.meta = (window, sink, n_sink, scale, backend, gqa,
-                    None if state is None else tuple(None if isinstance(x, torch.Tensor) else x for x in state))
+        ctx.meta = (window, sink, n_sink, scale, backend, gqa, templates)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        window, sink, n_sink, scale, backend, gqa, template = ctx.meta
+        window, sink, n_sink, scale, backend, gqa, templates = ctx.meta
         q, k, v, out, lse, *state_tensors = ctx.saved_tensors
         _, band_bwd, _, corner_bwd = BACKENDS[backend]
         do_h, out_h = dout.contiguous().transpose(1, 2), out.transpose(1, 2)
         dq, dk, dv = band_bwd(do_h, q, k, v, out_h, lse, window, scale)
         if n_sink > 0:
-            saved = iter(state_tensors)
-            state = tuple(next(saved) if x is None else x for x in template) if template is not None else None
+            (state,) = join_backend_states(templates, state_tensors)
             rep = q.shape[1] // k.shape[1]
             kc, vc = (repeat_kv_heads(x[:, :, :n_sink], 1 if gqa else rep) for x in (k, v))
             lc = lse[:, :, window:, 0].reshape(ctx.corner_lse_shape).contiguous()

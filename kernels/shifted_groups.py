@@ -309,6 +309,22 @@ def _query_rows(x: torch.Tensor, b: int, p: _Piece, heads: tuple[int, int], pad_
 _SAVED = object()  # marks where a backend state held a tensor (restored from the saved tensors)
 
 
+def split_backend_states(states: list) -> tuple[list[torch.Tensor], list]:
+    """Backend states (tuples of tensors, ints and None, or None) -> (their tensors, for
+    `save_for_backward`; templates with `_SAVED` where a tensor was). A state's own None entries stay
+    None, so they are never mistaken for a saved tensor."""
+    tensors = [x for st in states for x in (st or ()) if isinstance(x, torch.Tensor)]
+    templates = [st if st is None else tuple(_SAVED if isinstance(x, torch.Tensor) else x for x in st)
+                 for st in states]
+    return tensors, templates
+
+
+def join_backend_states(templates: list, tensors) -> list:
+    """The inverse of `split_backend_states`: `tensors` in the order they were saved."""
+    saved = iter(tensors)
+    return [st if st is None else tuple(next(saved) if x is _SAVED else x for x in st) for st in templates]
+
+
 class ShiftedGroupAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, spec, scale, backend):
@@ -339,9 +355,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
         # outlives a checkpointed layer's forward (gradient checkpointing frees only saved tensors). For
         # the per-piece fp32 lse that was 128 MiB over 32 layers at 32K; the backend states' tensors
         # (cuDNN/flash: RNG seed and offset, sequence offsets) are small, but per piece and per layer.
-        state_tensors = [x for st in states for x in (st or ()) if isinstance(x, torch.Tensor)]
-        templates = [st if st is None else tuple(_SAVED if isinstance(x, torch.Tensor) else x for x in st)
-                     for st in states]
+        state_tensors, templates = split_backend_states(states)
         ctx.save_for_backward(q, k, v, out, *lses, *state_tensors)
         ctx.meta = (scale, backend, pieces, templates, len(lses), gqa, pad_q, overlap)
         return out
@@ -350,8 +364,7 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
     def backward(ctx, dout):
         scale, backend, pieces, templates, n_lse, gqa, pad_q, overlap = ctx.meta
         q, k, v, out, *rest = ctx.saved_tensors
-        lses, saved = rest[:n_lse], iter(rest[n_lse:])
-        states = [st if st is None else tuple(next(saved) if x is _SAVED else x for x in st) for st in templates]
+        lses, states = rest[:n_lse], join_backend_states(templates, rest[n_lse:])
         _, bwd = BACKENDS[backend]
         bsz = q.shape[0]
         out_h, do_h = out.transpose(1, 2), dout.contiguous().transpose(1, 2)  # (expanded grads have 0 strides)

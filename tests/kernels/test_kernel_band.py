@@ -96,6 +96,25 @@ def test_sparse_attention_routes_band_layouts_to_cudnn_when_asked(monkeypatch):
     assert calls and (out.float() - ref).abs().max().item() < 3e-2
 
 
+@pytest.mark.skipif(not BAND_WORKS, reason=NEEDS_BAND)
+def test_sparse_attention_default_routes_sliding_window_to_cudnn_and_streaming_to_triton(monkeypatch):
+    """The default (`BAND_IMPL="auto"`) takes the band for the sliding window only, where it was
+    measured faster than both FlexAttention and the Triton kernel; streaming keeps the Triton kernel."""
+    import headwise.kernels as kernels
+    from headwise.kernels import band_attention
+
+    calls = []
+    monkeypatch.setattr(kernels, "BAND_IMPL", "auto")
+    real = band_attention.band_layout_attention
+    monkeypatch.setattr(kernels, "band_layout_attention", lambda q, k, v, spec, **kw: calls.append(spec.kind) or real(q, k, v, spec, **kw))
+    q, k, v, _ = _inputs(512, 4, 2, 64, torch.bfloat16, "cuda", True)
+    for spec in (LayoutSpec("sliding_window", window=96), LayoutSpec("streaming", sink=16, recent=64)):
+        out = kernels.sparse_attention(q, k, v, spec)
+        ref = reference_attention(q.float(), k.float(), v.float(), spec)
+        assert (out.float() - ref).abs().max().item() < 3e-2
+    assert calls == ["sliding_window"]
+
+
 def test_sink_part_state_reaches_its_backward_cpu(monkeypatch):
     """cuDNN's SDPA op returns a state (RNG seed/offset tensors, sequence bounds) that its backward
     needs back; its tensors go through save_for_backward (gradient checkpointing frees only those).
@@ -107,7 +126,8 @@ def test_sink_part_state_reaches_its_backward_cpu(monkeypatch):
 
     def fwd_with_state(q, k, v, scale):
         out, lse, _ = corner_fwd(q, k, v, scale)
-        return out, lse, (torch.tensor([7]), q.shape[2], torch.tensor([11]))
+        # the layout of cuDNN's state: sequence offsets (None without packing), max lengths, RNG seed, offset
+        return out, lse, (None, None, q.shape[2], k.shape[2], torch.tensor([7]), torch.tensor([11]))
 
     def bwd_with_state(do, q, k, v, out, lse, scale, state):
         seen.append(state)
@@ -121,4 +141,4 @@ def test_sink_part_state_reaches_its_backward_cpu(monkeypatch):
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
     (state,) = seen
-    assert int(state[0]) == 7 and state[1] == 45 - 16 and int(state[2]) == 11
+    assert state[:4] == (None, None, 45 - 16, 4) and int(state[4]) == 7 and int(state[5]) == 11
