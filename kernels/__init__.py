@@ -20,7 +20,6 @@ in the interpreter (how CI tests them).
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Union
 
 import torch
@@ -68,13 +67,13 @@ __all__ = [
 # no lse requested): "regrouped" (the dense cuDNN kernel on strided per-group views, sinks as
 # prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
 # regrouped form (measurements in BENCHMARKS.md, "Attention kernels").
-SHIFTED_GROUPS_IMPL = os.environ.get("HEADWISE_SHIFTED_GROUPS_IMPL", "auto")
+SHIFTED_GROUPS_IMPL = band_attention.impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL", "auto", ("auto", "regrouped", "block_sparse"))
 
 
 # Which form runs the sliding-window and streaming layouts on CUDA (16-bit inputs, no cu_seqlens, no
 # lse requested), where cudnn-frontend is installed and its band passes `band_ready`'s probe:
 # "auto" (default): the sliding window takes cuDNN's diagonal band (measured 1.30-1.41x FlexAttention
-#   and 1.44-1.76x our Triton kernel at 8K/32K fwd+bwd and 128K fwd, BENCHMARKS.md), streaming keeps
+#   and 1.31-1.76x our Triton kernel at 8K/32K fwd+bwd and 128K fwd, BENCHMARKS.md), streaming keeps
 #   the Triton kernel (its band form measured slower: 6.3 vs 4.7-5.1 ms at 32K, 11.0 vs 3.5 ms at 128K);
 # "cudnn": both layouts take the band form (kernels/band_attention.py);
 # "block_sparse": both take the Triton kernel.

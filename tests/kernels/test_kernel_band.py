@@ -142,3 +142,16 @@ def test_sink_part_state_reaches_its_backward_cpu(monkeypatch):
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-10)
     (state,) = seen
     assert state[:4] == (None, None, 45 - 16, 4) and int(state[4]) == 7 and int(state[5]) == 11
+
+
+@pytest.mark.parametrize("variable", ["HEADWISE_BAND_IMPL", "HEADWISE_SHIFTED_GROUPS_IMPL"])
+def test_a_misspelt_implementation_switch_is_an_error_naming_it(variable):
+    """A typo in a kernel switch must not silently run another kernel than the one asked for."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, variable: "cudn"}
+    res = subprocess.run([sys.executable, "-c", "import headwise.kernels"], env=env, capture_output=True, text=True)
+    assert res.returncode != 0
+    assert f"{variable}='cudn' is not one of" in res.stderr
