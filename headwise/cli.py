@@ -27,12 +27,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 def _cmd_train(args) -> int:
     from headwise.recipe_loader import load_recipe
     from headwise.run_dir import is_main_process
-    from headwise.training import train
+    from headwise.training import release_process_group, train
 
     loaded = load_recipe(args.recipe, args.overrides)
     if is_main_process():
         print(f"headwise: training {args.recipe} -> {loaded.recipe.training.output_dir}", file=sys.stderr)
     final = train(loaded).final_dir
+    release_process_group()
     if is_main_process():
         print(f"headwise: done; weights in {final}. Next: headwise export {loaded.recipe.training.output_dir}")
     return 0

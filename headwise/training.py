@@ -318,7 +318,22 @@ def train(loaded: LoadedRecipe) -> TrainResult:
             "versions": _versions(),
         }
         (recipe.run_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes the run's files
     return TrainResult(final, trainer.model, tokenizer, trainer)
+
+
+def release_process_group() -> None:
+    """End a distributed run cleanly: every rank meets, then the process group is destroyed.
+
+    Why: a rank that exits with the group alive tears down its communication threads at interpreter
+    exit while the others may still use them. Under `accelerate launch` with DeepSpeed ZeRO-3 on CPU
+    this aborted a rank after a successful run now and then ("terminate called without an active
+    exception", exit -6), which failed the whole launch. No-op outside a distributed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _versions() -> dict[str, str]:
