@@ -325,10 +325,11 @@ def train(loaded: LoadedRecipe) -> TrainResult:
 def release_process_group() -> None:
     """End a distributed run cleanly: every rank meets, then the process group is destroyed.
 
-    Why: a rank that exits with the group alive tears down its communication threads at interpreter
-    exit while the others may still use them. Under `accelerate launch` with DeepSpeed ZeRO-3 on CPU
-    this aborted a rank after a successful run now and then ("terminate called without an active
-    exception", exit -6), which failed the whole launch. No-op outside a distributed run."""
+    Why: a rank that exits with the group alive tears its communication threads down at interpreter
+    exit, while the other ranks may still use them. Twice, under heavy CPU load, the ZeRO-3 CPU launch
+    test saw rank 1 abort at exit after a successful run ("terminate called without an active
+    exception", exit -6), which fails the whole launch. That was never reproduced on demand, so this is
+    the standard clean shutdown, not a proven cure. No-op outside a distributed run."""
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
