@@ -323,7 +323,8 @@ def train(loaded: LoadedRecipe) -> TrainResult:
 
 
 def release_process_group() -> None:
-    """End a distributed run cleanly: every rank meets, then the process group is destroyed.
+    """End a distributed run cleanly: destroy the process group (call after `train`, whose last step
+    already has every rank wait for rank 0's writes).
 
     Why: a rank that exits with the group alive tears its communication threads down at interpreter
     exit, while the other ranks may still use them. Twice, under heavy CPU load, the ZeRO-3 CPU launch
@@ -333,7 +334,6 @@ def release_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -20,6 +20,7 @@ in the interpreter (how CI tests them).
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Union
 
 import torch
@@ -67,7 +68,16 @@ __all__ = [
 # no lse requested): "regrouped" (the dense cuDNN kernel on strided per-group views, sinks as
 # prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
 # regrouped form (measurements in BENCHMARKS.md, "Attention kernels").
-SHIFTED_GROUPS_IMPL = band_attention.impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL", "auto", ("auto", "regrouped", "block_sparse"))
+def impl_from_env(variable: str, default: str, choices: tuple[str, ...]) -> str:
+    """An implementation switch read from the environment; a value outside `choices` is an error
+    naming the variable, not a silent fallback to another kernel."""
+    value = os.environ.get(variable, default)
+    if value not in choices:
+        raise ValueError(f"{variable}={value!r} is not one of {', '.join(choices)} (unset it for {default!r})")
+    return value
+
+
+SHIFTED_GROUPS_IMPL = impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL", "auto", ("auto", "regrouped", "block_sparse"))
 
 
 # Which form runs the sliding-window and streaming layouts on CUDA (16-bit inputs, no cu_seqlens, no
@@ -77,7 +87,7 @@ SHIFTED_GROUPS_IMPL = band_attention.impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL
 #   the Triton kernel (its band form measured slower: 6.3 vs 4.7-5.1 ms at 32K, 11.0 vs 3.5 ms at 128K);
 # "cudnn": both layouts take the band form (kernels/band_attention.py);
 # "block_sparse": both take the Triton kernel.
-BAND_IMPL = band_attention.BAND_IMPL
+BAND_IMPL = impl_from_env("HEADWISE_BAND_IMPL", "auto", ("auto", "cudnn", "block_sparse"))
 
 
 def _use_band(spec: LayoutSpec) -> bool:

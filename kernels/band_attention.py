@@ -29,7 +29,7 @@ rule above. It compares forward and gradients against the torch backend.
 **Status: the sliding window's default; streaming's opt-in.** Measured on the H200 (BENCHMARKS.md,
 "Targets (issue 5)"), the band runs the sliding window 1.30-1.41x faster than FlexAttention and
 1.31-1.76x faster than the Triton kernel, at 8K and 32K fwd+bwd and 128K fwd with 32 and 8 KV heads,
-so `BAND_IMPL="auto"` (`HEADWISE_BAND_IMPL`) sends the sliding window here wherever cudnn-frontend
+so `kernels.BAND_IMPL="auto"` (`HEADWISE_BAND_IMPL`) sends the sliding window here wherever cudnn-frontend
 is installed (`pip install 'headwise[cudnn]'`) and `band_ready` passes. Streaming's band form
 measured slower than the Triton kernel (6.3-6.5 vs 4.7-5.1 ms at 32K fwd+bwd, 11.0 vs 3.5 ms at
 128K fwd; likely the sink part's unfused fp32 merge of every row past `r`, not profiled), so
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Optional
 
 import torch
@@ -51,16 +50,6 @@ from .reference import masked_attention_backward, masked_attention_forward, repe
 from .shifted_groups import (_cudnn_bwd, _cudnn_fwd, bottom_right_causal, join_backend_states, native_gqa,
                              split_backend_states)
 
-def impl_from_env(variable: str, default: str, choices: tuple[str, ...]) -> str:
-    """An implementation switch read from the environment; a value outside `choices` is an error
-    naming the variable, not a silent fallback to another kernel."""
-    value = os.environ.get(variable, default)
-    if value not in choices:
-        raise ValueError(f"{variable}={value!r} is not one of {', '.join(choices)} (unset it for {default!r})")
-    return value
-
-
-BAND_IMPL = impl_from_env("HEADWISE_BAND_IMPL", "auto", ("auto", "cudnn", "block_sparse"))
 
 
 def _band_allowed(tq: int, tk: int, window: int, device) -> torch.Tensor:
