@@ -7,6 +7,9 @@ sweeps them in stages per layout, so the grid stays small: (1) forward tiles / w
 timed on the forward alone; (2) with the best forward config, the dK/dV tiles and the dQ / dK-dV warps
 and stages, timed on forward + backward; (3) with the best of those, the dK/dV column split
 (`KernelConfig.col_split`: long key columns shared by several programs), timed on forward + backward.
+Stage `dq_path` (run only when listed in `--stages`, after `fwd+bwd`) tries dQ added up by the dK/dV
+pass instead of its own kernel (`KernelConfig.dq_path`: relaxed element atomics, or TMA reduce-adds
+over a few dK/dV tiles and warp counts), timed on forward + backward.
 `--stages` picks a subset (e.g. `--stages col_split`: the split alone on the current config). Every
 config is checked against the current config's output (and gradients, from stage 2 on) before it is
 timed: a wrong config is reported, never picked. The stages ran on the H200 on 2026-11-30
@@ -38,7 +41,8 @@ WARPS = [4, 8]
 FWD_STAGES = [2, 3, 4]
 BWD_STAGES = [1, 2, 3]
 COL_SPLITS = [16, 32, 64, 128]  # KernelConfig.col_split (0, off, is the stage's baseline)
-STAGES = ("fwd", "fwd+bwd", "col_split")  # the order stages run in, each from the previous best
+STAGES = ("fwd", "fwd+bwd", "dq_path", "col_split")  # the order stages run in, each from the previous best
+DQ_TILES = [(64, 128), (128, 128)]  # dK/dV tiles tried with dQ from the dK/dV pass (besides the current ones)
 
 
 def timed(fn, budget_ms: float = 200.0) -> float | None:
@@ -59,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, default=32768)
     p.add_argument("--hkv", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=480)
-    p.add_argument("--stages", default="fwd,fwd+bwd,col_split", help="comma-separated subset of fwd,fwd+bwd,col_split")
+    p.add_argument("--stages", default="fwd,fwd+bwd,col_split",
+                   help="comma-separated subset of fwd,fwd+bwd,dq_path,col_split (dq_path only when listed)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernel_tuning.jsonl"))
     args = p.parse_args(argv)
 
@@ -101,13 +106,18 @@ def main(argv: list[str] | None = None) -> int:
         prev = base
         for stage in [x for x in STAGES if x in args.stages.split(",")]:
             # each stage starts from the best config of the stage before it (or the current one)
-            backward = stage in ("fwd+bwd", "col_split")
+            backward = stage != "fwd"
             if stage == "fwd":
                 grid = [dataclasses.replace(prev, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
                         for (m, n), w, s in itertools.product(FWD_TILES, WARPS, FWD_STAGES)]
             elif stage == "fwd+bwd":
                 grid = [dataclasses.replace(prev, bwd_m=m, bwd_n=n, dq_warps=w, dkdv_warps=w, dq_stages=s, dkdv_stages=s)
                         for (m, n), w, s in itertools.product(BWD_TILES, WARPS, BWD_STAGES)]
+            elif stage == "dq_path":  # dQ added up by the dK/dV pass: element atomics once, TMA over tiles/warps
+                tiles = dict.fromkeys([(prev.bwd_m, prev.bwd_n), *DQ_TILES])
+                grid = [dataclasses.replace(prev, dq_path="atomic")] + [
+                    dataclasses.replace(prev, dq_path="tma", bwd_m=m, bwd_n=n, dkdv_warps=w)
+                    for (m, n), w in itertools.product(tiles, WARPS)]
             else:  # the dK/dV column split on top of the best tiles
                 grid = [dataclasses.replace(prev, col_split=c) for c in COL_SPLITS]
             base_ms = timed(run(prev, backward))

@@ -10,9 +10,16 @@ then the *partial* tiles with the layout's token rule evaluated in registers (``
   masked loads (80 -> 128, 96 -> 128).
 - GQA without repeating K/V: query head ``h`` reads KV head ``h // (Hq // Hkv)``. The dK/dV program of
   one KV head and key tile loops over the query heads of its group and their column lists, so the
-  gradients of shared K/V heads are summed in registers: **no atomics**, deterministic. dQ comes from
-  a separate program per query tile (P is recomputed in both; that costs one extra QK^T per tile
-  but avoids atomics on dQ; the Triton flash-attention tutorial makes the same trade).
+  gradients of shared K/V heads are summed in registers: no atomics for dK/dV, deterministic.
+- dQ two ways (``KernelConfig.dq_path``). "kernel" (the default): a separate program per query tile,
+  which recomputes P (one extra QK^T and exp per tile, as the Triton flash-attention tutorial does)
+  and sums in a fixed order: deterministic. "tma" / "atomic": the dK/dV pass adds each tile pair's
+  dS K into an fp32 buffer by TMA bulk reduce-adds / relaxed element atomics (FlashAttention-2/3's
+  way): fewer matmuls, but dQ's last bits vary from run to run. Measured on the H200 (BENCHMARKS.md,
+  eighth session), TMA wins only on the dense layout (1.06-1.08x), which uses it; the sparse
+  layouts keep the dQ kernel. ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
+- Gradients come back in the inputs' memory layout (transformers' (B, H, T, D) views of (B, T, H, D)
+  buffers), so autograd and the projections' backward copy nothing.
 - Any length; packed sequences via ``cu_seqlens`` (int32 ``(n+1,)``, B == 1): the grid's third axis
   runs over (batch, sequence) and every position is relative to its sequence's start, so the
   layout applies inside each sequence. Keys and queries past a sequence's end are masked at load.
@@ -64,6 +71,20 @@ class KernelConfig:
     # tiles, whose fp32 partials a reduction pass sums in a fixed order (deterministic, no atomics).
     # 0 = off: one program per key tile, however long its column (see ``_column_split_plan``).
     col_split: int = 0
+    # Where dQ comes from (``DQ_PATHS``). "kernel": its own program per query tile, which recomputes
+    # QK^T and exp (7 matmul-equivalents per tile pair in the whole backward instead of 5) but sums
+    # in a fixed order: deterministic. "atomic" / "tma": the dK/dV pass also computes each pair's
+    # dS K and adds it into an fp32 dQ buffer, by relaxed element atomics or by TMA bulk reduce-adds
+    # (FlashAttention-3's way); the summation order, so dQ's last bits, then vary from run to run.
+    # ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
+    dq_path: str = "kernel"
+
+    def __post_init__(self):
+        if self.dq_path not in DQ_PATHS:
+            raise ValueError(f"KernelConfig.dq_path={self.dq_path!r}: expected one of {sorted(DQ_PATHS)}")
+
+
+DQ_PATHS = {"kernel": 0, "atomic": 1, "tma": 2}  # -> the kernels' DQ_MODE
 
 
 # Fixed configs per padded head dim (no autotune: the first call must not take minutes, and the
@@ -84,8 +105,12 @@ GPU_CONFIGS = {
 # 32 query tiles gives 9.30 -> 4.76 ms with 8 KV heads and 5.86 -> 5.03 ms with 32. S2 gains <= 4%
 # from a split, inside run-to-run noise, so it keeps none. The sliding window (all three stages, 32K,
 # window 4K) gains only from wider forward key tiles (fwd 5.42 -> 5.28 ms; its backward keeps
-# GPU_CONFIGS'). Layouts not listed keep GPU_CONFIGS.
+# GPU_CONFIGS'). Dense takes dQ from the dK/dV pass by TMA reduce-adds (eighth session, stage
+# dq_path: 89.9 -> 82.9 ms at 32K, 6.51 -> 6.16 ms at 8K); for S2 and streaming the TMA path was
+# 1.13-1.17x slower and for the sliding window equal, so they keep the dQ kernel (deterministic).
+# Layouts not listed keep GPU_CONFIGS.
 TUNED_D128 = {
+    "dense": dataclasses.replace(GPU_CONFIGS[128], dq_path="tma"),
     "sliding_window": KernelConfig(128, 128, 64, 128, 8, 3, 8, 2, 8, 2),
     "s2": KernelConfig(128, 64, 64, 64, 4, 2, 4, 1, 4, 1),
     "streaming": KernelConfig(64, 64, 64, 64, 4, 3, 4, 1, 4, 1, col_split=32),
@@ -306,8 +331,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm, offs_d, d_ok,
-                   seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
-                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+                   seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
+                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
     offs_m = qb * BLOCK_M + offs_mm
     m_ok = offs_m < seqlen
     mask = m_ok[:, None] & d_ok[None, :]
@@ -324,7 +349,27 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    if DQ_MODE != 0:
+        _add_dq(DQ_ACC, dq_row, qb, tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC),
+                offs_mm, offs_d, m_ok, BLOCK_M, DQ_MODE)
     return dk, dv
+
+
+@triton.jit
+def _add_dq(DQ_ACC, dq_row, qb, dq, offs_mm, offs_d, m_ok, BLOCK_M: tl.constexpr, DQ_MODE: tl.constexpr):
+    """Add one tile pair's unscaled fp32 dQ share (BLOCK_M, BLOCK_D) into the dQ buffer, whose rows
+    are (batch, head, token) flattened, ``dq_row`` the sequence's first row, BLOCK_D wide.
+
+    The element atomics (DQ_MODE 1) are masked to the sequence (``m_ok``). A TMA box (DQ_MODE 2) has
+    no mask: it is clipped at the buffer's end only, so it may spill a tile's rows past the sequence's
+    end onto the next sequence's or head's rows. Those rows hold exact zeros (their q, dO, lse and
+    delta load as 0, so dS is 0), and adding 0 changes nothing."""
+    if DQ_MODE == 1:
+        rows = dq_row + qb * BLOCK_M + offs_mm
+        tl.atomic_add(DQ_ACC + rows[:, None] * dq.shape[1] + offs_d[None, :], dq, mask=m_ok[:, None],
+                      sem="relaxed")
+    else:
+        DQ_ACC.atomic_add([(dq_row + qb * BLOCK_M).to(tl.int32), 0], dq)
 
 
 @triton.jit
@@ -342,19 +387,19 @@ def _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt, svb, svh, s
 
 @triton.jit
 def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, e0, e1, offs_n, offs_mm,
-                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M: tl.constexpr,
-                 KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
+                 KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
     """Entries [e0, e1) of a column that starts at c0 with nf unmasked (full) entries first."""
     for e in range(e0, tl.minimum(e1, c0 + nf)):
         qb = tl.load(COL_IDX + e)
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
-                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
-                                False, KIND, DOT_PREC)
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row,
+                                BLOCK_M, False, KIND, DOT_PREC, DQ_MODE)
     for e in range(tl.maximum(e0, c0 + nf), e1):
         qb = tl.load(COL_IDX + e)
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
-                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, BLOCK_M,
-                                True, KIND, DOT_PREC)
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row,
+                                BLOCK_M, True, KIND, DOT_PREC, DQ_MODE)
     return dk, dv
 
 
@@ -375,16 +420,17 @@ def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N: tl.constexpr
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT, PART_K, PART_V,
-                     qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT,
+                     PART_K, PART_V, qk_scale, sm_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
                      sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2, split, n_bs,
                      GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                     HAS_SPLIT: tl.constexpr):
+                     HAS_SPLIT: tl.constexpr, DQ_MODE: tl.constexpr):
     """One program per (key tile, KV head, sequence): dK, dV of the tile summed over the GQA group's
     query heads. With HAS_SPLIT, each column contributes only its first ``split`` entries here; a tile
     with a longer column (TILE_SLOT >= 0) writes its fp32 partial to scratch for ``_bwd_dkdv_reduce_kernel``
-    and ``_bwd_dkdv_items_kernel`` covers the rest."""
+    and ``_bwd_dkdv_items_kernel`` covers the rest. With DQ_MODE != 0, every tile pair's dQ share is
+    added into DQ_ACC too (``_add_dq``)."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     bs = tl.program_id(2)
@@ -411,7 +457,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, 
             c1 = tl.minimum(c1, c0 + split)
         dk, dv = _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, c0, c1,
                               offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2,
-                              BLOCK_M, KIND, DOT_PREC)
+                              DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE)
     if HAS_SPLIT:
         slot = tl.load(TILE_SLOT + kvh * n_kblocks + pid_n)
         if slot >= 0:
@@ -425,11 +471,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, 
 
 
 @triton.jit
-def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K, PART_V,
-                           qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh, slb, slh,
+def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K,
+                           PART_V, qk_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh, slb, slh,
                            n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DOT_PREC: tl.constexpr):
+                           DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
     """One program per (work item, sequence): entries [e0, e1) of query head h's column of key tile n,
     written as an fp32 partial to scratch slot ``slot`` (ITEMS rows: h, n, e0, e1, slot)."""
     item = tl.program_id(0)
@@ -454,7 +500,7 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, CU, HP, COL_PTR, COL_IDX, CO
     dk, dv = _dkdv_column(dk, dv, k, v, Q + b * sqb + h * sqh + start * sqt, DO + b * sdob + h * sdoh + start * sdot,
                           LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start, COL_IDX, c0, nf, e0, e1,
                           offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2,
-                          BLOCK_M, KIND, DOT_PREC)
+                          DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE)
     _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N, BLOCK_D)
 
 
@@ -605,19 +651,34 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         do.stride(0), do.stride(1), do.stride(2), lse.stride(0), lse.stride(1), t, hq,
         HAS_DLSE=has_dlse, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m,
     )
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    # Gradients in their inputs' memory layout: q/k/v reach attention as (B, H, T, D) views of the
+    # projections' (B, T, H, D) outputs, and a contiguous (B, H, T, D) gradient would cost one copy
+    # each (autograd's layout contract for leaves, the projection's reshape otherwise): at 8K, 3 copies
+    # took 0.26 ms of a 1.3 ms streaming forward + backward on the H200.
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
     p0, p1, p2, _ = spec.scalar_params()
     common = dict(GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
-    lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
-    _bwd_dq_kernel[(triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)](
-        q, k, v, do, dq, lse, delta, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
-        scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
-        BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
-    )
+    dq_mode = _dq_mode(cfg)
+    if dq_mode == 0:
+        dq = torch.empty_like(q)
+        dq_acc = dq  # placeholder, never read with DQ_MODE 0
+        lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
+        _bwd_dq_kernel[(triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)](
+            q, k, v, do, dq, lse, delta, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
+            scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
+            BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
+        )
+    else:  # fp32 rows (batch, head, token) x BLOCK_D, filled by the dK/dV pass
+        dq = torch.zeros((b * hq * t, block_d), dtype=torch.float32, device=q.device)
+        dq_acc = dq
+        if dq_mode == 2:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            dq_acc = TensorDescriptor.from_tensor(dq, [cfg.bwd_m, block_d])
+    common["DQ_MODE"] = dq_mode
     lay = _layout_for(spec, max_len, hq, cfg.bwd_m, cfg.bwd_n, q.device)
     plan = _column_split_plan(lay, hkv, cfg.col_split, q.device) if cfg.col_split > 0 else None
     n_bs = b * n_seq
@@ -627,9 +688,8 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         part_v = torch.empty_like(part_k)
         tile_slot = plan.tile_slot
     _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, n_bs)](
-        q, k, v, do, dk, dv, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
-        tile_slot, part_k, part_v,
-        scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q, k, v, do, dk, dv, lse, delta, dq_acc, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
+        tile_slot, part_k, part_v, scale * _LOG2E, scale, t, hq, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, cfg.col_split, n_bs,
@@ -639,8 +699,8 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
     if plan is not None:
         if plan.items.shape[0]:
             _bwd_dkdv_items_kernel[(plan.items.shape[0], n_bs)](
-                q, k, v, do, lse, delta, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull, plan.items,
-                part_k, part_v, scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                q, k, v, do, lse, delta, dq_acc, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
+                plan.items, part_k, part_v, scale * _LOG2E, t, hq, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
                 lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, n_bs,
                 BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
@@ -650,7 +710,19 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
             dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
             n_seq, lay.n_kblocks, n_bs, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_N=cfg.bwd_n, num_warps=4,
         )
+    if dq_mode != 0:  # scale, cast and lay out the fp32 sums in one pass
+        dq = torch.mul(dq.view(b, hq, t, block_d)[..., :d], scale, out=torch.empty_like(q))
     return dq, dk, dv
+
+
+def _dq_mode(cfg: KernelConfig) -> int:
+    """DQ_MODE of ``cfg.dq_path``: 0 (own kernel) whenever torch asks for deterministic algorithms.
+    The interpreter has no TMA reduce-add, so there "tma" runs the element atomics: the same tile
+    math, which the CPU tests check; the TMA store itself is checked by the GPU tests."""
+    if torch.are_deterministic_algorithms_enabled():
+        return 0
+    mode = DQ_PATHS[cfg.dq_path]
+    return 1 if mode == 2 and interpret_mode() else mode
 
 
 def _ensure_last_dim_contiguous(x):

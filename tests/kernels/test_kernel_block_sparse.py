@@ -197,6 +197,101 @@ def test_column_split_matches_reference(device, name, packed):
         torch.testing.assert_close(a, r, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("dq_path", ["atomic", "tma"])
+@pytest.mark.parametrize("name", ["streaming", "s2", "sf", "dense"])
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "packed"])
+@pytest.mark.parametrize("split", [0, 1], ids=["one-program-per-column", "column-split"])
+def test_dq_from_the_dkdv_pass_matches_reference(device, dq_path, name, packed, split):
+    """KernelConfig.dq_path "atomic" / "tma": dQ added up by the dK/dV pass (no dQ kernel), alone and
+    with the column split (whose extra programs then add to dQ too), gives the reference gradients
+    under the tolerance rule (GQA 4, head dim 80: a padded head dim, T not a tile multiple, so TMA
+    boxes spill past the sequence ends), and the same dK/dV as the dQ-kernel path. fp32 under the
+    interpreter, where "tma" runs the element atomics (no TMA there); bf16 on the GPU, where fp32's
+    IEEE dots would spend minutes compiling, and "tma" runs the TMA reduce-adds."""
+    import dataclasses
+
+    from headwise.kernels import sparse_attention_triton
+    from headwise.kernels.block_sparse_attention import pick_config
+
+    if device == "cpu" and dq_path == "tma" and name != "streaming":
+        pytest.skip("under the interpreter 'tma' runs the element atomics, which the 'atomic' cases cover")
+    specs = GPU_SPECS if device == "cuda" else CPU_SPECS
+    t, dtype = (1500, torch.bfloat16) if device == "cuda" else (97, torch.float32)
+    spec = specs[name]
+    q, k, v = _inputs(1, 8, 2, t, 80, dtype, device, 23)
+    cu = _packing(t, device) if packed else None
+    base = pick_config(80, spec.resolve(t), device)
+    col_split = (8 if device == "cuda" else 3) if not packed else (4 if device == "cuda" else 1)
+    cfg = dataclasses.replace(base, dq_path=dq_path, col_split=col_split if split else 0)
+    do = torch.randn(1, t, 8, 80, generator=torch.Generator().manual_seed(3)).to(device=device, dtype=dtype)
+
+    def grads(fn, inputs):
+        xs = [x.clone().requires_grad_(True) for x in inputs]
+        return torch.autograd.grad(fn(*xs), xs, do.to(xs[0].dtype))
+
+    got = grads(lambda *xs: sparse_attention_triton(*xs, spec, cu_seqlens=cu, config=cfg)[0], (q, k, v))
+    kernel_path = dataclasses.replace(cfg, dq_path="kernel")
+    other = grads(lambda *xs: sparse_attention_triton(*xs, spec, cu_seqlens=cu, config=kernel_path)[0], (q, k, v))
+    ref32 = grads(lambda *xs: reference_attention(*xs, spec, cu_seqlens=cu), [x.float() for x in (q, k, v)])
+    ref_lp = grads(lambda *xs: reference_attention(*xs, spec, cu_seqlens=cu), (q, k, v))
+    for part, a, r32, rlp in zip(("dq", "dk", "dv"), got, ref32, ref_lp):
+        check_tolerance(f"{name} {dq_path} packed={packed} split={split} {part}", a, r32, rlp, 4, 1e-4)
+    for a, b in zip(got[1:], other[1:]):  # same programs, same order: identical dK/dV
+        assert torch.equal(a, b)
+
+
+def test_gradients_keep_the_inputs_memory_layout(device):
+    """q/k/v as transformers passes them ((B, H, T, D) views of (B, T, H, D) buffers) get gradients with
+    the same strides, for both dQ paths: a contiguous (B, H, T, D) gradient would cost a copy per input."""
+    import dataclasses
+
+    from headwise.kernels import sparse_attention_triton
+    from headwise.kernels.block_sparse_attention import pick_config
+
+    t = 300 if device == "cuda" else 40
+    spec = (GPU_SPECS if device == "cuda" else CPU_SPECS)["streaming"].resolve(t)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, t, h, 64, generator=g).to(device).transpose(1, 2).requires_grad_(True)
+               for h in (4, 2, 2))
+    for path in ("kernel", "tma"):
+        cfg = dataclasses.replace(pick_config(64, spec, device), dq_path=path)
+        out, _ = sparse_attention_triton(q, k, v, spec, config=cfg)
+        dq, dk, dv = torch.autograd.grad(out.sum(), (q, k, v))
+        assert (dq.stride(), dk.stride(), dv.stride()) == (q.stride(), k.stride(), v.stride()), path
+
+
+def test_deterministic_algorithms_get_the_dq_kernel(device):
+    """With torch.use_deterministic_algorithms(True), a config asking for atomic dQ runs the dQ kernel:
+    two backward passes give bit-identical dQ, equal to the "kernel" path's."""
+    import dataclasses
+
+    from headwise.kernels import sparse_attention_triton
+    from headwise.kernels.block_sparse_attention import pick_config
+
+    t = 1000 if device == "cuda" else 64
+    spec = (GPU_SPECS if device == "cuda" else CPU_SPECS)["s2"].resolve(t)
+    q, k, v = _inputs(1, 8, 2, t, 64, torch.bfloat16, device, 12)
+    base = pick_config(64, spec, device)
+    was = torch.are_deterministic_algorithms_enabled()
+    res = []
+    try:
+        for path, det in (("atomic", True), ("atomic", True), ("kernel", False)):
+            torch.use_deterministic_algorithms(det, warn_only=True)
+            xs = [x.clone().requires_grad_(True) for x in (q, k, v)]
+            out, _ = sparse_attention_triton(*xs, spec, config=dataclasses.replace(base, dq_path=path))
+            res.append(torch.autograd.grad(out.float().sum(), xs)[0])
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert torch.equal(res[0], res[1]) and torch.equal(res[0], res[2])
+
+
+def test_unknown_dq_path_is_an_error():
+    from headwise.kernels.block_sparse_attention import KernelConfig
+
+    with pytest.raises(ValueError, match="dq_path='atomics'.*'atomic', 'kernel', 'tma'"):
+        KernelConfig(dq_path="atomics")
+
+
 def test_column_split_plan_covers_every_entry_once():
     """The plan's main programs (each head's first `split` entries) and items partition every column of
     every split tile; unsplit tiles keep slot -1."""
