@@ -30,6 +30,7 @@ then the *partial* tiles with the layout's token rule evaluated in registers (``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -596,10 +597,20 @@ def _dot_prec(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+@functools.lru_cache(maxsize=64)
+def _whole_sequence_cu(t: int, device: torch.device) -> torch.Tensor:
+    """[0, t] as int32 on ``device``, built once per (T, device): ``torch.tensor(..., device="cuda")``
+    copies from pageable memory and synchronises the stream, which would stall the host on every
+    attention call (once per layer) and leave the GPU idle while the next launches are issued."""
+    return torch.tensor([0, t], dtype=torch.int32, device=device)
+
+
 def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Optional[int]):
-    """(cu int32 on device, n_seq, max_len) with tokens past cu[-1] forming one more sequence."""
+    """(cu int32 on device, n_seq, max_len) with tokens past cu[-1] forming one more sequence.
+    Packed sequences cost one host sync here (their boundaries are checked and their longest length
+    sizes the grid); a single sequence costs none."""
     if cu_seqlens is None:
-        return torch.tensor([0, t], dtype=torch.int32, device=device), 1, t
+        return _whole_sequence_cu(t, torch.device(device)), 1, t
     cu_list = [int(x) for x in cu_seqlens.tolist()]
     if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])) or cu_list[-1] > t:
         raise ValueError(f"bad cu_seqlens {cu_list} for T={t}")

@@ -260,6 +260,30 @@ def test_gradients_keep_the_inputs_memory_layout(device):
         assert (dq.stride(), dk.stride(), dv.stride()) == (q.stride(), k.stride(), v.stride()), path
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("name", ["streaming", "s2", "dense"])
+def test_no_host_sync_per_call(name):
+    """After a first (layout-building, compiling) call, forward + backward of one sequence issue no
+    synchronising CUDA call: torch's sync debug mode turns any into an error. A per-call sync stalls
+    the host once per layer and leaves the GPU idle while the next kernels are launched."""
+    t = 2048
+    spec = GPU_SPECS[name]
+    q, k, v = (x.requires_grad_(True) for x in _inputs(1, 8, 2, t, 128, torch.bfloat16, "cuda", 7))
+
+    def step():
+        out = sparse_attention(q, k, v, spec)
+        out.backward(torch.ones_like(out))
+
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_deterministic_algorithms_get_the_dq_kernel(device):
     """With torch.use_deterministic_algorithms(True), a config asking for atomic dQ runs the dQ kernel:
     two backward passes give bit-identical dQ, equal to the "kernel" path's."""
