@@ -86,10 +86,14 @@ def _breakdown(args, spec, cfg, q, k, v, do) -> int:
     impl = attention_impl(spec, q)
     flex = torch.compile(flex_attention, dynamic=False)
     # compiled, as in bench_kernels.py: eager create_block_mask materialises the (T, T) mask (256 GiB at 32K)
-    bm = torch.compile(create_block_mask)(mask_mod_for(spec, q.shape[1], "cuda"), 1, q.shape[1], args.T, args.T, device="cuda")
+    h, t = q.shape[1], args.T
+    bm = torch.compile(create_block_mask)(mask_mod_for(spec, h, "cuda"), 1, h, t, t, device="cuda")
 
     def ours():
-        out = sparse_attention_triton(q, k, v, spec, config=cfg)[0] if impl == "block_sparse" else sparse_attention(q, k, v, spec)
+        if impl == "block_sparse":  # with --col-split / --dq-path applied
+            out = sparse_attention_triton(q, k, v, spec, config=cfg)[0]
+        else:
+            out = sparse_attention(q, k, v, spec)
         out.backward(do)
 
     def theirs():

@@ -422,9 +422,9 @@ def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N: tl.constexpr
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT,
-                     PART_K, PART_V, qk_scale, sm_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
-                     sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2, split, n_bs,
-                     GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PART_K, PART_V, qk_scale, sm_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
+                     sdob, sdot, sdoh, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2,
+                     split, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                      HAS_SPLIT: tl.constexpr, DQ_MODE: tl.constexpr):
     """One program per (key tile, KV head, sequence): dK, dV of the tile summed over the GQA group's
@@ -473,8 +473,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
 
 @triton.jit
 def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K,
-                           PART_V, qk_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh, slb, slh,
-                           n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           PART_V, qk_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot,
+                           sdoh, slb, slh, n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr,
+                           HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
     """One program per (work item, sequence): entries [e0, e1) of query head h's column of key tile n,
@@ -700,8 +701,9 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         tile_slot = plan.tile_slot
     _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, n_bs)](
         q, k, v, do, dk, dv, lse, delta, dq_acc, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
-        tile_slot, part_k, part_v, scale * _LOG2E, scale, t, hq, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+        tile_slot, part_k, part_v, scale * _LOG2E, scale, t, hq, q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, cfg.col_split, n_bs,
         BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
@@ -711,8 +713,9 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         if plan.items.shape[0]:
             _bwd_dkdv_items_kernel[(plan.items.shape[0], n_bs)](
                 q, k, v, do, lse, delta, dq_acc, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
-                plan.items, part_k, part_v, scale * _LOG2E, t, hq, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                k.stride(2), v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+                plan.items, part_k, part_v, scale * _LOG2E, t, hq, q.stride(0), q.stride(1), q.stride(2),
+                k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                do.stride(0), do.stride(1), do.stride(2),
                 lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, n_bs,
                 BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
             )
