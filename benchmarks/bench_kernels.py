@@ -111,6 +111,8 @@ def make_fn(kind, q, k, v, do, spec, passes, extra=None):
         f = lambda: sparse_attention_triton(q, k, v, spec)[0]  # noqa: E731
     elif kind == "regrouped":
         f = lambda: shifted_group_attention(q, k, v, spec)  # noqa: E731
+    elif kind == "regrouped_fe":
+        f = lambda: shifted_group_attention(q, k, v, spec, backend="cudnn_fe")  # noqa: E731
     elif kind == "band":
         f = lambda: band_layout_attention(q, k, v, spec)  # noqa: E731
     elif kind == "flex":
@@ -173,6 +175,7 @@ def main(argv=None):
     layouts = _layouts()
     from headwise.kernels import attention_impl
     from headwise.kernels.band_attention import band_ready
+    from headwise.kernels.cudnn_graphs import cudnn_frontend_available
     gpu = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
     command = "python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:]))
@@ -210,6 +213,8 @@ def main(argv=None):
             times = {}
             impl = attention_impl(spec, q)
             forms = ["block_sparse", "regrouped"] if spec.kind == "shifted_groups" else []
+            if forms and cudnn_frontend_available():  # the regrouped form on cudnn-frontend graphs
+                forms.append("regrouped_fe")
             if band_ready(q.device, spec):  # cuDNN's diagonal band (kernels/band_attention.py), when installed
                 forms += ["block_sparse", "band"]
             # the dispatched form is what "headwise" times: each other candidate form is timed once more
@@ -262,6 +267,8 @@ def _print_row(r):
         extra = f" impl={r['impl']} bs={r['ms_block_sparse']}"
     if "ms_regrouped" in r:
         extra += f" rg={r['ms_regrouped']}"
+    if "ms_regrouped_fe" in r:
+        extra += f" rg_fe={r['ms_regrouped_fe']}"
     if r.get("ms_band"):
         extra += f" band={r['ms_band']} flex/band={_ratio(r['ms_flex'], r['ms_band'])}"
     print(f"{r['layout']:>14} T={r['T']:>6} Hkv={r['Hkv']:>2} {r['pass']:>7} dens={r['density']:.3f} "

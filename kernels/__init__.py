@@ -67,7 +67,10 @@ __all__ = [
 # Which exact form runs shifted-group layouts on CUDA when both apply (16-bit inputs, no cu_seqlens,
 # no lse requested): "regrouped" (the dense cuDNN kernel on strided per-group views, sinks as
 # prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
-# regrouped form (measurements in BENCHMARKS.md, "Attention kernels").
+# regrouped form (measurements in BENCHMARKS.md, "Attention kernels"). "regrouped_fe": the regrouped
+# form on cudnn-frontend graphs (kernels/cudnn_graphs.py; needs headwise[cudnn]), which write outputs
+# and gradients in place and align the causal mask bottom-right, so fewer per-piece copies; opt-in
+# until measured on a GPU.
 def impl_from_env(variable: str, default: str, choices: tuple[str, ...]) -> str:
     """An implementation switch read from the environment; a value outside `choices` is an error
     naming the variable, not a silent fallback to another kernel."""
@@ -77,7 +80,8 @@ def impl_from_env(variable: str, default: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-SHIFTED_GROUPS_IMPL = impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL", "auto", ("auto", "regrouped", "block_sparse"))
+SHIFTED_GROUPS_IMPL = impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL", "auto",
+                                    ("auto", "regrouped", "regrouped_fe", "block_sparse"))
 
 
 # Which form runs the sliding-window and streaming layouts on CUDA (16-bit inputs, no cu_seqlens, no
@@ -95,20 +99,21 @@ def _use_band(spec: LayoutSpec) -> bool:
 
 
 def _use_regrouped(spec: LayoutSpec) -> bool:
-    return SHIFTED_GROUPS_IMPL in ("auto", "regrouped")
+    return SHIFTED_GROUPS_IMPL in ("auto", "regrouped", "regrouped_fe")
 
 
 def attention_impl(spec: LayoutSpec, q: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
                    return_lse: bool = False) -> str:
     """Which form `sparse_attention` runs for `spec` on `q`'s device and dtype: "reference" (CPU
-    without the Triton interpreter), "regrouped" (shifted groups, see `SHIFTED_GROUPS_IMPL`), "band"
+    without the Triton interpreter), "regrouped" or "regrouped_fe" (shifted groups, see
+    `SHIFTED_GROUPS_IMPL`), "band"
     (see `BAND_IMPL`) or "block_sparse" (the Triton kernel). The dense exact forms take 16-bit CUDA
     inputs without packing (`cu_seqlens`) or a returned log-sum-exp; everything else runs Triton."""
     if not (q.is_cuda or interpret_mode()):
         return "reference"
     dense_form_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens is None and not return_lse
     if dense_form_ok and spec.kind == "shifted_groups" and _use_regrouped(spec):
-        return "regrouped"
+        return "regrouped_fe" if SHIFTED_GROUPS_IMPL == "regrouped_fe" else "regrouped"
     if dense_form_ok and _use_band(spec) and band_attention.band_ready(q.device, spec):
         return "band"
     return "block_sparse"
@@ -146,8 +151,9 @@ def sparse_attention(
     impl = attention_impl(spec, q, cu_seqlens=cu_seqlens, return_lse=return_lse)
     if impl == "reference":
         return reference_attention(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
-    if impl == "regrouped":
-        return shifted_group_attention(q, k, v, spec, scale=scale)
+    if impl in ("regrouped", "regrouped_fe"):
+        backend = "cudnn_fe" if impl == "regrouped_fe" else None  # None: shifted_groups.default_backend
+        return shifted_group_attention(q, k, v, spec, scale=scale, backend=backend)
     if impl == "band":
         return band_layout_attention(q, k, v, spec, scale=scale)
     out, lse = sparse_attention_triton(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens,

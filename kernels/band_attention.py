@@ -45,6 +45,7 @@ from typing import Optional
 
 import torch
 
+from .cudnn_graphs import sdpa_backward, sdpa_forward
 from .layouts import LayoutSpec
 from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
 from .shifted_groups import (_cudnn_bwd, _cudnn_fwd, bottom_right_causal, join_backend_states, native_gqa,
@@ -65,60 +66,6 @@ def _top_left_causal(tq: int, tk: int, device) -> torch.Tensor:
 # ------------------------------------------------------------------------------ the band: cudnn-frontend
 
 
-_HANDLES: dict[int, object] = {}
-
-
-def _handle(device_index: int):
-    import cudnn
-
-    if device_index not in _HANDLES:
-        with torch.cuda.device(device_index):
-            _HANDLES[device_index] = cudnn.create_handle()
-    handle = _HANDLES[device_index]
-    cudnn.set_stream(handle, torch.cuda.current_stream(device_index).cuda_stream)
-    return handle
-
-
-def _geometry(x: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    return tuple(x.shape), tuple(x.stride())
-
-
-@functools.lru_cache(maxsize=64)
-def _band_graphs(device_index: int, dtype: torch.dtype, q_geo, k_geo, v_geo, o_geo, left: int, scale: float):
-    """Forward and backward cudnn-frontend graphs for one geometry: ((graph, tensors), (graph, tensors),
-    workspace bytes). The backward's dO, dQ, dK and dV take the geometries of O, Q, K and V."""
-    import cudnn
-
-    handle = _handle(device_index)
-    io = {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
-    f32 = cudnn.data_type.FLOAT
-    b, h, t, _ = q_geo[0]
-    stats_geo = ((b, h, t, 1), (h * t, t, 1, 1))
-
-    def tensor(graph, geo, name, data_type=io):
-        return graph.tensor(dim=list(geo[0]), stride=list(geo[1]), data_type=data_type, name=name)
-
-    heur = [cudnn.heur_mode.A, cudnn.heur_mode.FALLBACK]
-    fwd = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    fq, fk, fv = tensor(fwd, q_geo, "q"), tensor(fwd, k_geo, "k"), tensor(fwd, v_geo, "v")
-    fo, fstats = fwd.sdpa(name="band", q=fq, k=fk, v=fv, generate_stats=True, attn_scale=scale,
-                          use_causal_mask=True, sliding_window_length=left)
-    fo.set_output(True).set_dim(list(o_geo[0])).set_stride(list(o_geo[1]))
-    fstats.set_output(True).set_data_type(f32).set_dim(list(stats_geo[0])).set_stride(list(stats_geo[1]))
-    fwd.build(heur)
-
-    bwd = cudnn.pygraph(io_data_type=io, intermediate_data_type=f32, compute_data_type=f32, handle=handle)
-    bq, bk, bv = tensor(bwd, q_geo, "q"), tensor(bwd, k_geo, "k"), tensor(bwd, v_geo, "v")
-    bo, bdo, bstats = tensor(bwd, o_geo, "o"), tensor(bwd, o_geo, "do"), tensor(bwd, stats_geo, "stats", f32)
-    dq, dk, dv = bwd.sdpa_backward(name="band_bwd", q=bq, k=bk, v=bv, o=bo, dO=bdo, stats=bstats, attn_scale=scale,
-                                   use_causal_mask=True, sliding_window_length=left)
-    for grad, geo in ((dq, q_geo), (dk, k_geo), (dv, v_geo)):
-        grad.set_output(True).set_dim(list(geo[0])).set_stride(list(geo[1]))
-    bwd.build(heur)
-    workspace = max(fwd.get_workspace_size(), bwd.get_workspace_size(), 1)
-    return (fwd, (fq, fk, fv, fo, fstats)), (bwd, (bq, bk, bv, bo, bdo, bstats, dq, dk, dv)), workspace
-
-
 def _left(window: int, device_index: int) -> int:
     offset = band_left_offset(device_index)
     if offset is None:
@@ -128,29 +75,16 @@ def _left(window: int, device_index: int) -> int:
 
 def _cudnn_band_fwd(q, k, v, window, scale, left=None):
     """out (B, T, Hq, D) contiguous, lse (B, Hq, T, 1) fp32; q/k/v (B, H, T, D) views."""
-    index = q.device.index or 0
-    left = _left(window, index) if left is None else left
+    left = _left(window, q.device.index or 0) if left is None else left
     out = q.new_empty(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
-    out_h = out.transpose(1, 2)
-    lse = torch.empty(q.shape[0], q.shape[1], q.shape[2], 1, device=q.device, dtype=torch.float32)
-    (graph, (fq, fk, fv, fo, fstats)), _, ws = _band_graphs(index, q.dtype, _geometry(q), _geometry(k), _geometry(v),
-                                                          _geometry(out_h), left, scale)
-    workspace = torch.empty(ws, device=q.device, dtype=torch.uint8)
-    graph.execute({fq: q, fk: k, fv: v, fo: out_h, fstats: lse}, workspace, handle=_handle(index))
+    lse = sdpa_forward(q, k, v, out.transpose(1, 2), scale, left=left)
     return out, lse
 
 
 def _cudnn_band_bwd(do_h, q, k, v, out_h, lse, window, scale, left=None):
     """dq, dk, dv like q, k, v; do_h and out_h (B, H, T, D) views of (B, T, H, D) buffers."""
-    index = q.device.index or 0
-    left = _left(window, index) if left is None else left
-    _, (graph, (bq, bk, bv, bo, bdo, bstats, dq, dk, dv)), ws = _band_graphs(
-        index, q.dtype, _geometry(q), _geometry(k), _geometry(v), _geometry(out_h), left, scale)
-    grads = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    workspace = torch.empty(ws, device=q.device, dtype=torch.uint8)
-    graph.execute({bq: q, bk: k, bv: v, bo: out_h, bdo: do_h, bstats: lse, dq: grads[0], dk: grads[1], dv: grads[2]},
-                  workspace, handle=_handle(index))
-    return grads
+    left = _left(window, q.device.index or 0) if left is None else left
+    return sdpa_backward(do_h, q, k, v, out_h, lse, scale, left=left)
 
 
 # ------------------------------------------------------------------------------ the band: torch (tests, CPU)

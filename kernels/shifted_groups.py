@@ -10,7 +10,12 @@ over a run of heads of one kind (shifted or not).
   ``G`` tokens become the batch dimension (``batch stride = G x token stride``), the head run is a
   slice. transformers hands us ``q``/``k``/``v`` as transposed ``(B, T, H, D)`` buffers; cuDNN and
   flash read those strides directly, so the forward copies nothing but the output pieces into the
-  ``(B, T, Hq, D)`` result, and the backward nothing but the gradient pieces.
+  ``(B, T, Hq, D)`` result, and the backward nothing but the gradient pieces. The ``cudnn_fe``
+  backend (cudnn-frontend graphs, ``cudnn_graphs.py``) copies not even those: its graphs write each
+  piece's output and dQ (and dK/dV of pieces without sink keys) straight into place, and its causal
+  mask is aligned bottom-right, so no dummy query rows either. Only K/V pieces with sinks and their
+  gradients are still copied. Opt-in (``HEADWISE_SHIFTED_GROUPS_IMPL=regrouped_fe``): its tests and
+  timings have not run on a GPU yet.
 - **GQA without repeating K/V** when the backend does it natively (probed once; cuDNN and flash do in
   recent torch): a head run maps to the KV heads of its query heads (runs are split at KV-head
   boundaries, so any set of shifted heads works).
@@ -56,21 +61,22 @@ def _causal(tq, tk, device):
     return torch.ones(tq, tk, dtype=torch.bool, device=device).triu(1 + tk - tq)
 
 
-def _torch_fwd(q, k, v, scale):
-    out, lse = masked_attention_forward(q, k, v, ~_causal(q.shape[2], k.shape[2], q.device), scale)
-    return out, lse, None
+def _torch_fwd(q, k, v, scale, out=None):
+    o, lse = masked_attention_forward(q, k, v, ~_causal(q.shape[2], k.shape[2], q.device), scale)
+    return (o if out is None else out.copy_(o)), lse, None
 
 
-def _torch_bwd(do, q, k, v, out, lse, scale, state):
-    return masked_attention_backward(do, q, k, v, out, lse, ~_causal(q.shape[2], k.shape[2], q.device), scale)
+def _torch_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
+    res = masked_attention_backward(do, q, k, v, out, lse, ~_causal(q.shape[2], k.shape[2], q.device), scale)
+    return tuple(r if g is None else g.copy_(r) for r, g in zip(res, grads))
 
 
-def _cudnn_fwd(q, k, v, scale):
+def _cudnn_fwd(q, k, v, scale, out=None):
     r = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False, scale=scale)
     return r[0], r[1], tuple(r[2:8])  # keep the scalars/seeds, not the output (the caller owns it)
 
 
-def _cudnn_bwd(do, q, k, v, out, lse, scale, state):
+def _cudnn_bwd(do, q, k, v, out, lse, scale, state, grads=None):
     cum_q, cum_k, max_q, max_k, seed, offset = state
     # attn_bias is a non-optional Tensor in the backward's schema; None reaches C++ as an undefined
     # tensor (no bias). default_backend() probes this once and falls back to flash if it fails.
@@ -79,19 +85,36 @@ def _cudnn_bwd(do, q, k, v, out, lse, scale, state):
     )
 
 
-def _flash_fwd(q, k, v, scale):
+def _flash_fwd(q, k, v, scale, out=None):
     r = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)
     return r[0], r[1], tuple(r[2:8])
 
 
-def _flash_bwd(do, q, k, v, out, lse, scale, state):
+def _flash_bwd(do, q, k, v, out, lse, scale, state, grads=None):
     cum_q, cum_k, max_q, max_k, seed, offset = state
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         do, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale
     )
 
 
-BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "cudnn": (_cudnn_fwd, _cudnn_bwd), "flash": (_flash_fwd, _flash_bwd)}
+def _cudnn_fe_fwd(q, k, v, scale, out=None):
+    from .cudnn_graphs import sdpa_forward
+
+    out = torch.empty_like(q) if out is None else out
+    return out, sdpa_forward(q, k, v, out, scale, bottom_right=True), None
+
+
+def _cudnn_fe_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
+    from .cudnn_graphs import sdpa_backward
+
+    return sdpa_backward(do, q, k, v, out, lse, scale, grads, bottom_right=True)
+
+
+# `out` / `grads`: where the caller wants the output / gradients (views into its full tensors). The
+# torch and cudnn-frontend backends write there (no copy afterwards); torch's private cuDNN and flash
+# ops allocate their own, and the caller copies those into place.
+BACKENDS = {"torch": (_torch_fwd, _torch_bwd), "cudnn": (_cudnn_fwd, _cudnn_bwd), "flash": (_flash_fwd, _flash_bwd),
+            "cudnn_fe": (_cudnn_fe_fwd, _cudnn_fe_bwd)}
 
 
 def _probe(backend: str, device_index: int, hkv: int, bthd: bool, extra_keys: int = 0, lead: int = 0) -> bool:
@@ -346,8 +369,10 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 kp, vp = (_key_rows(x, b, p, (p.k0, p.k1)) for x in (k, v))
                 if not gqa:
                     kp, vp = repeat_kv_heads(kp, rep), repeat_kv_heads(vp, rep)
-                o, lse, st = fwd(qp, kp, vp, scale)
-                _view(out_h, b, p, (p.h0, p.h1)).copy_(o[:, :, p.sink :] if pad_q else o)
+                o_rows = _view(out_h, b, p, (p.h0, p.h1))
+                o, lse, st = fwd(qp, kp, vp, scale, out=None if pad_q else o_rows)
+                if o is not o_rows:
+                    o_rows.copy_(o[:, :, p.sink :] if pad_q else o)
                 lses.append(lse)
                 states.append(st)
                 del qp, kp, vp, o  # one piece's temporaries at a time (peak memory)
@@ -388,15 +413,23 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 kp, vp = (_key_rows(x, b, p, kh) for x in (k, v))
                 if not gqa:
                     kp, vp = repeat_kv_heads(kp, rep), repeat_kv_heads(vp, rep)
-                dqp, dkp, dvp = bwd(dop, qp, kp, vp, op, lse, scale, st)
+                # gradients straight into place where the backend writes there: dQ unless the queries
+                # carry dummy rows, dK/dV unless the keys carry sinks or two runs share the KV head
+                dq_rows = _view(dq, b, p, qh)
+                kv_rows = [_view(x, b, p, kh) for x in (dk, dv)] if gqa and not (p.sink or shared) else [None, None]
+                dqp, dkp, dvp = bwd(dop, qp, kp, vp, op, lse, scale, st, grads=(None if pad_q else dq_rows, *kv_rows))
                 if not gqa:
                     dkp, dvp = sum_kv_groups(dkp, rep), sum_kv_groups(dvp, rep)
-                _view(dq, b, p, qh).copy_(dqp[:, :, p.sink :] if pad_q else dqp)
-                for full, part in ((dk, dkp), (dv, dvp)):
+                if dqp is not dq_rows:
+                    dq_rows.copy_(dqp[:, :, p.sink :] if pad_q else dqp)
+                for full, part, rows in ((dk, dkp, kv_rows[0]), (dv, dvp, kv_rows[1])):
+                    if part is rows:
+                        continue
                     rows = _view(full, b, p, kh)
                     (rows.add_ if shared else rows.copy_)(part[:, :, p.sink :])
                     if p.sink:  # the sink keys' gradient from every group of the piece
-                        full[b, kh[0] : kh[1], : p.sink] += part[:, :, : p.sink].sum(0, dtype=torch.float32).to(full.dtype)
+                        acc = torch.promote_types(full.dtype, torch.float32)  # fp32, fp64 for fp64
+                        full[b, kh[0] : kh[1], : p.sink] += part[:, :, : p.sink].sum(0, dtype=acc).to(full.dtype)
                 del qp, op, dop, kp, vp, dqp, dkp, dvp  # one piece's temporaries at a time (peak memory)
         return dq, dk, dv, None, None, None
 

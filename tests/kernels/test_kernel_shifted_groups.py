@@ -108,13 +108,13 @@ def test_dummy_query_rows_are_read_in_place(monkeypatch):
     fwd, bwd = shifted_groups.BACKENDS["torch"]
     seen = {"fwd": [], "bwd": []}
 
-    def observed_fwd(q, k, v, scale):
+    def observed_fwd(q, k, v, scale, out=None):
         seen["fwd"].append(q)
-        return fwd(q, k, v, scale)
+        return fwd(q, k, v, scale, out=out)
 
-    def observed_bwd(do, q, k, v, out, lse, scale, state):
+    def observed_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
         seen["bwd"].append((do, q, out))
-        return bwd(do, q, k, v, out, lse, scale, state)
+        return bwd(do, q, k, v, out, lse, scale, state, grads=grads)
 
     monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
     t, g, sink = 64, 16, 4
@@ -135,12 +135,61 @@ def test_dummy_query_rows_are_read_in_place(monkeypatch):
             assert not same_memory(do, out) and do[:, :, :sink].abs().max() == 0
 
 
+@pytest.mark.parametrize("sink", [0, 4])
+def test_outputs_and_gradients_written_in_place(monkeypatch, sink):
+    """Backends that take `out` / `grads` (torch here, cudnn-frontend on the GPU) get views of the
+    layer's output and of dQ, dK, dV: every output row and every dQ row is written in place, and the
+    dK/dV rows of each piece without sink keys too (no copy afterwards), with the reference result."""
+    from headwise.kernels import shifted_groups
+
+    fwd, bwd = shifted_groups.BACKENDS["torch"]
+    seen = {"out": [], "grads": []}
+
+    def observed_fwd(q, k, v, scale, out=None):
+        seen["out"].append(out)
+        return fwd(q, k, v, scale, out=out)
+
+    def observed_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
+        seen["grads"].append((k.shape[2], grads))
+        return bwd(do, q, k, v, out, lse, scale, state, grads=grads)
+
+    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
+    t, g = 64, 16
+    spec = LayoutSpec("shifted_groups", group_size=g, sink=sink)
+    q, k, v = (torch.randn(1, t, h, 16, dtype=torch.float64).transpose(1, 2).requires_grad_(True) for h in (4, 2, 2))
+    out = shifted_group_attention(q, k, v, spec, backend="torch")
+    out.backward(torch.ones_like(out))
+
+    def inside(view, full):
+        return view is not None and view.untyped_storage().data_ptr() == full.untyped_storage().data_ptr()
+
+    # (the gradient views held here keep autograd from stealing the full tensors for .grad, so they are
+    # compared with each other: one full-size tensor per gradient, not per-piece temporaries)
+    bases = [tuple(None if x is None else x._base for x in gr) for _, gr in seen["grads"]]
+    assert seen["out"] and all(inside(o, out) for o in seen["out"])
+    assert all(b[0] is bases[0][0] for b in bases) and bases[0][0].shape == q.shape
+    for (n_keys, _), (_, dk_full, dv_full) in zip(seen["grads"], bases):
+        no_sinks = n_keys == g or n_keys == g // 2 or sink == 0
+        assert (dk_full is not None and dk_full.shape == k.shape and dv_full.shape == v.shape) == no_sinks
+    rs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
+    ref = reference_attention(*rs, spec)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(out, ref)
+    for a, r in zip((q, k, v), rs):
+        torch.testing.assert_close(a.grad, r.grad)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("backend", ["cudnn", "flash"])
+@pytest.mark.parametrize("backend", ["cudnn", "flash", "cudnn_fe"])
 @pytest.mark.parametrize("case", [(4096, 1024, 4, 8, 2, 128, None), (3001, 768, 4, 8, 8, 64, None),
                                   (2048, 512, 0, 16, 2, 128, None), (1999, 1024, 64, 4, 1, 128, (1, 2))], ids=str)
 def test_regrouped_matches_reference_gpu(case, backend):
+    """cudnn_fe: cudnn-frontend graphs writing outputs and gradients in place, bottom-right causal."""
+    from headwise.kernels.cudnn_graphs import cudnn_frontend_available
+
+    if backend == "cudnn_fe" and not cudnn_frontend_available():
+        pytest.skip("needs cudnn-frontend (pip install 'headwise[cudnn]')")
     _check_regrouped_case(*case, torch.bfloat16, "cuda", backend)
     _check_regrouped_case(*case, torch.bfloat16, "cuda", backend, batch=2, bthd=True)
 
@@ -172,17 +221,17 @@ def test_everything_the_backward_needs_goes_through_saved_tensors(monkeypatch):
     fwd, bwd = shifted_groups.BACKENDS["torch"]
     lse_refs = []
 
-    def observed_fwd(q, k, v, scale):
+    def observed_fwd(q, k, v, scale, out=None):
         # a backend state of ints and a tensor, as cuDNN's and flash's (RNG seed/offset) are
-        o, lse, st = fwd(q, k, v, scale)
+        o, lse, st = fwd(q, k, v, scale, out=out)
         seed = torch.zeros(1)
         lse_refs.extend([weakref.ref(lse), weakref.ref(seed)])
         return o, lse, (st, 7, seed)
 
-    def observed_bwd(do, q, k, v, out, lse, scale, state):
+    def observed_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
         st, seven, seed = state
         assert seven == 7 and isinstance(seed, torch.Tensor)
-        return bwd(do, q, k, v, out, lse, scale, st)
+        return bwd(do, q, k, v, out, lse, scale, st, grads=grads)
 
     monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
     spec = LayoutSpec("shifted_groups", group_size=32, sink=4)
