@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import math
 import os
+import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -606,12 +607,23 @@ def _whole_sequence_cu(t: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, t], dtype=torch.int32, device=device)
 
 
+# The last packed cu_seqlens `_seq_info` read, and its answer. Every layer of a forward (and of its
+# recompute under gradient checkpointing) gets the same boundaries tensor, so reading it back to the
+# host, a sync, happens once per forward instead of once per layer. The tensor's version counter
+# catches an in-place change.
+_last_packing: Optional[tuple] = None
+
+
 def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Optional[int]):
     """(cu int32 on device, n_seq, max_len) with tokens past cu[-1] forming one more sequence.
-    Packed sequences cost one host sync here (their boundaries are checked and their longest length
-    sizes the grid); a single sequence costs none."""
+    A single sequence costs no host sync; packed sequences cost one per boundaries tensor (they are
+    checked, and their longest length sizes the grid), however many layers read it."""
+    global _last_packing
     if cu_seqlens is None:
         return _whole_sequence_cu(t, torch.device(device)), 1, t
+    key = (t, str(device), max_seqlen, cu_seqlens._version)
+    if _last_packing is not None and _last_packing[0]() is cu_seqlens and _last_packing[1] == key:
+        return _last_packing[2]
     cu_list = [int(x) for x in cu_seqlens.tolist()]
     if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])) or cu_list[-1] > t:
         raise ValueError(f"bad cu_seqlens {cu_list} for T={t}")
@@ -619,7 +631,9 @@ def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Op
         cu_list.append(t)
     lens = [b - a for a, b in zip(cu_list, cu_list[1:])]
     max_len = max(lens) if max_seqlen is None else max_seqlen
-    return torch.tensor(cu_list, dtype=torch.int32, device=device), len(cu_list) - 1, max_len
+    info = torch.tensor(cu_list, dtype=torch.int32, device=device), len(cu_list) - 1, max_len
+    _last_packing = (weakref.ref(cu_seqlens), key, info)
+    return info
 
 
 def _layout_for(spec: LayoutSpec, max_len: int, n_heads: int, bm: int, bn: int, device) -> BlockLayout:

@@ -263,16 +263,19 @@ def test_gradients_keep_the_inputs_memory_layout(device):
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("name", ["streaming", "s2", "dense"])
-def test_no_host_sync_per_call(name):
-    """After a first (layout-building, compiling) call, forward + backward of one sequence issue no
-    synchronising CUDA call: torch's sync debug mode turns any into an error. A per-call sync stalls
-    the host once per layer and leaves the GPU idle while the next kernels are launched."""
+@pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
+def test_no_host_sync_per_call(name, packed):
+    """After a first (layout-building, compiling) call, forward + backward issue no synchronising CUDA
+    call, for one sequence and for packed sequences whose boundaries tensor was read before (as every
+    layer after the first reads it): torch's sync debug mode turns any into an error. A per-call sync
+    stalls the host once per layer and leaves the GPU idle while the next kernels are launched."""
     t = 2048
     spec = GPU_SPECS[name]
     q, k, v = (x.requires_grad_(True) for x in _inputs(1, 8, 2, t, 128, torch.bfloat16, "cuda", 7))
+    cu = _packing(t, "cuda") if packed else None
 
     def step():
-        out = sparse_attention(q, k, v, spec)
+        out = sparse_attention(q, k, v, spec, cu_seqlens=cu)
         out.backward(torch.ones_like(out))
 
     step()
@@ -282,6 +285,20 @@ def test_no_host_sync_per_call(name):
         step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_packed_boundaries_are_read_again_after_an_in_place_change(device):
+    """The boundaries of packed sequences are read to the host once per tensor, not once per call; a
+    tensor changed in place is read (and checked) again."""
+    t = 40
+    spec = CPU_SPECS["streaming"]
+    q, k, v = _inputs(1, 2, 2, t, 16, torch.float32, device, 8)
+    cu = _packing(t, device)
+    first = sparse_attention(q, k, v, spec, cu_seqlens=cu)
+    torch.testing.assert_close(sparse_attention(q, k, v, spec, cu_seqlens=cu), first)
+    cu[1] = cu[2] + 1  # boundaries out of order
+    with pytest.raises(ValueError, match="bad cu_seqlens"):
+        sparse_attention(q, k, v, spec, cu_seqlens=cu)
 
 
 def test_deterministic_algorithms_get_the_dq_kernel(device):
