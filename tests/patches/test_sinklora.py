@@ -164,6 +164,20 @@ def test_left_padded_training_batch_is_refused():
         sinklora_attention(module, q, k, v, mask, scaling=0.25)
 
 
+def test_padding_mask_changed_in_place_is_checked_again():
+    """The padding check reads a mask once (every layer gets the same tensor; reading it syncs the
+    GPU), but a mask changed in place to left padding is read again and refused."""
+    module = _module(_tiny(), group_size=16)
+    q, k, v = _attn_inputs(32)
+    mask = torch.ones(1, 32, dtype=torch.long)
+    mask[0, 28:] = 0  # right padding: accepted, twice
+    for _ in range(2):
+        sinklora_attention(module, q, k, v, mask, scaling=0.25)
+    mask[0, :3] = 0
+    with pytest.raises(HeadwiseError, match="right padding or packed"):
+        sinklora_attention(module, q, k, v, mask, scaling=0.25)
+
+
 def test_odd_group_size_is_a_recipe_error():
     with pytest.raises(ValueError, match="group_size must be even"):
         SinkLoRAMethod(group_size=33)
