@@ -98,6 +98,26 @@ def test_regrouped_with_dummy_query_rows_cpu(case, overlap, monkeypatch):
     _check_regrouped_case(*case, torch.float32, "cpu", "torch", batch=2, bthd=True)
 
 
+def _observe_torch_backend(monkeypatch) -> dict:
+    """Wrap the torch backend so a test sees every call's arguments: ``seen["fwd"]`` gets
+    (q, k, out) per forward call, ``seen["bwd"]`` (do, q, k, out, grads) per backward call."""
+    from headwise.kernels import shifted_groups
+
+    fwd, bwd = shifted_groups.BACKENDS["torch"]
+    seen = {"fwd": [], "bwd": []}
+
+    def observed_fwd(q, k, v, scale, out=None):
+        seen["fwd"].append((q, k, out))
+        return fwd(q, k, v, scale, out=out)
+
+    def observed_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
+        seen["bwd"].append((do, q, k, out, grads))
+        return bwd(do, q, k, v, out, lse, scale, state, grads=grads)
+
+    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
+    return seen
+
+
 def test_dummy_query_rows_are_read_in_place(monkeypatch):
     """With overlapping views, the queries and outputs the dense kernel gets are views of the layer's
     own tensors (no per-piece copy), each starting `sink` rows before its group; only the output
@@ -105,18 +125,7 @@ def test_dummy_query_rows_are_read_in_place(monkeypatch):
     from headwise.kernels import shifted_groups
 
     monkeypatch.setattr(shifted_groups, "bottom_right_causal", lambda backend, index=0: False)
-    fwd, bwd = shifted_groups.BACKENDS["torch"]
-    seen = {"fwd": [], "bwd": []}
-
-    def observed_fwd(q, k, v, scale, out=None):
-        seen["fwd"].append(q)
-        return fwd(q, k, v, scale, out=out)
-
-    def observed_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
-        seen["bwd"].append((do, q, out))
-        return bwd(do, q, k, v, out, lse, scale, state, grads=grads)
-
-    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
+    seen = _observe_torch_backend(monkeypatch)
     t, g, sink = 64, 16, 4
     spec = LayoutSpec("shifted_groups", group_size=g, sink=sink)
     q, k, v = (torch.randn(1, t, h, 16).transpose(1, 2).requires_grad_(True) for h in (4, 2, 2))
@@ -126,10 +135,10 @@ def test_dummy_query_rows_are_read_in_place(monkeypatch):
     def same_memory(a, b):
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
-    padded = [x for x in seen["fwd"] if x.shape[2] == g + sink]
+    padded = [x for x, _, _ in seen["fwd"] if x.shape[2] == g + sink]
     assert padded and all(same_memory(x, q) for x in padded)
     assert all(x.stride(0) == g * q.stride(2) for x in padded)  # groups overlap by the sink rows
-    for do, qp, op in seen["bwd"]:
+    for do, qp, _, op, _ in seen["bwd"]:
         if qp.shape[2] == g + sink:
             assert same_memory(qp, q) and same_memory(op, out)
             assert not same_memory(do, out) and do[:, :, :sink].abs().max() == 0
@@ -140,20 +149,7 @@ def test_outputs_and_gradients_written_in_place(monkeypatch, sink):
     """Backends that take `out` / `grads` (torch here, cudnn-frontend on the GPU) get views of the
     layer's output and of dQ, dK, dV: every output row and every dQ row is written in place, and the
     dK/dV rows of each piece without sink keys too (no copy afterwards), with the reference result."""
-    from headwise.kernels import shifted_groups
-
-    fwd, bwd = shifted_groups.BACKENDS["torch"]
-    seen = {"out": [], "grads": []}
-
-    def observed_fwd(q, k, v, scale, out=None):
-        seen["out"].append(out)
-        return fwd(q, k, v, scale, out=out)
-
-    def observed_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
-        seen["grads"].append((k.shape[2], grads))
-        return bwd(do, q, k, v, out, lse, scale, state, grads=grads)
-
-    monkeypatch.setitem(shifted_groups.BACKENDS, "torch", (observed_fwd, observed_bwd))
+    seen = _observe_torch_backend(monkeypatch)
     t, g = 64, 16
     spec = LayoutSpec("shifted_groups", group_size=g, sink=sink)
     q, k, v = (torch.randn(1, t, h, 16, dtype=torch.float64).transpose(1, 2).requires_grad_(True) for h in (4, 2, 2))
@@ -165,10 +161,10 @@ def test_outputs_and_gradients_written_in_place(monkeypatch, sink):
 
     # (the gradient views held here keep autograd from stealing the full tensors for .grad, so they are
     # compared with each other: one full-size tensor per gradient, not per-piece temporaries)
-    bases = [tuple(None if x is None else x._base for x in gr) for _, gr in seen["grads"]]
-    assert seen["out"] and all(inside(o, out) for o in seen["out"])
+    bases = [tuple(None if x is None else x._base for x in call[4]) for call in seen["bwd"]]
+    assert seen["fwd"] and all(inside(o, out) for _, _, o in seen["fwd"])
     assert all(b[0] is bases[0][0] for b in bases) and bases[0][0].shape == q.shape
-    for (n_keys, _), (_, dk_full, dv_full) in zip(seen["grads"], bases):
+    for n_keys, (_, dk_full, dv_full) in zip((call[2].shape[2] for call in seen["bwd"]), bases):
         no_sinks = n_keys == g or n_keys == g // 2 or sink == 0
         assert (dk_full is not None and dk_full.shape == k.shape and dv_full.shape == v.shape) == no_sinks
     rs = [x.detach().clone().requires_grad_(True) for x in (q, k, v)]
