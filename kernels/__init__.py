@@ -106,9 +106,9 @@ def attention_impl(spec: LayoutSpec, q: torch.Tensor, cu_seqlens: Optional[torch
                    return_lse: bool = False) -> str:
     """Which form `sparse_attention` runs for `spec` on `q`'s device and dtype: "reference" (CPU
     without the Triton interpreter), "regrouped" or "regrouped_fe" (shifted groups, see
-    `SHIFTED_GROUPS_IMPL`), "band"
-    (see `BAND_IMPL`) or "block_sparse" (the Triton kernel). The dense exact forms take 16-bit CUDA
-    inputs without packing (`cu_seqlens`) or a returned log-sum-exp; everything else runs Triton."""
+    `SHIFTED_GROUPS_IMPL`), "band" (see `BAND_IMPL`) or "block_sparse" (the Triton kernel). The dense
+    exact forms take 16-bit CUDA inputs without packing (`cu_seqlens`) or a returned log-sum-exp;
+    everything else runs Triton."""
     if not (q.is_cuda or interpret_mode()):
         return "reference"
     dense_form_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens is None and not return_lse

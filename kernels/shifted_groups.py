@@ -47,6 +47,7 @@ from typing import Optional
 
 import torch
 
+from .cudnn_graphs import sdpa_backward, sdpa_forward
 from .layouts import LayoutSpec
 from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
 
@@ -98,15 +99,11 @@ def _flash_bwd(do, q, k, v, out, lse, scale, state, grads=None):
 
 
 def _cudnn_fe_fwd(q, k, v, scale, out=None):
-    from .cudnn_graphs import sdpa_forward
-
     out = torch.empty_like(q) if out is None else out
     return out, sdpa_forward(q, k, v, out, scale, bottom_right=True), None
 
 
 def _cudnn_fe_bwd(do, q, k, v, out, lse, scale, state, grads=(None, None, None)):
-    from .cudnn_graphs import sdpa_backward
-
     return sdpa_backward(do, q, k, v, out, lse, scale, grads, bottom_right=True)
 
 
