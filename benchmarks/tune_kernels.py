@@ -9,7 +9,7 @@ and stages, timed on forward + backward; (3) with the best of those, the dK/dV c
 (`KernelConfig.col_split`: long key columns shared by several programs), timed on forward + backward.
 Stage `dq_path` (run only when listed in `--stages`, after `fwd+bwd`) tries dQ added up by the dK/dV
 pass instead of its own kernel (`KernelConfig.dq_path`: relaxed element atomics, or TMA reduce-adds
-over a few dK/dV tiles and warp counts), timed on forward + backward.
+over a few dK/dV tiles, warp counts and stage counts), timed on forward + backward.
 `--stages` picks a subset (e.g. `--stages col_split`: the split alone on the current config). Every
 config is checked against the current config's output (and gradients, from stage 2 on) before it is
 timed: a wrong config is reported, never picked. The stages ran on the H200 on 2026-11-30
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             elif stage == "dq_path":  # dQ added up by the dK/dV pass: element atomics once, TMA over tiles/warps
                 tiles = dict.fromkeys([(prev.bwd_m, prev.bwd_n), *DQ_TILES])
                 grid = [dataclasses.replace(prev, dq_path="atomic")] + [
-                    dataclasses.replace(prev, dq_path="tma", bwd_m=m, bwd_n=n, dkdv_warps=w)
-                    for (m, n), w in itertools.product(tiles, WARPS)]
+                    dataclasses.replace(prev, dq_path="tma", bwd_m=m, bwd_n=n, dkdv_warps=w, dkdv_stages=st)
+                    for (m, n), w, st in itertools.product(tiles, WARPS, BWD_STAGES)]
             else:  # the dK/dV column split on top of the best tiles
                 grid = [dataclasses.replace(prev, col_split=c) for c in COL_SPLITS]
             base_ms = timed(run(prev, backward))
