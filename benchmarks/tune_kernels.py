@@ -9,7 +9,9 @@ and stages, timed on forward + backward; (3) with the best of those, the dK/dV c
 (`KernelConfig.col_split`: long key columns shared by several programs), timed on forward + backward.
 Stage `dq_path` (run only when listed in `--stages`, after `fwd+bwd`) tries dQ added up by the dK/dV
 pass instead of its own kernel (`KernelConfig.dq_path`: relaxed element atomics, or TMA reduce-adds
-over a few dK/dV tiles, warp counts and stage counts), timed on forward + backward.
+over a few dK/dV tiles, warp counts and stage counts), timed on forward + backward. Stage `unmasked`
+(also only when listed) times the current config with `KernelConfig.unmasked_even` flipped: what the
+mask-free tiles of divisible lengths save.
 `--stages` picks a subset (e.g. `--stages col_split`: the split alone on the current config). Every
 config is checked against the current config's output (and gradients, from stage 2 on) before it is
 timed: a wrong config is reported, never picked. The stages ran on the H200 on 2026-11-30
@@ -41,7 +43,7 @@ WARPS = [4, 8]
 FWD_STAGES = [2, 3, 4]
 BWD_STAGES = [1, 2, 3]
 COL_SPLITS = [16, 32, 64, 128]  # KernelConfig.col_split (0, off, is the stage's baseline)
-STAGES = ("fwd", "fwd+bwd", "dq_path", "col_split")  # the order stages run in, each from the previous best
+STAGES = ("fwd", "fwd+bwd", "dq_path", "col_split", "unmasked")  # the order stages run in, each from the previous best
 DQ_TILES = [(64, 128), (128, 128)]  # dK/dV tiles tried with dQ from the dK/dV pass (besides the current ones)
 
 
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hkv", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--stages", default="fwd,fwd+bwd,col_split",
-                   help="comma-separated subset of fwd,fwd+bwd,dq_path,col_split (dq_path only when listed)")
+                   help="comma-separated subset of fwd,fwd+bwd,dq_path,col_split,unmasked (dq_path and unmasked "
+                        "only when listed)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernel_tuning.jsonl"))
     args = p.parse_args(argv)
 
@@ -118,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                 grid = [dataclasses.replace(prev, dq_path="atomic")] + [
                     dataclasses.replace(prev, dq_path="tma", bwd_m=m, bwd_n=n, dkdv_warps=w, dkdv_stages=st)
                     for (m, n), w, st in itertools.product(tiles, WARPS, BWD_STAGES)]
-            else:  # the dK/dV column split on top of the best tiles
+            elif stage == "col_split":  # the dK/dV column split on top of the best tiles
                 grid = [dataclasses.replace(prev, col_split=c) for c in COL_SPLITS]
+            else:  # row masks kept on lengths the tiles divide: what the unmasked tiles save
+                grid = [dataclasses.replace(prev, unmasked_even=not prev.unmasked_even)]
             base_ms = timed(run(prev, backward))
             for cfg in grid:
                 if time.time() - start > args.budget_s:

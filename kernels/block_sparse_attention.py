@@ -20,6 +20,9 @@ then the *partial* tiles with the layout's token rule evaluated in registers (``
   layouts keep the dQ kernel. ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
 - Gradients come back in the inputs' memory layout (transformers' (B, H, T, D) views of (B, T, H, D)
   buffers), so autograd and the projections' backward copy nothing.
+- Lengths that the tile sizes divide (one sequence) run without row masks on loads and stores
+  (``EVEN``, ``KernelConfig.unmasked_even``), as FlexAttention's divisible case does; other lengths
+  mask the rows past the sequence's end.
 - Any length; packed sequences via ``cu_seqlens`` (int32 ``(n+1,)``, B == 1): the grid's third axis
   runs over (batch, sequence) and every position is relative to its sequence's start, so the
   layout applies inside each sequence. Keys and queries past a sequence's end are masked at load.
@@ -80,6 +83,9 @@ class KernelConfig:
     # (FlashAttention-3's way); the summation order, so dQ's last bits, then vary from run to run.
     # ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
     dq_path: str = "kernel"
+    # Tiles without row masks when one sequence's length is a multiple of both tile sizes (``_even``),
+    # as FlexAttention does for divisible lengths. False keeps the masks, for comparisons.
+    unmasked_even: bool = True
 
     def __post_init__(self):
         if self.dq_path not in DQ_PATHS:
@@ -162,21 +168,21 @@ def _token_rule(q_pos, k_pos, hp, P0, P1, P2, KIND: tl.constexpr):
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt, qk_scale,
               hp, P0, P1, P2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+              KIND: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     """One key tile of the online softmax; ``k_src``/``v_src`` point at the KV head's first token."""
     offs_k = kb * BLOCK_N + offs_n
-    kt = tl.load(k_src + offs_k[None, :] * skt + offs_d[:, None],
-                 mask=(offs_k[None, :] < seqlen) & d_ok[:, None], other=0.0)
+    k_ok = _in_seq(offs_k, seqlen, EVEN)
+    kt = tl.load(k_src + offs_k[None, :] * skt + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     if MASKED:
-        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & (offs_k[None, :] < seqlen)
+        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & k_ok[None, :]
         qk = tl.where(ok, qk, NEG)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     p = tl.math.exp2(qk - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = tl.load(v_src + offs_k[:, None] * svt + offs_d[None, :],
-                mask=(offs_k[:, None] < seqlen) & d_ok[None, :], other=0.0)
+                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, m_new, l_i
@@ -190,6 +196,17 @@ def _d_mask(offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
         return tl.full([BLOCK_D], 1, tl.int1)
     else:
         return offs_d < HEAD_DIM
+
+
+@triton.jit
+def _in_seq(offs, seqlen, EVEN: tl.constexpr):
+    """offs < seqlen, or a constant all-true mask when every tile lies inside the sequence (EVEN: one
+    sequence whose length is a multiple of both tile sizes). Triton folds an all-true mask away, so
+    EVEN tiles load and store without predicates, as FlexAttention does for divisible lengths."""
+    if EVEN:
+        return tl.full(offs.shape, 1, tl.int1)
+    else:
+        return offs < seqlen
 
 
 # ----------------------------------------------------------------------------------------- kernels
@@ -208,7 +225,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
                 qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, slb, slh,
                 n_seq, n_qblocks, P0, P1, P2,
                 GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     bs = tl.program_id(2)
@@ -220,7 +237,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
-    m_ok = offs_m < seqlen
+    m_ok = _in_seq(offs_m, seqlen, EVEN)
     q = tl.load(Q + b * sqb + h * sqh + (start + offs_m[:, None]) * sqt + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * skb + kvh * skh + start * skt
@@ -236,11 +253,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
     for e in range(r0, r0 + nf):
         kb = tl.load(ROW_IDX + e)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC, EVEN)
     for e in range(r0 + nf, r1):
         kb = tl.load(ROW_IDX + e)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
+                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC, EVEN)
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + (start + offs_m[:, None]) * sot + h * soh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -270,15 +287,16 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, sot, soh, sdob, sdot, sdoh, 
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
                  qk_scale, hp, P0, P1, P2, BLOCK_N: tl.constexpr,
-                 MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr):
+                 MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     offs_k = kb * BLOCK_N + offs_n
-    kv_mask = (offs_k[None, :] < seqlen) & d_ok[:, None]
+    k_ok = _in_seq(offs_k, seqlen, EVEN)
+    kv_mask = k_ok[None, :] & d_ok[:, None]
     kt = tl.load(k_base + offs_k[None, :] * skt + offs_d[:, None], mask=kv_mask, other=0.0)
     vt = tl.load(v_base + offs_k[None, :] * svt + offs_d[:, None], mask=kv_mask, other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
     p = tl.math.exp2(qk - lse2[:, None])
     if MASKED:
-        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & (offs_k[None, :] < seqlen)
+        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & k_ok[None, :]
         p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
@@ -291,7 +309,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
                    qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
                    sdqb, sdqh, sdqt, slb, slh, n_seq, n_qblocks, P0, P1, P2,
                    GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     bs = tl.program_id(2)
@@ -303,7 +321,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
-    m_ok = offs_m < seqlen
+    m_ok = _in_seq(offs_m, seqlen, EVEN)
     qd_mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(Q + b * sqb + h * sqh + (start + offs_m[:, None]) * sqt + offs_d[None, :], mask=qd_mask, other=0.0)
     do = tl.load(DO + b * sdob + (start + offs_m[:, None]) * sdot + h * sdoh + offs_d[None, :],
@@ -321,11 +339,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
     for e in range(r0, r0 + nf):
         kb = tl.load(ROW_IDX + e)
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
-                          qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC)
+                          qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC, EVEN)
     for e in range(r0 + nf, r1):
         kb = tl.load(ROW_IDX + e)
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
-                          qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC)
+                          qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC, EVEN)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + (start + offs_m[:, None]) * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -334,9 +352,10 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm, offs_d, d_ok,
                    seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
-                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
+                   MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
+                   EVEN: tl.constexpr):
     offs_m = qb * BLOCK_M + offs_mm
-    m_ok = offs_m < seqlen
+    m_ok = _in_seq(offs_m, seqlen, EVEN)
     mask = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(do_base + offs_m[:, None] * sdot + offs_d[None, :], mask=mask, other=0.0)
@@ -376,12 +395,12 @@ def _add_dq(DQ_ACC, dq_row, qb, dq, offs_mm, offs_d, m_ok, BLOCK_M: tl.constexpr
 
 @triton.jit
 def _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt, svb, svh, svt, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, EVEN: tl.constexpr):
     """Key tile ``pid_n`` of KV head ``kvh`` in the sequence starting at ``start``: offsets, masks, K, V."""
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
-    kd_mask = (offs_n[:, None] < seqlen) & d_ok[None, :]
+    kd_mask = _in_seq(offs_n, seqlen, EVEN)[:, None] & d_ok[None, :]
     k = tl.load(K + b * skb + kvh * skh + (start + offs_n[:, None]) * skt + offs_d[None, :], mask=kd_mask, other=0.0)
     v = tl.load(V + b * svb + kvh * svh + (start + offs_n[:, None]) * svt + offs_d[None, :], mask=kd_mask, other=0.0)
     return offs_n, offs_d, d_ok, kd_mask, k, v
@@ -390,18 +409,18 @@ def _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt, svb, svh, s
 @triton.jit
 def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, e0, e1, offs_n, offs_mm,
                  offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
-                 KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
+                 KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr, EVEN: tl.constexpr):
     """Entries [e0, e1) of a column that starts at c0 with nf unmasked (full) entries first."""
     for e in range(e0, tl.minimum(e1, c0 + nf)):
         qb = tl.load(COL_IDX + e)
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
                                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row,
-                                BLOCK_M, False, KIND, DOT_PREC, DQ_MODE)
+                                BLOCK_M, False, KIND, DOT_PREC, DQ_MODE, EVEN)
     for e in range(tl.maximum(e0, c0 + nf), e1):
         qb = tl.load(COL_IDX + e)
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
                                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row,
-                                BLOCK_M, True, KIND, DOT_PREC, DQ_MODE)
+                                BLOCK_M, True, KIND, DOT_PREC, DQ_MODE, EVEN)
     return dk, dv
 
 
@@ -427,7 +446,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
                      sdob, sdot, sdoh, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2,
                      split, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                     HAS_SPLIT: tl.constexpr, DQ_MODE: tl.constexpr):
+                     HAS_SPLIT: tl.constexpr, DQ_MODE: tl.constexpr, EVEN: tl.constexpr):
     """One program per (key tile, KV head, sequence): dK, dV of the tile summed over the GQA group's
     query heads. With HAS_SPLIT, each column contributes only its first ``split`` entries here; a tile
     with a longer column (TILE_SLOT >= 0) writes its fp32 partial to scratch for ``_bwd_dkdv_reduce_kernel``
@@ -441,7 +460,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
         return
     offs_mm = tl.arange(0, BLOCK_M)
     offs_n, offs_d, d_ok, kd_mask, k, v = _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt,
-                                                        svb, svh, svt, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                                        svb, svh, svt, HEAD_DIM, BLOCK_D, BLOCK_N, EVEN)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GQA):  # the query heads sharing this KV head: their gradients sum here
@@ -459,7 +478,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
             c1 = tl.minimum(c1, c0 + split)
         dk, dv = _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, c0, c1,
                               offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2,
-                              DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE)
+                              DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE, EVEN)
     if HAS_SPLIT:
         slot = tl.load(TILE_SLOT + kvh * n_kblocks + pid_n)
         if slot >= 0:
@@ -478,7 +497,7 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL
                            sdoh, slb, slh, n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr,
                            HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr):
+                           DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr, EVEN: tl.constexpr):
     """One program per (work item, sequence): entries [e0, e1) of query head h's column of key tile n,
     written as an fp32 partial to scratch slot ``slot`` (ITEMS rows: h, n, e0, e1, slot)."""
     item = tl.program_id(0)
@@ -494,7 +513,7 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL
     kvh = h // GQA
     offs_mm = tl.arange(0, BLOCK_M)
     offs_n, offs_d, d_ok, kd_mask, k, v = _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt,
-                                                        svb, svh, svt, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                                        svb, svh, svt, HEAD_DIM, BLOCK_D, BLOCK_N, EVEN)
     col = h * n_kblocks + pid_n
     c0 = tl.load(COL_PTR + col)
     nf = tl.load(COL_NFULL + col)
@@ -503,7 +522,7 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL
     dk, dv = _dkdv_column(dk, dv, k, v, Q + b * sqb + h * sqh + start * sqt, DO + b * sdob + h * sdoh + start * sdot,
                           LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start, COL_IDX, c0, nf, e0, e1,
                           offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2,
-                          DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE)
+                          DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE, EVEN)
     _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N, BLOCK_D)
 
 
@@ -657,9 +676,16 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
         n_seq, lay.n_qblocks, p0, p1, p2,
         GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, DOT_PREC=_dot_prec(q.dtype),
-        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        EVEN=_even(n_seq, max_len, cfg.fwd_m, cfg.fwd_n, cfg), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
+
+
+def _even(n_seq: int, max_len: int, bm: int, bn: int, cfg: Optional[KernelConfig] = None) -> bool:
+    """Whether every tile of a kernel with (bm, bn) tiles lies inside its sequence: one sequence whose
+    length both tile sizes divide (the layout is then built for exactly that length). The kernels then
+    load and store without row masks (``_in_seq``), unless ``cfg.unmasked_even`` is off."""
+    return (cfg is None or cfg.unmasked_even) and n_seq == 1 and max_len % bm == 0 and max_len % bn == 0
 
 
 def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
@@ -695,7 +721,8 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
             scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
-            BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
+            BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
+            EVEN=_even(n_seq, max_len, cfg.fwd_m, cfg.fwd_n, cfg), **common,
         )
     else:  # fp32 rows (batch, head, token) x BLOCK_D, filled by the dK/dV pass
         dq = torch.zeros((b * hq * t, block_d), dtype=torch.float32, device=q.device)
@@ -704,7 +731,7 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             dq_acc = TensorDescriptor.from_tensor(dq, [cfg.bwd_m, block_d])
-    common["DQ_MODE"] = dq_mode
+    common.update(DQ_MODE=dq_mode, EVEN=_even(n_seq, max_len, cfg.bwd_m, cfg.bwd_n, cfg))
     lay = _layout_for(spec, max_len, hq, cfg.bwd_m, cfg.bwd_n, q.device)
     plan = _column_split_plan(lay, hkv, cfg.col_split, q.device) if cfg.col_split > 0 else None
     n_bs = b * n_seq

@@ -100,6 +100,19 @@ def test_kernel_matches_reference_gpu(name, t, d, hq, hkv, dtype, packed):
     _check_kernel_case(name, t, d, hq, hkv, dtype, packed, "cuda", GPU_SPECS)
 
 
+@pytest.mark.parametrize("name", list(CPU_SPECS))
+def test_lengths_the_tiles_divide(device, name):
+    """One sequence whose length every tile size divides runs the kernels without row masks
+    (``_even``): forward and gradients match the reference under the tolerance rule, every layout."""
+    from headwise.kernels.block_sparse_attention import _even, pick_config
+
+    specs = GPU_SPECS if device == "cuda" else CPU_SPECS
+    t, dtype = (2048, torch.bfloat16) if device == "cuda" else (128, torch.float32)
+    cfg = pick_config(64, specs[name].resolve(t), device)
+    assert _even(1, t, cfg.fwd_m, cfg.fwd_n) and _even(1, t, cfg.bwd_m, cfg.bwd_n)
+    _check_kernel_case(name, t, 64, 4, 2, dtype, False, device, specs, seed=9)
+
+
 @pytest.mark.parametrize("name", ["streaming", "s2", "sf"])
 def test_lse_and_its_gradient(device, name):
     """return_lse gives the reference log-sum-exp, and a loss on it backpropagates correctly."""
