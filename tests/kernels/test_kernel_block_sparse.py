@@ -275,13 +275,15 @@ def test_gradients_keep_the_inputs_memory_layout(device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-@pytest.mark.parametrize("name", ["streaming", "s2", "dense"])
+@pytest.mark.parametrize("name", ["streaming", "s2", "dense", "window", "sf"])
 @pytest.mark.parametrize("packed", [False, True], ids=["one-sequence", "packed"])
 def test_no_host_sync_per_call(name, packed):
     """After a first (layout-building, compiling) call, forward + backward issue no synchronising CUDA
     call, for one sequence and for packed sequences whose boundaries tensor was read before (as every
     layer after the first reads it): torch's sync debug mode turns any into an error. A per-call sync
-    stalls the host once per layer and leaves the GPU idle while the next kernels are launched."""
+    stalls the host once per layer and leaves the GPU idle while the next kernels are launched. The
+    window and SF cases take their dispatched forms (cuDNN's band, the regrouped cuDNN form) when
+    unpacked."""
     t = 2048
     spec = GPU_SPECS[name]
     q, k, v = (x.requires_grad_(True) for x in _inputs(1, 8, 2, t, 128, torch.bfloat16, "cuda", 7))
