@@ -80,7 +80,8 @@ class KernelConfig:
     # QK^T and exp (7 matmul-equivalents per tile pair in the whole backward instead of 5) but sums
     # in a fixed order: deterministic. "atomic" / "tma": the dK/dV pass also computes each pair's
     # dS K and adds it into an fp32 dQ buffer, by relaxed element atomics or by TMA bulk reduce-adds
-    # (FlashAttention-3's way); the summation order, so dQ's last bits, then vary from run to run.
+    # (FlashAttention-3's way); the summation order, so dQ's last bits, then vary from run to run, and
+    # the fp32 buffer (B x Hq x T x padded D) holds twice a bf16 dQ's bytes during the backward.
     # ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
     dq_path: str = "kernel"
     # Tiles without row masks when one sequence's length is a multiple of both tile sizes (``_even``),
