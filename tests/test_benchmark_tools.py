@@ -39,3 +39,29 @@ def test_kernels_table_keeps_the_latest_row_per_shape():
     assert len(table) == len(rows) + 2
     sf_line = next(x for x in table if x.startswith("| sf | 8K | fwd+bwd | 32 |"))
     assert f"| {last_sf['ms_flex'] / last_sf['ms_headwise']:.2f}x |" in sf_line
+
+
+def test_merging_device_rows_records_the_machine_and_a_rerunnable_command(tmp_path):
+    """A real row from kernels.jsonl, as the GPU machine wrote it (its --out and --budget-s options),
+    merged into a results file: the machine and note are recorded, the run-local options dropped, the
+    measurement untouched, and the rows already in the file kept."""
+    import json
+
+    from results_io import merge_rows
+
+    row = json.loads((ROOT / "benchmarks/results/kernels.jsonl").read_text().splitlines()[-1])
+    row.pop("machine", None)
+    measured = dict(row)
+    row["command"] = ("python benchmarks/bench_kernels.py --quick --budget-s 500 --layouts s2 "
+                      "--plan 8192:fwd+bwd:32 --out=/root/out/k.jsonl")
+    src, dst = tmp_path / "device.jsonl", tmp_path / "results.jsonl"
+    src.write_text(json.dumps(row) + "\n")
+    dst.write_text('{"layout": "earlier"}\n')
+    assert merge_rows(src, dst, "GPU 0 of nvidia-h200-x2", note="eighth session") == 1
+    lines = [json.loads(x) for x in dst.read_text().splitlines()]
+    assert lines[0] == {"layout": "earlier"} and len(lines) == 2
+    merged = lines[1]
+    assert merged["command"] == "python benchmarks/bench_kernels.py --quick --layouts s2 --plan 8192:fwd+bwd:32"
+    assert merged["machine"] == "GPU 0 of nvidia-h200-x2" and merged["note"] == "eighth session"
+    assert {k: v for k, v in merged.items() if k not in ("command", "machine", "note")} == \
+        {k: v for k, v in measured.items() if k not in ("command", "note")}
