@@ -29,6 +29,7 @@ from . import band_attention
 from .band_attention import band_layout_attention
 from .block_sparse_attention import KernelConfig, interpret_mode, sparse_attention_triton
 from .decode_attention import decode_attention
+from .input_checks import check_attention_inputs
 from .layouts import (
     BlockLayout,
     LayoutSpec,
@@ -57,6 +58,7 @@ __all__ = [
     "build_shifted_group_layout",
     "build_sliding_window_layout",
     "build_streaming_layout",
+    "check_attention_inputs",
     "decode_attention",
     "reference_attention",
     "shifted_group_attention",
@@ -147,6 +149,7 @@ def sparse_attention(
     Returns:
         ``out (B, T, Hq, D)`` contiguous, and ``lse`` if ``return_lse``.
     """
+    check_attention_inputs(q, k, v, cu_seqlens)
     spec = layout.spec if isinstance(layout, BlockLayout) else layout
     impl = attention_impl(spec, q, cu_seqlens=cu_seqlens, return_lse=return_lse)
     if impl == "reference":

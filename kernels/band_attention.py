@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 
 from .cudnn_graphs import sdpa_backward, sdpa_forward
+from .input_checks import check_attention_inputs
 from .layouts import LayoutSpec
 from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
 from .shifted_groups import (_cudnn_bwd, _cudnn_fwd, bottom_right_causal, join_backend_states, native_gqa,
@@ -176,6 +177,7 @@ def band_layout_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spe
 
     q: (B, Hq, T, D), k/v: (B, Hkv, T, D), any strides with a unit last stride. Returns (B, T, Hq, D)
     contiguous. `backend`: "cudnn" (default on CUDA) or "torch"."""
+    check_attention_inputs(q, k, v)
     if spec.kind == "sliding_window":
         window, sink = spec.window, 0
     elif spec.kind == "streaming":

@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .input_checks import check_attention_inputs
 from .layouts import BlockLayout, LayoutSpec, build_layout
 
 # exp2 is a single MUFU instruction; exp is exp2 plus a multiply. Scores are scaled by log2(e) once.
@@ -802,10 +803,6 @@ class BlockSparseAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, spec, scale, cu_seqlens, max_seqlen, config):
         q, k, v = (_ensure_last_dim_contiguous(x) for x in (q, k, v))
         b, hq, t, d = q.shape
-        if k.shape[1] == 0 or hq % k.shape[1]:
-            raise ValueError(f"{hq} query heads are not a multiple of {k.shape[1]} KV heads")
-        if cu_seqlens is not None and b != 1:
-            raise ValueError("cu_seqlens needs B == 1 (sequences packed along T)")
         cu, n_seq, max_len = _seq_info(t, cu_seqlens, q.device, max_seqlen)
         spec = spec.resolve(max_len)
         cfg = config or pick_config(d, spec, q.device)
@@ -830,5 +827,6 @@ def sparse_attention_triton(q, k, v, spec: LayoutSpec, scale: Optional[float] = 
                            cu_seqlens: Optional[torch.Tensor] = None, max_seqlen: Optional[int] = None,
                            config: Optional[KernelConfig] = None):
     """Triton path of ``sparse_attention``: returns (out (B, T, Hq, D), lse (B, Hq, T) fp32)."""
+    check_attention_inputs(q, k, v, cu_seqlens, kernel=True)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return BlockSparseAttentionFunction.apply(q, k, v, spec, scale, cu_seqlens, max_seqlen, config)

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 
 from .cudnn_graphs import sdpa_backward, sdpa_forward
+from .input_checks import check_attention_inputs
 from .layouts import LayoutSpec
 from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
 
@@ -437,6 +438,7 @@ def shifted_group_attention(q, k, v, spec: LayoutSpec, scale: Optional[float] = 
 
     Any strides with a unit last stride (transformers' transposed (B, T, H, D) buffers are read in place).
     """
+    check_attention_inputs(q, k, v)
     if spec.kind != "shifted_groups":
         raise ValueError(f"shifted_group_attention needs a shifted_groups spec, got {spec.kind}")
     b, hq, t, d = q.shape
