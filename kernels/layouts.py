@@ -108,6 +108,10 @@ class LayoutSpec:
                 raise ValueError("shifted_groups needs exactly one of group_size, group_ratio")
             if self.group_size and self.group_size % 2:
                 raise ValueError("group_size must be even (shifted heads move by G/2)")
+            if self.group_ratio > 1:
+                raise ValueError(f"group_ratio={self.group_ratio} must be in (0, 1]: a group is that share of the sequence")
+            if self.sink < 0:
+                raise ValueError(f"shifted_groups needs sink >= 0, got {self.sink}")
         if self.kind == "s2" and (self.block < 1 or self.local_blocks < 1 or self.vert_stride < 1):
             raise ValueError("s2 needs block, local_blocks, vert_stride >= 1")
 

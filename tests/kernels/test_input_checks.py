@@ -61,3 +61,19 @@ def test_packed_boundaries_must_be_integer_and_single_batch():
     q2, k2, v2 = (torch.cat([x, x]) for x in (q, k, v))
     with pytest.raises(ValueError, match="cu_seqlens needs B == 1"):
         sparse_attention(q2, k2, v2, SPEC, cu_seqlens=torch.tensor([0, 20, 40], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind="slidingwindow", window=8), "unknown layout kind 'slidingwindow'; one of"),
+    (dict(kind="sliding_window"), "sliding_window needs window >= 1"),
+    (dict(kind="streaming", sink=-1, recent=8), "streaming needs recent >= 1 and sink >= 0"),
+    (dict(kind="shifted_groups"), "exactly one of group_size, group_ratio"),
+    (dict(kind="shifted_groups", group_size=64, group_ratio=0.25), "exactly one of group_size, group_ratio"),
+    (dict(kind="shifted_groups", group_size=15), "group_size must be even"),
+    (dict(kind="shifted_groups", group_ratio=2.0), r"group_ratio=2.0 must be in \(0, 1\]"),
+    (dict(kind="shifted_groups", group_size=16, sink=-2), "shifted_groups needs sink >= 0"),
+    (dict(kind="s2", block=16, local_blocks=2, vert_stride=0), "s2 needs block, local_blocks, vert_stride >= 1"),
+], ids=lambda x: str(x)[:40])
+def test_bad_layouts_name_what_is_wrong(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayoutSpec(**kwargs)
