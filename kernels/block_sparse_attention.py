@@ -651,6 +651,8 @@ def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Op
     if cu_list[-1] < t:
         cu_list.append(t)
     lens = [b - a for a, b in zip(cu_list, cu_list[1:])]
+    if max_seqlen is not None and max_seqlen < max(lens):
+        raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest packed sequence ({max(lens)} tokens)")
     max_len = max(lens) if max_seqlen is None else max_seqlen
     info = torch.tensor(cu_list, dtype=torch.int32, device=device), len(cu_list) - 1, max_len
     _last_packing = (weakref.ref(cu_seqlens), key, info)
@@ -678,16 +680,19 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
         n_seq, lay.n_qblocks, p0, p1, p2,
         GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, DOT_PREC=_dot_prec(q.dtype),
-        EVEN=_even(n_seq, max_len, cfg.fwd_m, cfg.fwd_n, cfg), num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
+        EVEN=_even(n_seq, max_len, t, cfg.fwd_m, cfg.fwd_n, cfg),
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
 
 
-def _even(n_seq: int, max_len: int, bm: int, bn: int, cfg: Optional[KernelConfig] = None) -> bool:
-    """Whether every tile of a kernel with (bm, bn) tiles lies inside its sequence: one sequence whose
-    length both tile sizes divide (the layout is then built for exactly that length). The kernels then
-    load and store without row masks (``_in_seq``), unless ``cfg.unmasked_even`` is off."""
-    return (cfg is None or cfg.unmasked_even) and n_seq == 1 and max_len % bm == 0 and max_len % bn == 0
+def _even(n_seq: int, max_len: int, t: int, bm: int, bn: int, cfg: Optional[KernelConfig] = None) -> bool:
+    """Whether every tile of a kernel with (bm, bn) tiles lies inside its sequence: one sequence over
+    all ``t`` tokens, whose length both tile sizes divide (the layout is then built for exactly that
+    length). The kernels then load and store without row masks (``_in_seq``), unless
+    ``cfg.unmasked_even`` is off."""
+    return ((cfg is None or cfg.unmasked_even) and n_seq == 1 and max_len == t
+            and t % bm == 0 and t % bn == 0)
 
 
 def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
@@ -724,7 +729,7 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
             BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
-            EVEN=_even(n_seq, max_len, cfg.fwd_m, cfg.fwd_n, cfg), **common,
+            EVEN=_even(n_seq, max_len, t, cfg.fwd_m, cfg.fwd_n, cfg), **common,
         )
     else:  # fp32 rows (batch, head, token) x BLOCK_D, filled by the dK/dV pass
         dq = torch.zeros((b * hq * t, block_d), dtype=torch.float32, device=q.device)
@@ -733,7 +738,7 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
             from triton.tools.tensor_descriptor import TensorDescriptor
 
             dq_acc = TensorDescriptor.from_tensor(dq, [cfg.bwd_m, block_d])
-    common.update(DQ_MODE=dq_mode, EVEN=_even(n_seq, max_len, cfg.bwd_m, cfg.bwd_n, cfg))
+    common.update(DQ_MODE=dq_mode, EVEN=_even(n_seq, max_len, t, cfg.bwd_m, cfg.bwd_n, cfg))
     lay = _layout_for(spec, max_len, hq, cfg.bwd_m, cfg.bwd_n, q.device)
     plan = _column_split_plan(lay, hkv, cfg.col_split, q.device) if cfg.col_split > 0 else None
     n_bs = b * n_seq

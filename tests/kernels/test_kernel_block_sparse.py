@@ -109,7 +109,7 @@ def test_lengths_the_tiles_divide(device, name):
     specs = GPU_SPECS if device == "cuda" else CPU_SPECS
     t, dtype = (2048, torch.bfloat16) if device == "cuda" else (128, torch.float32)
     cfg = pick_config(64, specs[name].resolve(t), device)
-    assert _even(1, t, cfg.fwd_m, cfg.fwd_n) and _even(1, t, cfg.bwd_m, cfg.bwd_n)
+    assert _even(1, t, t, cfg.fwd_m, cfg.fwd_n) and _even(1, t, t, cfg.bwd_m, cfg.bwd_n)
     _check_kernel_case(name, t, 64, 4, 2, dtype, False, device, specs, seed=9)
 
 
@@ -314,6 +314,21 @@ def test_packed_boundaries_are_read_again_after_an_in_place_change(device):
     cu[1] = cu[2] + 1  # boundaries out of order
     with pytest.raises(ValueError, match="bad cu_seqlens"):
         sparse_attention(q, k, v, spec, cu_seqlens=cu)
+
+
+def test_max_seqlen_longer_than_the_sequence(device):
+    """One packed sequence with a ``max_seqlen`` hint above its length (the grid and layout are then
+    sized for the hint, a multiple of the tiles): the tiles past the sequence stay masked, and the
+    result is the reference's. A hint below the longest sequence is an error."""
+    t = 77
+    spec = CPU_SPECS["streaming"]
+    q, k, v = _inputs(1, 2, 2, t, 16, torch.float32, device, 10)
+    cu = torch.tensor([0, t], dtype=torch.int32, device=device)
+    out = sparse_attention(q, k, v, spec, cu_seqlens=cu, max_seqlen=128)
+    torch.testing.assert_close(out, reference_attention(q, k, v, spec), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="max_seqlen=40 is shorter than the longest packed sequence"):
+        sparse_attention(q, k, v, spec, cu_seqlens=torch.tensor([0, 30, t], dtype=torch.int32, device=device),
+                         max_seqlen=40)
 
 
 def test_deterministic_algorithms_get_the_dq_kernel(device):
