@@ -77,3 +77,14 @@ def test_packed_boundaries_must_be_integer_and_single_batch():
 def test_bad_layouts_name_what_is_wrong(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LayoutSpec(**kwargs)
+
+
+def test_the_readme_kernel_example_runs():
+    """The README's "Using the kernels directly" block, run as written (CPU: the torch reference)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"<!-- kernels-example -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, "the README lost its kernels example"
+    exec(compile(block.group(1), "README.md", "exec"), {})
