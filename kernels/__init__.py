@@ -149,7 +149,6 @@ def sparse_attention(
     Returns:
         ``out (B, T, Hq, D)`` contiguous, and ``lse`` if ``return_lse``.
     """
-    check_attention_inputs(q, k, v, cu_seqlens)
     spec = layout.spec if isinstance(layout, BlockLayout) else layout
     impl = attention_impl(spec, q, cu_seqlens=cu_seqlens, return_lse=return_lse)
     if impl == "reference":

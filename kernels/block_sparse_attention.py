@@ -36,7 +36,6 @@ import dataclasses
 import functools
 import math
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Optional
 
@@ -46,6 +45,7 @@ import triton.language as tl
 
 from .input_checks import check_attention_inputs
 from .layouts import BlockLayout, LayoutSpec, build_layout
+from .tensor_memo import LastTensorMemo
 
 # exp2 is a single MUFU instruction; exp is exp2 plus a multiply. Scores are scaled by log2(e) once.
 _LOG2E = 1.4426950408889634
@@ -628,23 +628,21 @@ def _whole_sequence_cu(t: int, device: torch.device) -> torch.Tensor:
     return torch.tensor([0, t], dtype=torch.int32, device=device)
 
 
-# The last packed cu_seqlens `_seq_info` read, and its answer. Every layer of a forward (and of its
-# recompute under gradient checkpointing) gets the same boundaries tensor, so reading it back to the
-# host, a sync, happens once per forward instead of once per layer. The tensor's version counter
-# catches an in-place change.
-_last_packing: Optional[tuple] = None
+# Packed boundaries are read to the host (a sync) once per boundaries tensor, not once per layer call.
+_PACKING = LastTensorMemo()
 
 
 def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Optional[int]):
     """(cu int32 on device, n_seq, max_len) with tokens past cu[-1] forming one more sequence.
     A single sequence costs no host sync; packed sequences cost one per boundaries tensor (they are
     checked, and their longest length sizes the grid), however many layers read it."""
-    global _last_packing
     if cu_seqlens is None:
         return _whole_sequence_cu(t, torch.device(device)), 1, t
-    key = (t, str(device), max_seqlen, cu_seqlens._version)
-    if _last_packing is not None and _last_packing[0]() is cu_seqlens and _last_packing[1] == key:
-        return _last_packing[2]
+    return _PACKING.get(cu_seqlens, (t, str(device), max_seqlen),
+                        lambda: _read_packing(t, cu_seqlens, device, max_seqlen))
+
+
+def _read_packing(t: int, cu_seqlens: torch.Tensor, device, max_seqlen: Optional[int]):
     cu_list = [int(x) for x in cu_seqlens.tolist()]
     if cu_list[0] != 0 or any(b < a for a, b in zip(cu_list, cu_list[1:])) or cu_list[-1] > t:
         raise ValueError(f"bad cu_seqlens {cu_list} for T={t}")
@@ -654,9 +652,7 @@ def _seq_info(t: int, cu_seqlens: Optional[torch.Tensor], device, max_seqlen: Op
     if max_seqlen is not None and max_seqlen < max(lens):
         raise ValueError(f"max_seqlen={max_seqlen} is shorter than the longest packed sequence ({max(lens)} tokens)")
     max_len = max(lens) if max_seqlen is None else max_seqlen
-    info = torch.tensor(cu_list, dtype=torch.int32, device=device), len(cu_list) - 1, max_len
-    _last_packing = (weakref.ref(cu_seqlens), key, info)
-    return info
+    return torch.tensor(cu_list, dtype=torch.int32, device=device), len(cu_list) - 1, max_len
 
 
 def _layout_for(spec: LayoutSpec, max_len: int, n_heads: int, bm: int, bn: int, device) -> BlockLayout:

@@ -13,6 +13,7 @@ from typing import Optional
 
 import torch
 
+from .input_checks import check_attention_inputs
 from .layouts import BlockLayout, LayoutSpec
 
 # Query rows per chunk of the score matrix: 1024 x 32K fp32 scores per head = 128 MB per head-batch;
@@ -151,18 +152,14 @@ def reference_attention(
     reference). Differentiable with plain autograd. A ``group_ratio`` resolves against the longest
     sequence, as in the kernel path (one group size per call).
     """
+    check_attention_inputs(q, k, v, cu_seqlens)
     b, hq, t, d = q.shape
-    hkv = k.shape[1]
-    if hq % hkv:
-        raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
     if cu_seqlens is None:
         bounds = [(0, t)]
-    else:
-        if b != 1:
-            raise ValueError("cu_seqlens needs B == 1 (sequences packed along T)")
+    else:  # B == 1, checked above
         cu = [int(x) for x in cu_seqlens.tolist()]
         if cu[-1] < t:
             cu.append(t)

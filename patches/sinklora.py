@@ -34,13 +34,13 @@ the stock model.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from headwise.errors import HeadwiseError
+from headwise.kernels.tensor_memo import LastTensorMemo
 from headwise.methods import Method, register_method
 from headwise.patches.training_attention import (
     check_patchable,
@@ -89,26 +89,20 @@ def layout_spec(cfg: SinkLoRAMethod, n_heads: int, seq_len: int):
     return spec.resolve(seq_len)
 
 
-# The last position_ids tensor _packed_boundaries looked at and its answer. Every layer of a forward
-# (and the gradient-checkpointing recompute) gets the same tensor object, so the host sync that
-# decides "one sequence or several" runs once per forward instead of once per layer call.
-_packing_seen: tuple[weakref.ref, int, torch.Tensor | None] | None = None
+# The host sync that decides "one sequence or several" runs once per position_ids tensor (every layer
+# of a forward, and the gradient-checkpointing recompute, gets the same one), not once per layer call.
+_PACKING_SEEN = LastTensorMemo()
 
 
 def _packed_boundaries(kwargs: dict[str, Any], batch: int, seq_len: int) -> torch.Tensor | None:
     """cu_seqlens over the flattened batch when the sample holds several sequences, else None."""
-    global _packing_seen
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         return cu.to(torch.int32)
     pos = kwargs.get("position_ids")
     if pos is None or pos.shape[-1] != seq_len:
         return None
-    if _packing_seen is not None and _packing_seen[0]() is pos and _packing_seen[1] == batch:
-        return _packing_seen[2]
-    cu = _boundaries_from_positions(pos.reshape(-1, seq_len), batch)
-    _packing_seen = (weakref.ref(pos), batch, cu)
-    return cu
+    return _PACKING_SEEN.get(pos, batch, lambda: _boundaries_from_positions(pos.reshape(-1, seq_len), batch))
 
 
 def _boundaries_from_positions(pos: torch.Tensor, batch: int) -> torch.Tensor | None:

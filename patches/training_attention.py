@@ -9,12 +9,12 @@ model, so `model.eval()` / `generate` are exactly the stock model.
 
 from __future__ import annotations
 
-import weakref
 from typing import Any, Callable
 
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.kernels.tensor_memo import LastTensorMemo
 
 
 def register_training_attention(name: str, fn: Callable) -> None:
@@ -76,20 +76,17 @@ def check_training_call(method: str, query: torch.Tensor, key: torch.Tensor, att
         raise HeadwiseError(f"{method} training attention got a KV cache (key length != query length); set use_cache=False")
     if dropout:
         raise HeadwiseError(f"{method} attention does not implement attention dropout ({dropout}); set attention_dropout: 0")
-    if attention_mask is not None and attention_mask.dim() == 2 and not _checked_before(attention_mask):
-        valid = attention_mask.bool()
-        # Right padding is exact for the real tokens (causality hides the padding from them); left
-        # padding would let real tokens attend to pads.
-        if bool((valid[:, :1] == 0).any() & valid.any(dim=1).all()):
-            raise HeadwiseError(f"{method} training needs right padding or packed samples; the batch is left-padded")
-        global _mask_checked
-        _mask_checked = (weakref.ref(attention_mask), attention_mask._version)
+    if attention_mask is not None and attention_mask.dim() == 2:
+        # reading the mask on the host (`bool(...)`) syncs the GPU: once per mask, not once per layer
+        _PADDING_CHECKED.get(attention_mask, method, lambda: _refuse_left_padding(method, attention_mask))
 
 
-# The last padding mask `check_training_call` accepted. Every layer of a forward gets the same mask
-# tensor, and reading it on the host (`bool(...)`) synchronises the GPU: once per forward, not per layer.
-_mask_checked: tuple[weakref.ref, int] | None = None
+_PADDING_CHECKED = LastTensorMemo()
 
 
-def _checked_before(mask: torch.Tensor) -> bool:
-    return _mask_checked is not None and _mask_checked[0]() is mask and _mask_checked[1] == mask._version
+def _refuse_left_padding(method: str, attention_mask: torch.Tensor) -> None:
+    valid = attention_mask.bool()
+    # Right padding is exact for the real tokens (causality hides the padding from them); left
+    # padding would let real tokens attend to pads.
+    if bool((valid[:, :1] == 0).any() & valid.any(dim=1).all()):
+        raise HeadwiseError(f"{method} training needs right padding or packed samples; the batch is left-padded")

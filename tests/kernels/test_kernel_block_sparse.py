@@ -294,12 +294,18 @@ def test_no_host_sync_per_call(name, packed):
         out.backward(torch.ones_like(out))
 
     step()
+    first = q.grad.clone()
+    q.grad = k.grad = v.grad = None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode does catch a sync here
+            torch.ones(1, device="cuda").item()
+        step()  # raises RuntimeError on any synchronising call
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(q.grad, first)  # the step really ran (dense's TMA dQ: equal up to rounding)
+    assert k.grad is not None and v.grad is not None
 
 
 def test_packed_boundaries_are_read_again_after_an_in_place_change(device):
