@@ -211,7 +211,7 @@ def main(argv=None):
             row["density"] = round(spec.density(t, h), 4)
             row["tile_density"] = round(tile_density(spec, t, h, device), 4)
             times = {}
-            impl = attention_impl(spec, q)
+            impl = attention_impl(spec, q, n_kv_heads=k.shape[1])
             forms = ["block_sparse", "regrouped"] if spec.kind == "shifted_groups" else []
             if forms and cudnn_frontend_available():  # the regrouped form on cudnn-frontend graphs
                 forms.append("regrouped_fe")

@@ -103,7 +103,7 @@ def install_attention(model: torch.nn.Module, method: str) -> None:
         raise SystemExit(f"--methods: unknown {method!r} (dense, sf, longlora, noattn)")
 
 
-def kernel_path(method: str, heads: int, context: int, device: str, dtype: torch.dtype) -> str | None:
+def kernel_path(method: str, heads: int, kv_heads: int, context: int, device: str, dtype: torch.dtype) -> str | None:
     """Which form of headwise's shifted-group attention runs (kernels/__init__.py dispatch)."""
     method = method.partition("@")[0]
     if method not in ("sf", "longlora"):
@@ -116,7 +116,8 @@ def kernel_path(method: str, heads: int, context: int, device: str, dtype: torch
         return f"torch reference, {desc}"
     import headwise.kernels as k
 
-    impl = k.attention_impl(spec, torch.empty(1, device=device, dtype=dtype))
+    # a (1, H, T, 1) stand-in: the dispatch reads only q's device, dtype and sizes
+    impl = k.attention_impl(spec, torch.empty(1, heads, context, 1, device=device, dtype=dtype), n_kv_heads=kv_heads)
     return f"{impl} (HEADWISE_SHIFTED_GROUPS_IMPL={k.SHIFTED_GROUPS_IMPL}), {desc}"
 
 
@@ -331,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                    baseline=baseline, ratio_to_dense=round(tps / baseline, 3) if tps and baseline else None,
                    oom=oom, loss=args.loss, loss_value=res["loss_value"], grad_checkpointing=True, lora="r=8 q,k,v,o",
                    fused_ops="liger (rms_norm, swiglu, rope)" if args.liger else None, peft_forward=args.peft_forward,
-                   kernel=kernel_path(method, shape["num_attention_heads"], context, device, dtype),
+                   kernel=kernel_path(method, shape["num_attention_heads"], shape["num_key_value_heads"], context, device,
+                                      dtype),
                    impl=headwise.kernels.SHIFTED_GROUPS_IMPL if method.partition("@")[0] in ("sf", "longlora") else None,
                    max_piece_heads=headwise.kernels.shifted_groups.MAX_PIECE_HEADS,
                    note="ceiling: attention replaced by V passthrough" if method == "noattn" else None,

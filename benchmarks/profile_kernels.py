@@ -83,7 +83,7 @@ def _breakdown(args, spec, cfg, q, k, v, do) -> int:
     from bench_kernels import mask_mod_for
     from headwise.kernels import attention_impl, sparse_attention, sparse_attention_triton
 
-    impl = attention_impl(spec, q)
+    impl = attention_impl(spec, q, n_kv_heads=k.shape[1])
     flex = torch.compile(flex_attention, dynamic=False)
     # compiled, as in bench_kernels.py: eager create_block_mask materialises the (T, T) mask (256 GiB at 32K)
     h, t = q.shape[1], args.T

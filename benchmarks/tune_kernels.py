@@ -11,7 +11,7 @@ Stage `dq_path` (run only when listed in `--stages`, after `fwd+bwd`) tries dQ a
 pass instead of its own kernel (`KernelConfig.dq_path`: relaxed element atomics, or TMA reduce-adds
 over a few dK/dV tiles, warp counts and stage counts), timed on forward + backward. Stage `unmasked`
 (also only when listed) times the current config with `KernelConfig.unmasked_even` flipped: what the
-mask-free tiles of divisible lengths save.
+mask-free tiles of divisible lengths save; `unmasked_fwd` does the same on the forward alone.
 `--stages` picks a subset (e.g. `--stages col_split`: the split alone on the current config). Every
 config is checked against the current config's output (and gradients, from stage 2 on) before it is
 timed: a wrong config is reported, never picked. The stages ran on the H200 on 2026-11-30
@@ -43,7 +43,7 @@ WARPS = [4, 8]
 FWD_STAGES = [2, 3, 4]
 BWD_STAGES = [1, 2, 3]
 COL_SPLITS = [16, 32, 64, 128]  # KernelConfig.col_split (0, off, is the stage's baseline)
-STAGES = ("fwd", "fwd+bwd", "dq_path", "col_split", "unmasked")  # the order stages run in, each from the previous best
+STAGES = ("fwd", "fwd+bwd", "dq_path", "col_split", "unmasked", "unmasked_fwd")  # the order stages run in, each from the previous best
 DQ_TILES = [(64, 128), (128, 128)]  # dK/dV tiles tried with dQ from the dK/dV pass (besides the current ones)
 
 
@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hkv", type=int, default=32)
     p.add_argument("--budget-s", type=float, default=480)
     p.add_argument("--stages", default="fwd,fwd+bwd,col_split",
-                   help="comma-separated subset of fwd,fwd+bwd,dq_path,col_split,unmasked (dq_path and unmasked "
-                        "only when listed)")
+                   help="comma-separated subset of fwd,fwd+bwd,dq_path,col_split,unmasked,unmasked_fwd (dq_path, "
+                        "unmasked and unmasked_fwd only when listed)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "kernel_tuning.jsonl"))
     args = p.parse_args(argv)
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         prev = base
         for stage in [x for x in STAGES if x in args.stages.split(",")]:
             # each stage starts from the best config of the stage before it (or the current one)
-            backward = stage != "fwd"
+            backward = stage not in ("fwd", "unmasked_fwd")
             if stage == "fwd":
                 grid = [dataclasses.replace(prev, fwd_m=m, fwd_n=n, fwd_warps=w, fwd_stages=s)
                         for (m, n), w, s in itertools.product(FWD_TILES, WARPS, FWD_STAGES)]
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                     for (m, n), w, st in itertools.product(tiles, WARPS, BWD_STAGES)]
             elif stage == "col_split":  # the dK/dV column split on top of the best tiles
                 grid = [dataclasses.replace(prev, col_split=c) for c in COL_SPLITS]
-            else:  # row masks kept on lengths the tiles divide: what the unmasked tiles save
+            else:  # row masks kept on lengths the tiles divide: what the unmasked tiles save (fwd+bwd / fwd)
                 grid = [dataclasses.replace(prev, unmasked_even=not prev.unmasked_even)]
             base_ms = timed(run(prev, backward))
             for cfg in grid:

@@ -69,10 +69,20 @@ __all__ = [
 # Which exact form runs shifted-group layouts on CUDA when both apply (16-bit inputs, no cu_seqlens,
 # no lse requested): "regrouped" (the dense cuDNN kernel on strided per-group views, sinks as
 # prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
-# regrouped form (measurements in BENCHMARKS.md, "Attention kernels"). "regrouped_fe": the regrouped
-# form on cudnn-frontend graphs (kernels/cudnn_graphs.py; needs headwise[cudnn]), which write outputs
-# and gradients in place and align the causal mask bottom-right, so fewer per-piece copies; opt-in
-# until measured on a GPU.
+# regrouped form, except for SF-Attn (sink tokens) below REGROUPED_MIN_T tokens without GQA, where
+# its per-piece launches, sink merges and copies (about 100 per fwd+bwd) cost more host time than
+# the GPU work they replace. Measured on an H200 (BENCHMARKS.md, "Attention kernels"), fwd+bwd:
+# - SF 8K, 32 KV heads: block-sparse 2.20-2.98 ms against regrouped 2.71-3.67 ms, in five of six runs;
+# - SF 8K, 8 KV heads (GQA 4): regrouped 2.76-4.00 against block-sparse 3.07-4.01 (the Triton
+#   backward sums each shared K/V head over 4 query heads, with 4x fewer programs);
+# - LongLoRA (no sinks) 8K: regrouped 1.52-1.72 against block-sparse 1.75-2.25 ms;
+# - 16K and 32K: regrouped, by 1.2-1.7x, with and without GQA.
+# "regrouped_fe": the regrouped form on cudnn-frontend graphs (kernels/cudnn_graphs.py; needs
+# headwise[cudnn]), which write outputs and gradients in place; opt-in: measured slightly faster for SF
+# at 8K and at 128K fwd, but 1.3-1.5x slower at 16K and 32K fwd+bwd.
+REGROUPED_MIN_T = 16384
+
+
 def impl_from_env(variable: str, default: str, choices: tuple[str, ...]) -> str:
     """An implementation switch read from the environment; a value outside `choices` is an error
     naming the variable, not a silent fallback to another kernel."""
@@ -100,21 +110,25 @@ def _use_band(spec: LayoutSpec) -> bool:
     return BAND_IMPL == "cudnn" or (BAND_IMPL == "auto" and spec.kind == "sliding_window")
 
 
-def _use_regrouped(spec: LayoutSpec) -> bool:
-    return SHIFTED_GROUPS_IMPL in ("auto", "regrouped", "regrouped_fe")
+def _use_regrouped(spec: LayoutSpec, q: torch.Tensor, n_kv_heads: Optional[int]) -> bool:
+    if SHIFTED_GROUPS_IMPL != "auto":
+        return SHIFTED_GROUPS_IMPL in ("regrouped", "regrouped_fe")
+    hq, t = q.shape[1], q.shape[2]
+    return spec.sink == 0 or t >= REGROUPED_MIN_T or (n_kv_heads is not None and n_kv_heads < hq)
 
 
 def attention_impl(spec: LayoutSpec, q: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,
-                   return_lse: bool = False) -> str:
-    """Which form `sparse_attention` runs for `spec` on `q`'s device and dtype: "reference" (CPU
-    without the Triton interpreter), "regrouped" or "regrouped_fe" (shifted groups, see
+                   return_lse: bool = False, n_kv_heads: Optional[int] = None) -> str:
+    """Which form `sparse_attention` runs for `spec` on `q` (``(B, Hq, T, D)``; only its device,
+    dtype and sizes are read) with `n_kv_heads` KV heads (None: as many as query heads): "reference"
+    (CPU without the Triton interpreter), "regrouped" or "regrouped_fe" (shifted groups, see
     `SHIFTED_GROUPS_IMPL`), "band" (see `BAND_IMPL`) or "block_sparse" (the Triton kernel). The dense
     exact forms take 16-bit CUDA inputs without packing (`cu_seqlens`) or a returned log-sum-exp;
     everything else runs Triton."""
     if not (q.is_cuda or interpret_mode()):
         return "reference"
     dense_form_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens is None and not return_lse
-    if dense_form_ok and spec.kind == "shifted_groups" and _use_regrouped(spec):
+    if dense_form_ok and spec.kind == "shifted_groups" and _use_regrouped(spec, q, n_kv_heads):
         return "regrouped_fe" if SHIFTED_GROUPS_IMPL == "regrouped_fe" else "regrouped"
     if dense_form_ok and _use_band(spec) and band_attention.band_ready(q.device, spec):
         return "band"
@@ -150,7 +164,7 @@ def sparse_attention(
         ``out (B, T, Hq, D)`` contiguous, and ``lse`` if ``return_lse``.
     """
     spec = layout.spec if isinstance(layout, BlockLayout) else layout
-    impl = attention_impl(spec, q, cu_seqlens=cu_seqlens, return_lse=return_lse)
+    impl = attention_impl(spec, q, cu_seqlens=cu_seqlens, return_lse=return_lse, n_kv_heads=k.shape[1])
     if impl == "reference":
         return reference_attention(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens, return_lse=return_lse)
     if impl in ("regrouped", "regrouped_fe"):

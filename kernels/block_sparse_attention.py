@@ -86,7 +86,9 @@ class KernelConfig:
     # ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
     dq_path: str = "kernel"
     # Tiles without row masks when one sequence's length is a multiple of both tile sizes (``_even``),
-    # as FlexAttention does for divisible lengths. False keeps the masks, for comparisons.
+    # as FlexAttention does for divisible lengths. False keeps the masks, for comparisons. Measured on
+    # an H200 (ninth session, 32K, 32 KV heads, `tune_kernels.py --stages unmasked`): fwd+bwd dense
+    # 80.98 -> 78.36 ms, S2 19.04 -> 18.15, streaming 3.83 -> 3.66; forward alone 1.02x dense, 1.05x S2.
     unmasked_even: bool = True
 
     def __post_init__(self):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from headwise import kernels
 from headwise.kernels import LayoutSpec, reference_attention, shifted_group_attention
 
 from kernel_tolerance import HAS_CUDA, check_tolerance
@@ -256,3 +257,36 @@ def test_checkpointed_gradients_equal_plain_ones():
     for a, b in zip(plain, ckpt):
         assert torch.equal(a, b)
 
+
+
+@pytest.mark.parametrize("t, hkv, sink, setting, expected", [
+    (8192, 32, 64, "auto", False),  # SF, short, no GQA: the host time of ~100 piece launches outweighs the GPU gain
+    (8192, 8, 64, "auto", True),  # GQA 4: the Triton kernel's shared-K/V backward is the slower one
+    (8192, 32, 0, "auto", True),  # LongLoRA: no sink merges, fewer pieces
+    (kernels.REGROUPED_MIN_T, 32, 64, "auto", True),
+    (8192, 32, 64, "regrouped", True),  # an explicit setting is obeyed at any size
+    (65536, 32, 0, "block_sparse", False),
+])
+def test_dispatch_of_shifted_groups(t, hkv, sink, setting, expected, monkeypatch):
+    """The rule `attention_impl` applies to shifted groups on CUDA (REGROUPED_MIN_T's measurements);
+    `_use_regrouped` reads only q's sizes, so CPU stand-ins test it here."""
+    monkeypatch.setattr(kernels, "SHIFTED_GROUPS_IMPL", setting)
+    spec = LayoutSpec("shifted_groups", group_ratio=0.25, sink=sink)
+    assert kernels._use_regrouped(spec, torch.empty(1, 32, t, 1), hkv) is expected
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_dispatch_reaches_the_chosen_form_gpu(monkeypatch):
+    """sparse_attention runs what attention_impl names: block-sparse for a short SF call without
+    GQA (no cuDNN call in the profile), the regrouped form at REGROUPED_MIN_T."""
+    monkeypatch.setattr(kernels, "SHIFTED_GROUPS_IMPL", "auto")
+    spec = LayoutSpec("shifted_groups", group_ratio=0.25, sink=64)
+    for t, hkv, form in [(2048, 4, "block_sparse"), (2048, 1, "regrouped"), (kernels.REGROUPED_MIN_T, 4, "regrouped")]:
+        q = torch.randn(1, 4, t, 64, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, hkv, t, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        assert kernels.attention_impl(spec, q, n_kv_heads=hkv) == form
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            kernels.sparse_attention(q, k, v, spec)
+            torch.cuda.synchronize()
+        names = " ".join(e.name for e in prof.events())
+        assert ("_fwd_kernel" in names) == (form == "block_sparse"), names[:500]
