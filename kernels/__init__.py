@@ -77,6 +77,7 @@ __all__ = [
 #   backward sums each shared K/V head over 4 query heads, with 4x fewer programs);
 # - LongLoRA (no sinks) 8K: regrouped 1.52-1.72 against block-sparse 1.75-2.25 ms;
 # - 16K and 32K: regrouped, by 1.2-1.7x, with and without GQA.
+# All at B = 1; a batch of B counts as B * T^2 of work against REGROUPED_MIN_T^2.
 # "regrouped_fe": the regrouped form on cudnn-frontend graphs (kernels/cudnn_graphs.py; needs
 # headwise[cudnn]), which write outputs and gradients in place; opt-in: measured slightly faster for SF
 # at 8K and at 128K fwd, but 1.3-1.5x slower at 16K and 32K fwd+bwd.
@@ -113,8 +114,11 @@ def _use_band(spec: LayoutSpec) -> bool:
 def _use_regrouped(spec: LayoutSpec, q: torch.Tensor, n_kv_heads: Optional[int]) -> bool:
     if SHIFTED_GROUPS_IMPL != "auto":
         return SHIFTED_GROUPS_IMPL in ("regrouped", "regrouped_fe")
-    hq, t = q.shape[1], q.shape[2]
-    return spec.sink == 0 or t >= REGROUPED_MIN_T or (n_kv_heads is not None and n_kv_heads < hq)
+    b, hq, t = q.shape[0], q.shape[1], q.shape[2]
+    # GPU work grows as B * T^2 while the host's per-piece cost does not: the batch counts toward the
+    # threshold (measured at B = 1 only; this extrapolates the crossover by work).
+    big = b * t * t >= REGROUPED_MIN_T * REGROUPED_MIN_T
+    return spec.sink == 0 or big or (n_kv_heads is not None and n_kv_heads < hq)
 
 
 def attention_impl(spec: LayoutSpec, q: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None,

@@ -258,27 +258,29 @@ def test_checkpointed_gradients_equal_plain_ones():
         assert torch.equal(a, b)
 
 
-
-@pytest.mark.parametrize("t, hkv, sink, setting, expected", [
-    (8192, 32, 64, "auto", False),  # SF, short, no GQA: the host time of ~100 piece launches outweighs the GPU gain
-    (8192, 8, 64, "auto", True),  # GQA 4: the Triton kernel's shared-K/V backward is the slower one
-    (8192, 32, 0, "auto", True),  # LongLoRA: no sink merges, fewer pieces
-    (kernels.REGROUPED_MIN_T, 32, 64, "auto", True),
-    (8192, 32, 64, "regrouped", True),  # an explicit setting is obeyed at any size
-    (65536, 32, 0, "block_sparse", False),
+@pytest.mark.parametrize("b, t, hkv, sink, setting, expected", [
+    (1, 8192, 32, 64, "auto", False),  # SF, short, no GQA: the host time of ~100 piece launches outweighs the GPU gain
+    (1, 8192, 8, 64, "auto", True),  # GQA 4: the Triton kernel's shared-K/V backward is the slower one
+    (1, 8192, 32, 0, "auto", True),  # LongLoRA: no sink merges, fewer pieces
+    (1, kernels.REGROUPED_MIN_T, 32, 64, "auto", True),
+    (3, 8192, 32, 64, "auto", False),  # 3 x 8K^2 of work, under 16K^2
+    (4, 8192, 32, 64, "auto", True),  # 4 x 8K^2 = 16K^2
+    (1, 8192, 32, 64, "regrouped", True),  # an explicit setting is obeyed at any size
+    (1, 65536, 32, 0, "block_sparse", False),
 ])
-def test_dispatch_of_shifted_groups(t, hkv, sink, setting, expected, monkeypatch):
+def test_dispatch_of_shifted_groups(b, t, hkv, sink, setting, expected, monkeypatch):
     """The rule `attention_impl` applies to shifted groups on CUDA (REGROUPED_MIN_T's measurements);
     `_use_regrouped` reads only q's sizes, so CPU stand-ins test it here."""
     monkeypatch.setattr(kernels, "SHIFTED_GROUPS_IMPL", setting)
     spec = LayoutSpec("shifted_groups", group_ratio=0.25, sink=sink)
-    assert kernels._use_regrouped(spec, torch.empty(1, 32, t, 1), hkv) is expected
+    assert kernels._use_regrouped(spec, torch.empty(b, 32, t, 1), hkv) is expected
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_dispatch_reaches_the_chosen_form_gpu(monkeypatch):
     """sparse_attention runs what attention_impl names: block-sparse for a short SF call without
-    GQA (no cuDNN call in the profile), the regrouped form at REGROUPED_MIN_T."""
+    GQA (our Triton forward in the profile), the regrouped form with GQA or at REGROUPED_MIN_T (no
+    Triton forward)."""
     monkeypatch.setattr(kernels, "SHIFTED_GROUPS_IMPL", "auto")
     spec = LayoutSpec("shifted_groups", group_ratio=0.25, sink=64)
     for t, hkv, form in [(2048, 4, "block_sparse"), (2048, 1, "regrouped"), (kernels.REGROUPED_MIN_T, 4, "regrouped")]:
