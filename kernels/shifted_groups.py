@@ -14,8 +14,9 @@ over a run of heads of one kind (shifted or not).
   backend (cudnn-frontend graphs, ``cudnn_graphs.py``) copies not even those: its graphs write each
   piece's output and dQ (and dK/dV of pieces without sink keys) straight into place, and its causal
   mask is aligned bottom-right, so no dummy query rows either. Only K/V pieces with sinks and their
-  gradients are still copied. Opt-in (``HEADWISE_SHIFTED_GROUPS_IMPL=regrouped_fe``): its tests and
-  timings have not run on a GPU yet.
+  gradients are still copied. Opt-in (``HEADWISE_SHIFTED_GROUPS_IMPL=regrouped_fe``): its GPU tests
+  pass, but on an H200 it measured 1.3-1.5x slower than the SDPA backend at 16K-32K fwd+bwd
+  (slightly faster at 8K and 128K fwd; BENCHMARKS.md, ninth session), for reasons not yet profiled.
 - **GQA without repeating K/V** when the backend does it natively (probed once; cuDNN and flash do in
   recent torch): a head run maps to the KV heads of its query heads (runs are split at KV-head
   boundaries, so any set of shifted heads works).
