@@ -1,7 +1,8 @@
 """Diagnose cuDNN's diagonal-band SDPA (cudnn-frontend) for the band layouts on this GPU.
 
 `kernels/band_attention.py` runs the sliding-window layout (by default) and streaming (with
-`HEADWISE_BAND_IMPL=cudnn`) on cuDNN's own band, when `band_left_offset` finds it works. That probe swallows errors, because it decides a dispatch.
+`HEADWISE_BAND_IMPL=cudnn`) on cuDNN's own band, when `band_left_offset` finds it works. That probe
+swallows errors, because it decides a dispatch.
 This script runs the same steps and prints every failure in full:
 
 1. the import and the versions;

@@ -53,7 +53,6 @@ from .shifted_groups import (_cudnn_bwd, _cudnn_fwd, bottom_right_causal, join_b
                              split_backend_states)
 
 
-
 def _band_allowed(tq: int, tk: int, window: int, device) -> torch.Tensor:
     i = torch.arange(tq, device=device).view(-1, 1)
     j = torch.arange(tk, device=device).view(1, -1)

@@ -684,12 +684,12 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
     return o, lse
 
 
-def _even(n_seq: int, max_len: int, t: int, bm: int, bn: int, cfg: Optional[KernelConfig] = None) -> bool:
+def _even(n_seq: int, max_len: int, t: int, bm: int, bn: int, cfg: KernelConfig) -> bool:
     """Whether every tile of a kernel with (bm, bn) tiles lies inside its sequence: one sequence over
     all ``t`` tokens, whose length both tile sizes divide (the layout is then built for exactly that
     length). The kernels then load and store without row masks (``_in_seq``), unless
     ``cfg.unmasked_even`` is off."""
-    return ((cfg is None or cfg.unmasked_even) and n_seq == 1 and max_len == t
+    return (cfg.unmasked_even and n_seq == 1 and max_len == t
             and t % bm == 0 and t % bn == 0)
 
 

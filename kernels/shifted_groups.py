@@ -422,9 +422,9 @@ class ShiftedGroupAttentionFunction(torch.autograd.Function):
                 if dqp is not dq_rows:
                     dq_rows.copy_(dqp[:, :, p.sink :] if pad_q else dqp)
                 for full, part, rows in ((dk, dkp, kv_rows[0]), (dv, dvp, kv_rows[1])):
-                    if part is rows:
+                    if part is rows:  # the backend wrote there
                         continue
-                    rows = _view(full, b, p, kh)
+                    rows = _view(full, b, p, kh) if rows is None else rows
                     (rows.add_ if shared else rows.copy_)(part[:, :, p.sink :])
                     if p.sink:  # the sink keys' gradient from every group of the piece
                         acc = torch.promote_types(full.dtype, torch.float32)  # fp32, fp64 for fp64

@@ -16,6 +16,9 @@ import torch
 from headwise.errors import HeadwiseError
 from headwise.kernels.tensor_memo import LastTensorMemo
 
+# The padding mask each layer gets, checked once per mask tensor (reading it on the host syncs the GPU).
+_PADDING_CHECKED = LastTensorMemo()
+
 
 def register_training_attention(name: str, fn: Callable) -> None:
     """Register `fn` and the flash-style mask function under `name`. Idempotent."""
@@ -77,11 +80,7 @@ def check_training_call(method: str, query: torch.Tensor, key: torch.Tensor, att
     if dropout:
         raise HeadwiseError(f"{method} attention does not implement attention dropout ({dropout}); set attention_dropout: 0")
     if attention_mask is not None and attention_mask.dim() == 2:
-        # reading the mask on the host (`bool(...)`) syncs the GPU: once per mask, not once per layer
         _PADDING_CHECKED.get(attention_mask, method, lambda: _refuse_left_padding(method, attention_mask))
-
-
-_PADDING_CHECKED = LastTensorMemo()
 
 
 def _refuse_left_padding(method: str, attention_mask: torch.Tensor) -> None:

@@ -109,7 +109,7 @@ def test_lengths_the_tiles_divide(device, name):
     specs = GPU_SPECS if device == "cuda" else CPU_SPECS
     t, dtype = (2048, torch.bfloat16) if device == "cuda" else (128, torch.float32)
     cfg = pick_config(64, specs[name].resolve(t), device)
-    assert _even(1, t, t, cfg.fwd_m, cfg.fwd_n) and _even(1, t, t, cfg.bwd_m, cfg.bwd_n)
+    assert _even(1, t, t, cfg.fwd_m, cfg.fwd_n, cfg) and _even(1, t, t, cfg.bwd_m, cfg.bwd_n, cfg)
     _check_kernel_case(name, t, 64, 4, 2, dtype, False, device, specs, seed=9)
 
 
