@@ -13,13 +13,16 @@ to -100. That works with any chat template, unlike ``assistant_only_loss``, whic
 
 from __future__ import annotations
 
+import os
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from .corpus import load_corpus_records
 from .errors import DataError
-from .sources import load_dataset_rows, load_table_file
+from .local_files import SAMPLE_BYTES, TABLE_SUFFIXES, TextScan, check_data_file, expand_data_files, read_records
+from .sources import load_dataset_rows
 
 ROLES = ("system", "user", "assistant", "tool")
 FORMAT_HELP = ("rows must have either 'messages' (a list of {role, content} ending with an assistant turn) or "
@@ -44,7 +47,8 @@ def _messages(value: Any, where: str) -> list[dict[str, str]]:
     return [_message(m, f"{where}[{i}]") for i, m in enumerate(value)]
 
 
-def normalize_sft_row(row: Mapping[str, Any], index: int = 0, source: str = "data") -> dict[str, list[dict[str, str]]]:
+def normalize_sft_row(row: Mapping[str, Any], index: int = 0, source: str = "data", *,
+                      where: str | None = None) -> dict[str, list[dict[str, str]]]:
     """One row -> ``{"prompt": [messages], "completion": [assistant message]}``.
 
     * ``messages``: everything before the last assistant turn becomes the prompt, the last assistant
@@ -53,8 +57,10 @@ def normalize_sft_row(row: Mapping[str, Any], index: int = 0, source: str = "dat
     * ``prompt``/``completion`` strings: become a user message and an assistant message; an optional
       ``system`` string becomes a leading system message.
     * ``prompt``/``completion`` message lists: validated and kept.
+
+    Errors name the row as ``where`` (default ``"{source}, row {index}"``).
     """
-    where = f"{source}, row {index}"
+    where = where or f"{source}, row {index}"
     fields = sorted(row)
     messages = row.get("messages")
     if messages is not None:
@@ -102,26 +108,59 @@ def normalize_sft_rows(rows: Iterable[Mapping[str, Any]], *, source: str = "data
     return datasets.Dataset.from_list(out)
 
 
-def load_sft_dataset(*, files: list[str] | None = None, dataset: str | None = None, dataset_config: str | None = None,
-                     split: str = "train", limit: int | None = None):
-    """Load chat/SFT rows from files (.jsonl/.json/.parquet) or a dataset id/directory.
+def _sft_rows_from_table(path: Path, limit: int | None, *, sample_bytes: int | None = None) -> list[dict]:
+    """The normalised rows of one .jsonl/.json/.parquet file, every message checked to be text."""
+    source = f"data file {str(path)!r}"
+    records = read_records(path, sample_bytes=sample_bytes)
+    fields = records.fields
+    if fields is not None and "messages" not in fields and not {"prompt", "completion"} <= set(fields):
+        raise DataError(f"{source}: {FORMAT_HELP}; fields found: {fields}.")
+    scan = TextScan(source)
+    rows: list[dict] = []
+    for i, (at, record) in enumerate(records.rows):
+        if limit is not None and len(rows) >= limit:
+            break
+        row = normalize_sft_row(record, i, source, where=f"{source}, {at}")
+        for part in ("prompt", "completion"):
+            for m, message in enumerate(row[part]):
+                scan.add(message["content"], f", {at}, {part}[{m}]")
+        rows.append(row)
+    scan.check()
+    return rows
+
+
+def check_sft_files(files: str | os.PathLike | Sequence[str | os.PathLike], *,
+                    sample_bytes: int = SAMPLE_BYTES) -> list[Path]:
+    """The pre-load check of ``load_sft_dataset(files=...)``: expand the patterns, check each file.
+
+    Reads at most ``sample_bytes`` of each file (a parquet file: its footer only) and validates the
+    rows in it, so a wrong path or format fails before a model is loaded. Returns the files in the
+    order the loader reads them.
+    """
+    paths = expand_data_files(files, allowed=tuple(TABLE_SUFFIXES))
+    for path in paths:
+        check_data_file(path, tuple(TABLE_SUFFIXES))
+        _sft_rows_from_table(path, None, sample_bytes=sample_bytes)
+    return paths
+
+
+def load_sft_dataset(*, files: str | Sequence[str] | None = None, dataset: str | None = None,
+                     dataset_config: str | None = None, split: str = "train", limit: int | None = None):
+    """Load chat/SFT rows from files (.jsonl/.json/.parquet, glob patterns allowed) or a dataset id/directory.
 
     Returns a ``datasets.Dataset`` with ``prompt`` and ``completion`` columns, both lists of
     ``{"role", "content"}`` messages (TRL conversational prompt-completion), ready for
-    ``SFTTrainer(train_dataset=...)``; the loss then covers only the completion. Raises ``DataError``
-    naming the file/row and the fields found for rows in neither accepted format.
+    ``SFTTrainer(train_dataset=...)``; the loss then covers only the completion. Files are read as
+    :func:`.local_files.expand_data_files` lists them (patterns sorted, each file once). Raises
+    ``DataError`` naming the file/row and the fields found for rows in neither accepted format.
     """
     if (files is None) == (dataset is None):
         raise DataError("give exactly one of files or dataset for SFT data.")
     if files is not None:
-        if isinstance(files, str):
-            files = [files]
         rows: list[dict] = []
-        for f in files:
-            table = load_table_file(f)
-            norm = normalize_sft_rows(table, source=f"data file {str(f)!r}",
-                                      limit=None if limit is None else limit - len(rows))
-            rows.extend(norm.to_list())
+        for path in expand_data_files(files, allowed=tuple(TABLE_SUFFIXES)):
+            check_data_file(path, tuple(TABLE_SUFFIXES))
+            rows.extend(_sft_rows_from_table(path, None if limit is None else limit - len(rows)))
             if limit is not None and len(rows) >= limit:
                 break
         import datasets

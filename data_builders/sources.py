@@ -1,47 +1,46 @@
 """Where training documents come from: the shipped corpus, local files, or a `datasets` dataset.
 
-Every problem a user can fix (missing file, unsupported extension, missing text field, empty result,
-unreachable dataset) raises :class:`DataError` with one message that names the file or field and the
-fix, so the CLI can print it instead of a traceback.
+Local files (``data.files``, glob patterns allowed) are found, checked and parsed by
+:mod:`.local_files`; :func:`check_document_files` runs the same checks on the start of each file
+before the model loads. Every problem a user can fix (missing file, unsupported extension, a binary
+file, a truncated line, a missing or non-text field, empty result, unreachable dataset) raises
+:class:`DataError` with one message that names the file or field and the fix, so the CLI can print
+it instead of a traceback.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from .corpus import load_corpus
 from .errors import DataError
-
-TEXT_SUFFIXES = (".txt",)
-TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def _suffix(path: Path) -> str:
-    return path.suffix.lower()
-
-
-def _check_file(path: Path, allowed: tuple[str, ...]) -> None:
-    if not path.exists():
-        raise DataError(f"data file {str(path)!r} does not exist; fix the path in the recipe (data.files).")
-    if path.is_dir():
-        raise DataError(f"data file {str(path)!r} is a directory; list the files inside it, or use "
-                        "data.dataset for a saved `datasets` directory.")
-    if _suffix(path) not in allowed:
-        raise DataError(f"data file {str(path)!r} has an unsupported extension {path.suffix!r}; "
-                        f"supported: {', '.join(allowed)}. Rename or convert the file.")
+from .local_files import (
+    ALL_SUFFIXES,
+    SAMPLE_BYTES,
+    TABLE_SUFFIXES,
+    TEXT_SUFFIXES,
+    TextScan,
+    check_data_file,
+    expand_data_files,
+    read_records,
+    read_text_file,
+)
 
 
-def load_table_file(path: str | os.PathLike, *, allowed: tuple[str, ...] | None = None):
+def load_table_file(path: str | os.PathLike, *, allowed: Sequence[str] | None = None):
     """Load one .jsonl/.json/.parquet file into a ``datasets.Dataset`` (rows = records)."""
     import datasets
 
     path = Path(path)
-    _check_file(path, allowed or tuple(TABLE_SUFFIXES))
+    check_data_file(path, allowed or tuple(TABLE_SUFFIXES))
+    rows = [record for _, record in read_records(path).rows]
     try:
-        return datasets.load_dataset(TABLE_SUFFIXES[_suffix(path)], data_files=str(path), split="train")
-    except Exception as exc:  # arrow / json parse errors: say which file, keep the cause
-        raise DataError(f"could not read data file {str(path)!r} as {_suffix(path)[1:]}: {exc}") from exc
+        return datasets.Dataset.from_list(rows)
+    except Exception as exc:  # arrow cannot put the rows in one table (a field's type differs between rows)
+        raise DataError(f"data file {str(path)!r}: the rows do not share one layout ({type(exc).__name__}: {exc}); "
+                        "give each field the same type in every row.") from exc
 
 
 def load_dataset_rows(dataset: str, *, dataset_config: str | None = None, split: str = "train",
@@ -103,6 +102,53 @@ def _texts_from_rows(rows, text_field: str, source: str, limit: int | None) -> l
     return texts
 
 
+def _documents_from_table(path: Path, text_field: str, limit: int | None, *,
+                          sample_bytes: int | None = None) -> list[str]:
+    """The ``text_field`` strings of one table file (null and blank values skipped), checked to be text."""
+    source = f"data file {str(path)!r}"
+    records = read_records(path, columns=[text_field], sample_bytes=sample_bytes)
+    if records.fields is not None and text_field not in records.fields:
+        raise DataError(f"{source} has no field {text_field!r}; fields found: {records.fields}. "
+                        "Set data.text_field to the field that holds the document text.")
+    scan = TextScan(source)
+    texts: list[str] = []
+    for i, (where, row) in enumerate(records.rows):
+        if limit is not None and len(texts) >= limit:
+            break
+        if text_field not in row:
+            fix = ("Set data.text_field to the field that holds the document text." if i == 0 else
+                   "Every row needs it: add it to this row or delete the row.")
+            raise DataError(f"{source}, {where} has no field {text_field!r}; fields found: {list(row)}. {fix}")
+        value = row[text_field]
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue  # empty rows are skipped before counting towards the limit
+        if not isinstance(value, str):
+            raise DataError(f"{source}, {where}: field {text_field!r} is {type(value).__name__}, not text. "
+                            "Set data.text_field to a string field, or make this row's value a string.")
+        scan.add(value, f", {where}, field {text_field!r}")
+        texts.append(value)
+    scan.check()
+    return texts
+
+
+def check_document_files(files: str | os.PathLike | Sequence[str | os.PathLike], *, text_field: str = "text",
+                         sample_bytes: int = SAMPLE_BYTES) -> list[Path]:
+    """The pre-load check of ``load_documents(files=...)``: expand the patterns, then check each file.
+
+    Reads at most ``sample_bytes`` of each file (a parquet file: its footer only) and applies the
+    loader's checks to that part, so a wrong path, a binary file or a wrong format fails in a
+    second, before a model is loaded. Returns the files in the order the loader reads them.
+    """
+    paths = expand_data_files(files, allowed=ALL_SUFFIXES)
+    for path in paths:
+        check_data_file(path, ALL_SUFFIXES)
+        if path.suffix.lower() in TEXT_SUFFIXES:
+            read_text_file(path, sample_bytes=sample_bytes)
+        else:
+            _documents_from_table(path, text_field, None, sample_bytes=sample_bytes)
+    return paths
+
+
 def load_documents(*, corpus: str | None = None, files: list[str] | None = None, dataset: str | None = None,
                    dataset_config: str | None = None, split: str = "train", text_field: str = "text",
                    limit: int | None = None) -> list[str]:
@@ -111,8 +157,9 @@ def load_documents(*, corpus: str | None = None, files: list[str] | None = None,
     Args:
         corpus: a shipped corpus name (see ``available_corpora()``); ``split`` is ``"train"``,
             ``"eval"`` or ``"all"`` there.
-        files: local files. ``.txt`` = one document per file; ``.jsonl``/``.json``/``.parquet`` = one
-            document per row, taken from ``text_field``. Read through ``datasets``.
+        files: local files or glob patterns (``notes/*.jsonl``, ``docs/**/*.txt``; matches sorted, each
+            file read once). ``.txt`` = one document per file, strict UTF-8; ``.jsonl``/``.json``/
+            ``.parquet`` = one document per row, taken from ``text_field``.
         dataset: a Hugging Face dataset id or a local dataset directory (``save_to_disk`` output or
             anything ``load_dataset`` reads); ``dataset_config`` and ``split`` select the part.
         text_field: the row field holding the text (files and datasets).
@@ -131,22 +178,19 @@ def load_documents(*, corpus: str | None = None, files: list[str] | None = None,
         docs = load_corpus(corpus, split=split)  # type: ignore[arg-type]
         source = f"corpus {corpus!r} (split {split!r})"
     elif files:
-        if isinstance(files, (str, os.PathLike)):
-            files = [files]  # a single path is a common slip in YAML; accept it
         docs = []
-        for f in files:
-            path = Path(f)
-            _check_file(path, TEXT_SUFFIXES + tuple(TABLE_SUFFIXES))
+        for path in expand_data_files(files, allowed=ALL_SUFFIXES):
+            check_data_file(path, ALL_SUFFIXES)
             remaining = None if limit is None else limit - len(docs)
             if remaining is not None and remaining <= 0:
                 break
-            if _suffix(path) in TEXT_SUFFIXES:
-                text = path.read_text(encoding="utf-8", errors="replace")
+            if path.suffix.lower() in TEXT_SUFFIXES:
+                text = read_text_file(path)
                 if text.strip():
                     docs.append(text)
             else:
-                docs.extend(_texts_from_rows(load_table_file(path), text_field, f"data file {str(path)!r}", remaining))
-        source = f"files {[str(f) for f in files]}"
+                docs.extend(_documents_from_table(path, text_field, remaining))
+        source = f"files {[os.fspath(f) for f in ([files] if isinstance(files, (str, os.PathLike)) else files)]}"
     else:
         rows = load_dataset_rows(dataset, dataset_config=dataset_config, split=split, limit=limit)
         docs = _texts_from_rows(rows, text_field, f"dataset {dataset!r} (split {split!r})", limit)
@@ -160,4 +204,4 @@ def load_documents(*, corpus: str | None = None, files: list[str] | None = None,
     return docs
 
 
-__all__ = ["load_documents", "load_table_file", "load_dataset_rows"]
+__all__ = ["check_document_files", "load_documents", "load_table_file", "load_dataset_rows"]

@@ -2,24 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 from typing import Any
 
 from headwise.recipe import DataSection, Recipe
 
+logger = logging.getLogger(__name__)
+_LISTED_FILES = 10  # the log line names this many of the files data.files matched
+
 
 def check_data_sources(data: DataSection) -> None:
-    """Cheap checks before the model loads: files exist and have a supported extension."""
+    """Cheap checks before the model loads (and before the run directory is touched).
+
+    The corpus name exists; every `data.files` pattern matches files; each file exists, is readable,
+    has a supported extension, and its beginning (the first MiB; a parquet file's footer) is in the
+    builder's format: UTF-8 text for .txt, JSON objects with `data.text_field` (builder `text`) or
+    chat rows (builder `sft`) for .jsonl/.json, a readable parquet file with those columns. The
+    loaders read the whole files with the same checks.
+    """
     from headwise.data_builders import DataError, available_corpora
+    from headwise.data_builders.sft import check_sft_files
+    from headwise.data_builders.sources import check_document_files
 
     if data.builder == "corpus" and data.corpus not in available_corpora():
         raise DataError(f"data.corpus {data.corpus!r} is not a built-in corpus; available: {', '.join(available_corpora())}")
-    for f in data.files or []:
-        p = Path(f)
-        if not p.is_file():
-            raise DataError(f"data.files: {f} does not exist; fix the path (relative paths are from {Path.cwd()})")
-        if p.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
-            raise DataError(f"data.files: {f} has extension {p.suffix!r}; use .txt, .jsonl, .json or .parquet")
+    if not data.files:
+        return
+    if data.builder == "sft":
+        paths = check_sft_files(data.files)
+    else:
+        paths = check_document_files(data.files, text_field=data.text_field)
+    shown = ", ".join(str(p) for p in paths[:_LISTED_FILES])
+    more = f", ... ({len(paths) - _LISTED_FILES} more)" if len(paths) > _LISTED_FILES else ""
+    logger.info("data.files: %d file(s), read in this order: %s%s", len(paths), shown, more)
 
 
 def build_training_data(recipe: Recipe, tokenizer) -> tuple[Any, Any]:
