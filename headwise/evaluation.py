@@ -475,11 +475,16 @@ def run_eval(args) -> int:
         raise EvalError(f"--stride {args.stride} is larger than --window {min(windows)}; tokens would go unscored")
     if args.max_windows is not None and args.max_windows < 1:
         raise EvalError(f"--max-windows {args.max_windows}: give at least 1 (or leave it out to read all the text)")
+    from headwise.inference import check_model_path, load
+
+    check_model_path(args.path)
     target = EvalTarget(args.path)
     _check_lengths(args, target.max_positions(), lengths, windows)
     out_dir = Path(args.out) if args.out else target.default_out()
-
-    from headwise.inference import load
+    # checked before the model loads: a file in the way would otherwise fail the run after all the evaluation work
+    blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise EvalError(f"results folder {out_dir}: {blocking} is a file, not a folder; choose another with --out DIR")
 
     started = time.time()
     loaded = load(str(target.load_path), dtype=args.dtype, device=args.device)

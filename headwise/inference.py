@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from headwise.errors import HeadwiseError
 from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, KVPolicy  # noqa: F401 (re-exported)
 from headwise.model_loading import resolve_dtype, resolve_model_source
 
@@ -29,6 +30,57 @@ from headwise.model_loading import resolve_dtype, resolve_model_source
 # recent tokens (training: recent). 256 keeps that window within 2x DuoAttention's recent of 256; on a GPU at
 # long context a larger chunk (e.g. 4096) trades that fidelity for fewer forwards: pass `prefill_chunk=`.
 DUO_PREFILL_CHUNK = 256
+# What `load(dtype=...)` accepts, as `--dtype` of the CLI: `auto` is bfloat16 on a GPU that has it, else float32.
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def check_prompts(prompt: Any) -> list[str]:
+    """The prompts of a `generate` call as a list; an empty or whitespace-only prompt is a `HeadwiseError`.
+
+    The model needs at least one token to continue from: an empty prompt would otherwise fail deep inside the
+    attention forward with a reshape error.
+    """
+    if isinstance(prompt, str):
+        prompts, names = [prompt], ["prompt"]
+    elif isinstance(prompt, (list, tuple)) and prompt:
+        prompts, names = list(prompt), [f"prompt[{i}]" for i in range(len(prompt))]
+    elif isinstance(prompt, (list, tuple)):
+        raise HeadwiseError("prompt is an empty list: give a prompt string or a non-empty list of them")
+    else:
+        raise HeadwiseError(f"prompt is {type(prompt).__name__}, not a string: give a string or a list of strings")
+    for name, text in zip(names, prompts):
+        if not isinstance(text, str):
+            raise HeadwiseError(f"{name} is {type(text).__name__}, not a string: give the text to continue")
+        if not text.strip():
+            raise HeadwiseError(f"{name} is {'empty' if not text else 'only whitespace'}: give the text to continue")
+    return prompts
+
+
+def check_max_new_tokens(max_new_tokens: Any) -> int:
+    """`max_new_tokens` if it is a whole number >= 1, else a `HeadwiseError` with the accepted range."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise HeadwiseError(f"max_new_tokens {max_new_tokens!r}: give a whole number of tokens to generate, 1 or more")
+    return max_new_tokens
+
+
+def check_device(device: str | None) -> str | None:
+    """`device` if torch knows it and it is present here, else a `HeadwiseError` naming what to use instead."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise HeadwiseError(f"device {device!r} is not a device name: use cpu, cuda, cuda:N or mps") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise HeadwiseError(f"device {device!r}: no CUDA GPU is visible to this torch ({torch.__version__}); "
+                                "use cpu, or leave the device out")
+        if parsed.index is not None and parsed.index >= count:
+            raise HeadwiseError(f"device {device!r}: only {count} CUDA GPU(s) are visible (cuda:0 to cuda:{count - 1})")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise HeadwiseError(f"device {device!r}: MPS is not available here; use cpu, or leave the device out")
+    return device
 
 
 @torch.inference_mode()
@@ -88,11 +140,16 @@ class LoadedModel:
         of about a minute per prompt shape on a Llama-3-8B, so worth it for long generations.
         """
         single = isinstance(prompt, str)
-        prompts = [prompt] if single else list(prompt)
+        prompts = check_prompts(prompt)
+        check_max_new_tokens(max_new_tokens)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.model.device)
+        empty = [i for i, n in enumerate(enc["attention_mask"].sum(dim=1).tolist()) if n == 0]
+        if empty:  # e.g. text the tokenizer drops entirely; the model needs a token to continue from
+            name = "prompt" if single else f"prompt[{empty[0]}]"
+            raise HeadwiseError(f"{name} {prompts[empty[0]]!r} gives no tokens with this tokenizer: give other text")
         if static or compile:
             if kwargs:
                 raise TypeError(f"static decoding is greedy and takes no generation options (got {', '.join(kwargs)})")
@@ -118,6 +175,10 @@ class LoadedModel:
         DuoAttention's chunked prefill. The question at the end of a prompt is thus answered from the
         compressed cache (DuoAttention's "decoding simulation" serves the same purpose).
         """
+        check_max_new_tokens(max_new_tokens)
+        if input_ids.ndim != 2 or input_ids.shape[1] == 0:
+            raise HeadwiseError(
+                f"input_ids of shape {tuple(input_ids.shape)}: give (batch, tokens) with at least one token")
         kwargs.setdefault("do_sample", False)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -184,15 +245,22 @@ def load(
     may be a policy model, a dict (`{"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}`), a JSON
     string or a shorthand (`h2o:heavy_ratio=0.1,recent_ratio=0.1`); errors name the field.
     `device` defaults to `cuda` when a GPU is visible (where `dtype="auto"` picks bfloat16), else the CPU.
+    A bad argument (path, dtype, device, policy) or a damaged export (its inference config, a weights file cut
+    short) is a `HeadwiseError` naming it, raised before any weights load.
     """
-    from headwise.inference_config import parse_kv_policy
+    from headwise.inference_config import check_weight_files, parse_kv_policy
 
+    if dtype not in DTYPES:
+        raise HeadwiseError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    device = check_device(device)
     if device is None and torch.cuda.is_available():
         device = "cuda"
+    check_model_path(path_or_id)
     path = Path(path_or_id)
     policy_obj = parse_kv_policy(policy) if policy is not None else None
     if (path / INFERENCE_CONFIG_NAME).is_file():
         config = InferenceConfig.read(path)
+        check_weight_files(path)
         model, tokenizer = _load_export(path, config, dtype, device)
         return _with_policy(model, tokenizer, config, policy_obj or config.kv_policy)
     if path.is_dir() and any(path.glob("adapter_config.json")):
@@ -208,6 +276,23 @@ def load(
     from headwise.inference_config import FullPolicy
 
     return _with_policy(model, load_tokenizer(section), None, policy_obj or FullPolicy())
+
+
+def check_model_path(path_or_id: str | Path) -> None:
+    """Refuse, before anything loads, what can be neither a model folder nor a model name.
+
+    A Hub id (`owner/name`) or an alias does not exist on disk, so only what is written as a path (absolute, or
+    starting with `.`) must exist; anything else is left to the model loader, which knows the aliases.
+    """
+    text = str(path_or_id)
+    what = "give an export folder, a saved model folder, a Hub id (owner/name) or an alias (smollm2-135m)"
+    if not text.strip():
+        raise HeadwiseError(f"the model path is empty; {what}")
+    path = Path(text)
+    if path.is_file():
+        raise HeadwiseError(f"{path} is a file, not a model folder; {what}")
+    if not path.exists() and (path.is_absolute() or text.startswith(".")):
+        raise HeadwiseError(f"{path} does not exist; {what}")
 
 
 def _with_policy(model, tokenizer, config, policy) -> LoadedModel:

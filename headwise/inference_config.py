@@ -175,7 +175,7 @@ def parse_kv_policy(policy: Any, *, field: str = "kv_policy"):
         return policy
     if isinstance(policy, str):
         text = policy.strip()
-        if text.startswith("{"):
+        if text.startswith(("{", "[")):
             try:
                 policy = json.loads(text)
             except json.JSONDecodeError as e:
@@ -185,7 +185,7 @@ def parse_kv_policy(policy: Any, *, field: str = "kv_policy"):
             policy = {"type": kind.strip()}
             for item in filter(None, (p.strip() for p in rest.split(","))):
                 key, eq, value = item.partition("=")
-                if not eq:
+                if not eq or not key.strip():
                     raise HeadwiseError(f"{field}: {item!r} is not key=value (shorthand: TYPE:key=value,key=value)")
                 try:
                     policy[key.strip()] = json.loads(value)
@@ -242,23 +242,110 @@ class InferenceConfig(_Strict):
 
     @classmethod
     def read(cls, directory: str | Path) -> "InferenceConfig":
-        """Read and validate `directory/headwise_inference.json`; errors name the file and the field."""
+        """Read and validate `directory/headwise_inference.json`; errors name the file, what is wrong and the fix."""
         path = Path(directory) / INFERENCE_CONFIG_NAME
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} does not exist: {directory} is not a headwise export (run `headwise export RUN_DIR` first)"
             )
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise HeadwiseError(f"{path} is not valid JSON (line {e.lineno}: {e.msg}); re-run `headwise export`") from e
-        version = raw.get("format_version") if isinstance(raw, dict) else None
-        if version != FORMAT_VERSION:
-            raise HeadwiseError(
-                f"{path}: format_version {version!r} is not supported by this headwise (reads {FORMAT_VERSION}); "
-                "upgrade headwise or re-export"
-            )
+        raw = _read_json_object(path)
+        _check_format_version(path, raw)
         try:
             return cls.model_validate(raw)
         except ValidationError as e:
             raise HeadwiseError(f"{path}: {_format_errors(e)}") from e
+
+
+_REEXPORT = "re-export the run with `headwise export RUN_DIR --overwrite`"
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path`; an unreadable, empty, binary, truncated or non-object file is a `HeadwiseError`."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise HeadwiseError(f"{path} cannot be read ({e.strerror or e}); check its permissions") from None
+    if not data.strip():
+        raise HeadwiseError(f"{path} is empty (an interrupted export or a cleared file); {_REEXPORT}")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HeadwiseError(f"{path} is binary, not JSON text (byte {e.start} is not UTF-8); {_REEXPORT}") from None
+    if "\x00" in text:
+        raise HeadwiseError(f"{path} is binary, not JSON text (it holds NUL bytes); {_REEXPORT}")
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        body = text.strip()
+        # an export ends with its closing brace: an opened object or list cut short (or an error at the very end)
+        # is a partial write, which names the fix better than the parser's message at the cut
+        if e.pos >= len(text.rstrip()) or (body[:1] in "{[" and body[-1:] not in "}]"):
+            lines = body.count("\n") + 1
+            raise HeadwiseError(
+                f"{path} is truncated: its JSON stops after line {lines}, unclosed; {_REEXPORT}") from None
+        raise HeadwiseError(
+            f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); {_REEXPORT}") from None
+    if not isinstance(raw, dict):
+        kinds = {list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+        kind = kinds.get(type(raw), "null")
+        raise HeadwiseError(
+            f"{path} holds {kind}, not a JSON object: an inference config is an object "
+            f"({{\"format_version\": {FORMAT_VERSION}, \"weights\": ..., \"kv_policy\": ...}}); {_REEXPORT}"
+        )
+    return raw
+
+
+def _check_format_version(path: Path, raw: dict[str, Any]) -> None:
+    """Tell a file from a newer headwise (upgrade) from one without a usable version (re-export)."""
+    from headwise import __version__
+
+    if "format_version" not in raw:
+        raise HeadwiseError(
+            f"{path}: format_version is missing (every `headwise export` writes it, so this file was written by hand "
+            f"or edited); {_REEXPORT}"
+        )
+    version = raw["format_version"]
+    if type(version) is not int:  # noqa: E721 (bool is an int subclass, and `true == 1`)
+        raise HeadwiseError(
+            f"{path}: format_version {json.dumps(version)} is not a format version (a whole number; this headwise "
+            f"reads {FORMAT_VERSION}); {_REEXPORT}"
+        )
+    if version > FORMAT_VERSION:
+        raise HeadwiseError(
+            f"{path}: format_version {version} is newer than this headwise ({__version__}) reads (up to "
+            f"{FORMAT_VERSION}); the export was written by a later headwise: upgrade headwise "
+            "(`pip install -U headwise`)"
+        )
+    if version != FORMAT_VERSION:
+        raise HeadwiseError(
+            f"{path}: format_version {version} is not one this headwise ({__version__}) knows (it reads "
+            f"{FORMAT_VERSION}); {_REEXPORT}"
+        )
+
+
+def check_weight_files(folder: str | Path) -> None:
+    """Check that every safetensors file of an export folder is whole; a `HeadwiseError` names the first that is not.
+
+    A weights file cut short (an interrupted export or copy) or overwritten otherwise would fail deep inside
+    `from_pretrained`, or be uploaded by `headwise push`; safetensors checks the header against the file's length.
+    The shards a `model.safetensors.index.json` names must all be present.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(weights), framework="numpy"):
+                pass
+        except (SafetensorError, OSError) as e:
+            reason = str(e).removeprefix("Error while deserializing header: ")
+            raise HeadwiseError(f"{weights} is damaged or cut short ({reason}); {_REEXPORT}") from None
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shard_map = _read_json_object(index).get("weight_map")
+        if not isinstance(shard_map, dict):
+            raise HeadwiseError(f"{index} has no weight_map object; {_REEXPORT}")
+        missing = sorted({str(s) for s in shard_map.values()} - {p.name for p in folder.glob("*.safetensors")})
+        if missing:
+            raise HeadwiseError(
+                f"{index} names shards that are missing from {folder}: {', '.join(missing)}; {_REEXPORT}")
