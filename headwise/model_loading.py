@@ -128,6 +128,22 @@ def apply_context_extension(config, cfg: ModelSection) -> None:
     config.max_position_embeddings = max(cfg.context_length, native or 0)
 
 
+def check_training_length(config, cfg: ModelSection, max_length: int) -> None:
+    """Refuse training samples longer than the model's native positions when the recipe does not
+    extend the context: past them RoPE sees positions it was never trained on and the run starts
+    without a word. `config` is what `load_config` returns (no weights are read)."""
+    if cfg.context_length is not None:
+        return  # the recipe rules and `apply_context_extension` already tie max_length to the extension
+    native = getattr(config, "max_position_embeddings", None)
+    if native and max_length > native:
+        raise ModelLoadError(
+            f"data.max_length {max_length} exceeds the {native} positions model.name {cfg.name!r} was trained with, "
+            f"and model.context_length is not set; either extend the context (model.context_length: {max_length} and "
+            f"model.rope_scaling: {{type: linear, factor: {max_length / native:g}}}) or lower data.max_length to "
+            f"{native} or less"
+        )
+
+
 def load_tokenizer(cfg: ModelSection):
     from transformers import AutoTokenizer
 

@@ -5,9 +5,15 @@ from pydantic import BaseModel, ConfigDict
 
 
 class Section(BaseModel):
-    """Unknown keys are errors; values are validated on assignment too."""
+    """Unknown keys are errors; values are validated on assignment too.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    Types are strict: a number field refuses `true` and `"10"`, a boolean field refuses `"yes"` and
+    `1` (pydantic's default would silently read them as 1, 10 and true). An int is still accepted
+    where a float is expected. Recipe files are read with YAML 1.2 floats
+    (`headwise.recipe_loader.RecipeYamlLoader`), so `2e-4` arrives as a float, not a string.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
 
 def section_models(annotation) -> list[type[BaseModel]]:

@@ -129,7 +129,7 @@ def test_overrides_beat_the_file_and_parse_yaml_values(tmp_path):
 
 def test_override_errors_say_command_line(tmp_path):
     path = write_recipe(tmp_path, GOOD)
-    with pytest.raises(RecipeError, match=r"training\.max_stepz \(set in command line\): unknown key; did you mean `max_steps`"):
+    with pytest.raises(RecipeError, match=r"training\.max_stepz \(set on the command line by `training\.max_stepz=3`\): unknown key; did you mean `max_steps`"):
         load_recipe(path, ["training.max_stepz=3"])
     with pytest.raises(RecipeError, match="is not `key.sub=value`"):
         load_recipe(path, ["training.max_steps"])
