@@ -58,7 +58,9 @@ def _cmd_push(args) -> int:
     if args.dry_run:
         print("headwise: dry run, nothing uploaded")
         return 0
-    url = push(plan)
+    from headwise.hub import HubRetryPolicy
+
+    url = push(plan, policy=HubRetryPolicy.resolve(args.timeout, args.retries))
     print(f"headwise: pushed {url}")
     return 0
 
@@ -89,14 +91,53 @@ def _cmd_recipe(args) -> int:
         print(load_recipe(args.recipes[0], args.overrides).resolved_yaml(), end="")
         return 0
     failed = 0
-    for r in args.recipes:
+    for r in args.recipes:  # every file gets its verdict, whatever stopped the one before
         try:
             load_recipe(r, args.overrides)
             print(f"ok      {r}")
-        except RecipeError as e:
+        except _user_errors() as e:
             failed += 1
             print(f"invalid {e}")
     return 2 if failed else 0
+
+
+def _prompt_arg(text: str) -> str:
+    """argparse type of a prompt: some text to continue (an empty prompt would fail inside the model)."""
+    if not text.strip():
+        kind = "empty" if not text else "whitespace-only"
+        raise argparse.ArgumentTypeError(f"{kind} prompt: give text for the model to continue")
+    return text
+
+
+def _positive_int_arg(text: str) -> int:
+    """argparse type of a token count: a whole number, 1 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number, 1 or more")
+    return value
+
+
+def _hub_timeout_arg(text: str) -> float:
+    """argparse type of push --timeout: seconds per Hub network operation, in HubRetryPolicy's range."""
+    from headwise.hub import TIMEOUT_RANGE, PushError, check_timeout
+
+    try:
+        return check_timeout("--timeout", float(text))
+    except (ValueError, PushError):
+        raise argparse.ArgumentTypeError(f"{text!r}: {TIMEOUT_RANGE}") from None
+
+
+def _hub_retries_arg(text: str) -> int:
+    """argparse type of push --retries: further tries of a failed Hub call, in HubRetryPolicy's range."""
+    from headwise.hub import RETRIES_RANGE, PushError, check_retries
+
+    try:
+        return check_retries("--retries", int(text))
+    except (ValueError, PushError):
+        raise argparse.ArgumentTypeError(f"{text!r}: {RETRIES_RANGE}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="export folder (default: export.dir of the recipe, else RUN_DIR/export)")
     e.add_argument("--format", choices=["adapter", "merged"], help="override export.format")
     e.add_argument("--checkpoint", help="export checkpoint-N instead of the final weights")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    e.add_argument("--overwrite", action="store_true", help="replace a previous headwise export (only a folder that holds nothing else)")
     e.set_defaults(func=_cmd_export)
 
     pu = sub.add_parser("push", help="upload an export folder to the Hugging Face Hub")
@@ -126,12 +167,18 @@ def build_parser() -> argparse.ArgumentParser:
     vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repo private")
     vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
     pu.add_argument("--dry-run", action="store_true", help="check the folder and list the files; upload nothing")
+    pu.add_argument("--timeout", type=_hub_timeout_arg, metavar="SECONDS",
+                    help="longest wait for each Hub network operation (default: $HEADWISE_HUB_TIMEOUT, else 60)")
+    pu.add_argument("--retries", type=_hub_retries_arg, metavar="N",
+                    help="further tries of a Hub call that timed out or got a 408/429/5xx answer "
+                         "(default: $HEADWISE_HUB_RETRIES, else 3)")
     pu.set_defaults(func=_cmd_push)
 
     g = sub.add_parser("generate", help="generate text with an export folder or any causal LM")
-    g.add_argument("path")
-    g.add_argument("prompt")
-    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("path", help="export folder, saved model folder, Hub id or alias")
+    g.add_argument("prompt", type=_prompt_arg)
+    g.add_argument("--max-new-tokens", type=_positive_int_arg, default=32,
+                   help="tokens to generate, 1 or more (default 32)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     g.add_argument(
         "--policy",

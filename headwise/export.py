@@ -3,16 +3,18 @@
 The folder holds either the PEFT adapter (`adapter_config.json`, `adapter_model.safetensors`),
 merged full weights, or no weights at all (`weights: "base"`: methods such as DuoAttention that
 leave the base model unchanged; the base model's config only), plus any method files (Duo: its
-`duo_attention/` pattern folder), the tokenizer, `headwise_inference.json` and a model card (`README.md`). It is
-written to a temporary sibling and renamed into place, so an interrupted export never leaves a
-half-written folder, and an existing export is only replaced with `overwrite=True`.
+`duo_attention/` pattern folder), the tokenizer, `headwise_inference.json`, a model card (`README.md`)
+and, written last, the list of those files (`headwise_export_manifest.json`). It is written to a
+temporary sibling and swapped into place, so an interrupted export never leaves a half-written folder
+and never loses the previous one. Where it may go is decided by `headwise.export_target`: a new or
+empty folder, or with `overwrite=True` a previous export holding nothing else; never the run folder,
+a folder containing it, the working directory or the home folder.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -20,6 +22,13 @@ import yaml
 
 from headwise import __version__
 from headwise.errors import HeadwiseError
+from headwise.export_target import (
+    check_export_target,
+    match_umask_permissions,
+    move_into_place,
+    new_sibling_dir,
+    write_manifest,
+)
 from headwise.inference_config import BaseModelRef, InferenceConfig
 from headwise.methods import method_for
 from headwise.model_cards import write_model_card
@@ -92,12 +101,18 @@ def export_run(
     if fmt == "adapter" and recipe.peft.type == "none":
         raise ExportError("this run trained without LoRA (peft.type none): export it with --format merged")
     src = _weights_dir(run_dir, checkpoint)
-    out = Path(out_dir) if out_dir else (Path(recipe.export.dir) if recipe.export.dir else run_dir / "export")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it, or --out another folder")
+    if out_dir:
+        out, label = Path(out_dir), "--out"
+    elif recipe.export.dir:
+        out, label = Path(recipe.export.dir), "export.dir"
+    else:
+        out, label = run_dir / "export", "the default export folder"
+    in_use = [("the run folder", run_dir), ("the folder of the weights being exported", src)]
+    if Path(recipe.model.name).is_dir():
+        in_use.append(("the folder of the run's base model", Path(recipe.model.name)))
+    target = check_export_target(out, overwrite=overwrite, in_use=in_use, label=label)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_sibling_dir(target)
     try:
         tokenizer = load_tokenizer(recipe.model)
         if fmt == "adapter":
@@ -117,9 +132,11 @@ def export_run(
         (tmp / "headwise_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
         summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
         write_model_card(tmp, recipe, inference, summary, run_dir=run_dir)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        write_manifest(tmp)
+        match_umask_permissions(tmp)
+        # Again: the folder may have gained files while the export was being built.
+        check_export_target(out, overwrite=overwrite, in_use=in_use, label=label)
+        move_into_place(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from headwise.inference_config import FullPolicy, KVPolicy
 from headwise.patches.duo import DuoMethod
@@ -144,6 +144,16 @@ class PeftSection(Section):
         "adapters and ZeRO-3).",
     )
 
+    @field_validator("target_modules")
+    @classmethod
+    def _lora_needs_targets(cls, v: list[str] | str, info: ValidationInfo) -> list[str] | str:
+        if v == [] and info.data.get("type") == "lora":
+            raise ValueError(
+                "is empty, so LoRA has no module to adapt; list module name suffixes (e.g. [q_proj, k_proj, v_proj, "
+                "o_proj]) or write `all-linear`, or use peft.type: none to train only peft.trainable_modules"
+            )
+        return v
+
 
 # -------------------------------------------------------------------------------------- training
 
@@ -178,7 +188,14 @@ class TrainingSection(Section):
     logging_steps: int = Field(10, gt=0, description="Log every N steps.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (a killed run resumes from the last).")
     save_total_limit: int | None = Field(2, gt=0, description="Checkpoints kept on disk.")
-    seed: int = Field(42, description="Random seed (model init, data order, dropout).")
+    seed: int = Field(
+        42,
+        description="Random seed, set before the model is built and again before the data is built. It fixes the "
+        "initial weights of the adapters and of the method's new modules, the data's sampling and packing order, dropout "
+        "and the order of the batches: the same recipe and seed on the same machine start from the same adapter and give "
+        "the same loss curve. It does not make results bit-identical across different hardware, library versions, thread "
+        "counts or numbers of processes.",
+    )
     resume: str = Field(
         "auto",
         description="`auto`: resume from the newest valid checkpoint in `output_dir` if there is one; `never`: "

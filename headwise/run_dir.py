@@ -7,21 +7,50 @@
   final/                the trained adapter (or weights) and tokenizer, written at the end
   run_summary.json      steps, loss, runtime, versions
   export/               `headwise export` output (default location)
+  run.lock              the run lock, while a run trains (see below)
+  run.lock.json         who holds it: pid, host, start time, command
 ```
 
-Nothing a user had is overwritten: a directory that holds a run of a *different* recipe is refused
-before any model is loaded, and resuming validates checkpoints before handing one to the Trainer
-(a checkpoint cut off by a kill mid-save is skipped with a warning, falling back to the previous).
+Nothing a user had is overwritten: a directory that holds a run of a *different* recipe, or that is
+a file, is refused before any model is loaded, and resuming validates checkpoints before handing
+one to the Trainer (a checkpoint cut off by a kill mid-save is skipped with a warning, falling back
+to the previous).
+
+The run lock (`RunLock`, taken by `claim_run_dir`) guarantees that at most one run trains in a
+directory at a time, so two runs never overwrite or rotate away each other's checkpoints:
+
+- A run holds an OS lock (`fcntl.flock`) on `run.lock` from before it writes anything in the
+  directory until it has written its final files; a second run on the same directory is refused
+  before it loads the model or writes anything, with a message naming the holder.
+- Both files are removed when a run ends, normally or by an exception (Ctrl-C included). A run
+  killed by a signal (SIGKILL, SIGTERM) leaves them, but the kernel drops the OS lock when its
+  process dies, so the next run on the same host recognises `run.lock.json` as stale and replaces
+  it: a crashed run never blocks the next one.
+- A `run.lock.json` written on another host (a shared filesystem) cannot be checked for liveness
+  from here: it is refused, and the message says which file to delete if that run is surely gone.
+- A distributed launch is one run: the main process (`RANK` 0, set by the launcher before any
+  headwise code runs) takes the lock; the other processes neither take nor check it. When the
+  main process is refused it exits, and the launcher stops the others (they write nothing first).
+- Only `headwise train` takes the lock; export and push read a run without it.
+- On a filesystem without `flock` the lock falls back to `run.lock.json` alone, checking the pid's
+  liveness on the same host (a narrower guarantee: two runs starting at the same instant may race).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import shlex
+import socket
+import sys
+import weakref
+from contextlib import contextmanager, nullcontext
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import yaml
 
@@ -33,6 +62,11 @@ logger = logging.getLogger(__name__)
 RECIPE_FILE = "recipe.yaml"
 FINAL_DIR = "final"
 SUMMARY_FILE = "run_summary.json"
+LOCK_FILE = "run.lock"
+LOCK_OWNER_FILE = "run.lock.json"
+_RECIPE_TMP = RECIPE_FILE + ".tmp"
+# Files the run itself may have written before recipe.yaml: they do not make a folder "not a run".
+_BOOKKEEPING_FILES = {LOCK_FILE, LOCK_OWNER_FILE, _RECIPE_TMP}
 # Fields a resumed run may change without becoming a different run: how long it trains and how it
 # logs or saves, not what it trains.
 RESUMABLE_CHANGES = {
@@ -51,6 +85,10 @@ RESUMABLE_CHANGES = {
 
 class RunDirError(HeadwiseError):
     """The output directory cannot be used as asked; nothing in it was touched."""
+
+
+class RunLockedError(RunDirError):
+    """Another run holds the output directory's lock (or may hold it, on another host)."""
 
 
 def is_main_process() -> bool:
@@ -109,14 +147,21 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     return None
 
 
-def prepare_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str) -> Path | None:
-    """Check `training.output_dir` against the recipe and return the checkpoint to resume from.
+def check_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
+    """Raise RunDirError unless `run_dir` can hold a run of the recipe `resolved`; reads, never writes.
 
-    Raises RunDirError (touching nothing) when the directory holds another recipe's run, when
-    checkpoints exist and `resume: never`, or when an explicit resume checkpoint is corrupt.
-    Writes the resolved recipe beside the run on the main process.
+    Refused: a path that is (or lies under) a file, a folder holding a run of a different recipe,
+    and a non-empty folder that is not a headwise run.
     """
-    run_dir = recipe.run_dir()
+    for path in (run_dir, *run_dir.parents):
+        if path.exists():
+            if path.is_dir():
+                break
+            what = "is a file" if path == run_dir else f"lies under {str(path)!r}, which is a file"
+            raise RunDirError(
+                f"training.output_dir {str(run_dir)!r} {what}, not a folder; set training.output_dir to a folder "
+                "path (it is created if missing), e.g. `training.output_dir=runs/new`; the file was not touched"
+            )
     saved = run_dir / RECIPE_FILE
     if saved.is_file():
         try:
@@ -130,11 +175,23 @@ def prepare_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str
                 f"training.output_dir {str(run_dir)!r} holds a run of a different recipe ({listed}); choose another "
                 "training.output_dir (e.g. `training.output_dir=runs/new`) or delete that directory"
             )
-    elif run_dir.is_dir() and any(run_dir.iterdir()):
+    elif run_dir.is_dir() and any(p.name not in _BOOKKEEPING_FILES for p in run_dir.iterdir()):
         raise RunDirError(
             f"training.output_dir {str(run_dir)!r} exists and is not a headwise run (no {RECIPE_FILE}); choose another "
             "training.output_dir or empty it"
         )
+
+
+def prepare_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str) -> Path | None:
+    """Check `training.output_dir` against the recipe and return the checkpoint to resume from.
+
+    Raises RunDirError (touching nothing) when `check_run_dir` refuses the directory, when
+    checkpoints exist and `resume: never`, or when an explicit resume checkpoint is corrupt.
+    Writes the resolved recipe beside the run on the main process. Call it under the run lock
+    (`claim_run_dir` does) so that no other run writes there meanwhile.
+    """
+    run_dir = recipe.run_dir()
+    check_run_dir(run_dir, resolved)
 
     resume: Path | None = None
     mode = recipe.training.resume
@@ -159,8 +216,204 @@ def prepare_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str
 
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        saved.write_text(resolved_yaml)
+        # Replace, never truncate in place: the other processes of a launch read this file meanwhile.
+        tmp = run_dir / _RECIPE_TMP
+        tmp.write_text(resolved_yaml)
+        os.replace(tmp, run_dir / RECIPE_FILE)
     return resume
+
+
+@contextmanager
+def claim_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str) -> Iterator[Path | None]:
+    """`prepare_run_dir` under the run lock, held (on the main process) until the `with` block ends.
+
+    Yields the checkpoint to resume from. The directory is checked once before the lock is taken,
+    so a refused directory (a file, a foreign folder, another recipe's run) is not touched at all,
+    and once more under the lock, since a run may have finished there in between.
+    """
+    run_dir = recipe.run_dir()
+    check_run_dir(run_dir, resolved)
+    with RunLock(run_dir) if is_main_process() else nullcontext():
+        yield prepare_run_dir(recipe, resolved, resolved_yaml)
+
+
+# Locks this process holds, so that a forked child (a DataLoader worker) closes its inherited copy
+# of the descriptor: the lock then lives exactly as long as the process that took it.
+_held_locks: "weakref.WeakSet[RunLock]" = weakref.WeakSet()
+
+
+def _close_inherited_locks() -> None:
+    for lock in list(_held_locks):
+        lock._forget_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+class RunLock:
+    """The exclusive claim of one run on its output directory (see the module docstring).
+
+    `acquire` raises RunLockedError naming the holder when another run has the directory;
+    `release` (or leaving the `with` block) removes `run.lock` and `run.lock.json`. The OS lock is
+    `fcntl.flock` on `run.lock`: released by the kernel when the process dies, however it dies.
+    """
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.lock_path = self.run_dir / LOCK_FILE
+        self.owner_path = self.run_dir / LOCK_OWNER_FILE
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        """Take the lock or raise RunLockedError (RunDirError when the folder cannot be created)."""
+        import fcntl
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunDirError(
+                f"training.output_dir {str(self.run_dir)!r} cannot be created ({e.strerror}); choose a folder you can write to"
+            ) from e
+        while True:
+            fd, created = self._open_lock_file()
+            os_locked = True
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+                    os.close(fd)  # EWOULDBLOCK: a live run holds it
+                    raise RunLockedError(self._busy_message(self._read_owner())) from None
+                logger.warning("%s does not support file locks (%s); the run lock relies on %s alone",
+                               self.run_dir, e.strerror, LOCK_OWNER_FILE)
+                os_locked = False
+            if os_locked and not self._is_current_lock_file(fd):
+                os.close(fd)  # the previous holder removed this file while we waited for it: lock the new one
+                continue
+            break
+        try:
+            self._check_stale_owner(os_locked)
+            self._write_owner()
+        except BaseException:
+            if created and os_locked:  # leave the folder as it was; safe only while we hold the lock
+                self.lock_path.unlink(missing_ok=True)
+            os.close(fd)
+            raise
+        self._fd, self._pid = fd, os.getpid()
+        _held_locks.add(self)
+
+    def _open_lock_file(self) -> tuple[int, bool]:
+        """A descriptor of `run.lock`, and whether this call created the file."""
+        flags = os.O_RDWR | os.O_CLOEXEC
+        while True:
+            try:
+                try:
+                    return os.open(self.lock_path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+                except FileExistsError:
+                    return os.open(self.lock_path, flags), False
+            except FileNotFoundError:
+                continue  # removed by its holder between the two calls
+            except OSError as e:
+                raise RunDirError(
+                    f"training.output_dir {str(self.run_dir)!r}: cannot create {LOCK_FILE} there ({e.strerror}); choose a "
+                    "folder you can write to"
+                ) from e
+
+    def release(self) -> None:
+        """Remove the lock files and drop the lock; a no-op when not held by this process."""
+        if self._fd is None or self._pid != os.getpid():
+            return
+        # Unlink while still locked: a run that opened the old file sees it is no longer current.
+        for path in (self.owner_path, self.lock_path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        os.close(self._fd)
+        self._fd = None
+        _held_locks.discard(self)
+
+    def _forget_in_child(self) -> None:
+        # Closing the child's copy leaves the parent's lock in place (flock belongs to the open file
+        # description, still open in the parent); LOCK_UN here would release it for both.
+        if self._fd is not None and self._pid != os.getpid():
+            os.close(self._fd)
+            self._fd = None
+
+    def _is_current_lock_file(self, fd: int) -> bool:
+        try:
+            on_disk = os.stat(self.lock_path)
+        except FileNotFoundError:
+            return False
+        held = os.fstat(fd)
+        return (on_disk.st_dev, on_disk.st_ino) == (held.st_dev, held.st_ino)
+
+    def _read_owner(self) -> dict[str, Any] | None:
+        try:
+            owner = json.loads(self.owner_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return owner if isinstance(owner, dict) else None
+
+    def _check_stale_owner(self, os_locked: bool) -> None:
+        """Refuse an owner record this process cannot prove dead; drop one it can."""
+        owner = self._read_owner()
+        if owner is None:
+            return
+        here = socket.gethostname()
+        if owner.get("host") != here:
+            raise RunLockedError(
+                f"training.output_dir {str(self.run_dir)!r} is claimed by a run on another host ({_describe(owner)}); "
+                f"this host ({here}) cannot tell whether it still runs. Wait for it to finish; if you are sure no run uses "
+                f"this folder, delete {self.owner_path} and start again"
+            )
+        # Holding the OS lock proves its owner gone; without OS locks, the pid is the only evidence.
+        if not os_locked and isinstance(owner.get("pid"), int) and _pid_alive(owner["pid"]):
+            raise RunLockedError(self._busy_message(owner))
+        logger.warning("%s names a run that ended without releasing it (%s; killed?): taking the lock over",
+                       self.owner_path, _describe(owner))
+
+    def _write_owner(self) -> None:
+        owner = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join(sys.argv),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        }
+        self.owner_path.write_text(json.dumps(owner, indent=2) + "\n")
+
+    def _busy_message(self, owner: dict[str, Any] | None) -> str:
+        holder = _describe(owner) if owner else "details not written yet, it is starting"
+        return (
+            f"training.output_dir {str(self.run_dir)!r} is in use by another run ({holder}); wait for it to finish or "
+            "stop it, or choose another training.output_dir (e.g. `training.output_dir=runs/new`)"
+        )
+
+
+def _describe(owner: dict[str, Any]) -> str:
+    text = f"pid {owner.get('pid', '?')} on host {owner.get('host', '?')} since {owner.get('started', '?')}"
+    if owner.get("command"):
+        text += f", `{owner['command']}`"
+    return text
 
 
 EXPORT_OVERRIDABLE = ("method", "export")
@@ -171,7 +424,7 @@ def read_run_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recip
 
     Only `method.*` (not `method.name`) and `export.*` may be overridden: everything else describes
     how the saved weights were trained."""
-    from headwise.recipe_loader import RecipeError, apply_overrides, parse_override, validate_mapping
+    from headwise.recipe_loader import RecipeError, apply_overrides, file_provenance, parse_override, validate_mapping
 
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
@@ -189,6 +442,7 @@ def read_run_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recip
                     f"training; {'.'.join(key)} describes how {run_dir} was trained (train again to change it)"
                 )
         label = str(path) + (f" with {' '.join(overrides)}" if overrides else "")
-        return validate_mapping(apply_overrides(data, overrides, {}), label=label)
+        provenance = file_provenance(data, str(path))  # so an error names the file or the override that set it
+        return validate_mapping(apply_overrides(data, overrides, provenance), provenance, label=label)
     except RecipeError as e:
         raise RunDirError(str(e)) from e

@@ -1,10 +1,15 @@
 """Train a recipe: the one function behind `headwise train` (and `accelerate launch -m headwise train`).
 
 Order matters and is chosen so that every cheap check runs before anything expensive:
-recipe validated -> run directory checked (resume point found) -> model config read and checked by
-the method -> data sources checked -> tokenizer -> model weights -> method patch -> PEFT wrap ->
-data built -> Trainer (HF `Trainer`, or TRL `SFTTrainer` for chat data) -> final adapter saved and
-verified non-empty (the ZeRO-3 empty-adapter trap) -> run summary.
+recipe validated -> model config read and checked by the method -> data sources checked -> run
+directory checked and locked (resume point found; a second run on it is refused here) -> tokenizer
+-> RNG seeded -> model weights -> method patch -> PEFT wrap -> RNG seeded again -> data built ->
+Trainer (HF `Trainer`, or TRL `SFTTrainer` for chat data) -> final adapter saved and verified
+non-empty (the ZeRO-3 empty-adapter trap) -> run summary -> run lock released.
+
+`training.seed` is set before the model is built (the Trainer seeds only after the PEFT wrap, too
+late for the adapters' initial weights) and again before the data is built (so the data does not
+depend on how many random numbers the method's modules drew).
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ from headwise.fused_lora import fuse_lora_forward
 from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
 from headwise.losses import resolve_fused_loss
 from headwise.methods import Method, method_for
-from headwise.model_loading import load_config, load_model, load_tokenizer
+from headwise.model_loading import check_training_length, load_config, load_model, load_tokenizer
 from headwise.recipe import DEEPSPEED_PRESETS, Recipe
 from headwise.recipe_loader import LoadedRecipe
-from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, is_main_process, prepare_run_dir
+from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, claim_run_dir, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +164,57 @@ def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.n
     return model
 
 
+def build_training_model(recipe: Recipe, method: Method, model_config: Any | None = None) -> torch.nn.Module:
+    """The model as training starts (step 0): weights loaded, the method's patch and modules added,
+    PEFT-wrapped, exactly as `train` builds it.
+
+    The RNG is seeded from `training.seed` first, so the initial weights of the adapters and of the
+    method's new modules follow from the seed alone."""
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)
+    if model_config is None:
+        model_config = load_config(recipe.model)
+    model = load_model(recipe.model, training=True, config=model_config)
+    method.prepare_model(model)
+    if recipe.training.liger_kernels:
+        apply_liger_kernels(model)
+    return wrap_peft(model, recipe, method)
+
+
+def log_at_checkpoints_callback() -> Any:
+    """A TrainerCallback that logs the loss at every checkpoint and at the last step, besides every
+    `logging_steps`.
+
+    Each logged loss is the mean since the previous log, and a resumed run restarts from the log
+    history saved in its checkpoint: with a log at each checkpoint that history covers every step
+    up to it, so the whole-run mean (`mean_logged_loss`) misses no step and counts none twice."""
+    from transformers import TrainerCallback
+
+    class LogAtCheckpoints(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if control.should_save or control.should_training_stop:
+                control.should_log = True
+            return control
+
+    return LogAtCheckpoints()
+
+
+def mean_logged_loss(log_history: list[dict[str, Any]], after_step: int = 0) -> float | None:
+    """The mean training loss over the steps after `after_step`, from a Trainer's log history.
+
+    A logged `loss` is the mean over the steps since the previous log, so each weighs as many steps
+    as it covers; None when no loss was logged after `after_step`."""
+    logged = sorted((e["step"], e["loss"]) for e in log_history if "loss" in e and "step" in e)
+    total, steps, previous = 0.0, 0, 0
+    for step, loss in logged:
+        start, previous = max(previous, after_step), step
+        if step > start:
+            total += loss * (step - start)
+            steps += step - start
+    return total / steps if steps else None
+
+
 def training_arguments(recipe: Recipe, *, sft: bool) -> Any:
     """TrainingArguments (or TRL's SFTConfig for chat data) from the recipe's `training` section."""
     t = recipe.training
@@ -219,7 +275,7 @@ def build_trainer(recipe: Recipe, model, tokenizer, method: Method, train_datase
     args = training_arguments(recipe, sft=sft)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     fused = resolve_fused_loss(recipe.training.fused_cross_entropy, device_type)
-    callbacks = method.callbacks(str(recipe.run_dir()))
+    callbacks = [*method.callbacks(str(recipe.run_dir())), log_at_checkpoints_callback()]
     common = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)
     if fused is not None:
         common["compute_loss_func"] = _make_fused_loss_func(fused, model)
@@ -266,13 +322,14 @@ class TrainResult:
 
 def train(loaded: LoadedRecipe) -> TrainResult:
     """Run the recipe: returns where the final adapter/weights were saved, and the trained model."""
-    from headwise.data import build_training_data, check_data_sources
+    from headwise.data import check_data_sources
 
     recipe = loaded.recipe
     method = method_for(recipe.method)
     # Cheap checks first: a bad model name, an unsupported architecture, a module typo or a missing
     # data file fails here, before the run directory is touched or any weights are read.
     model_config = load_config(recipe.model)
+    check_training_length(model_config, recipe.model, recipe.data.max_length)
     method.check_model_config(model_config)
     skeleton = meta_model(model_config)
     with torch.device("meta"):
@@ -283,34 +340,44 @@ def train(loaded: LoadedRecipe) -> TrainResult:
     resolve_fused_loss(recipe.training.fused_cross_entropy, device_type)  # raises now, not after the weights load
     if recipe.training.liger_kernels:
         check_liger_kernels(model_config.model_type, device_type)
-    resume = prepare_run_dir(recipe, recipe.model_dump(mode="json"), loaded.resolved_yaml())
+    with claim_run_dir(recipe, recipe.model_dump(mode="json"), loaded.resolved_yaml()) as resume:
+        return _train_claimed(recipe, method, model_config, resume)
+
+
+def _train_claimed(recipe: Recipe, method: Method, model_config: Any, resume: Path | None) -> TrainResult:
+    """The expensive part of `train`, run while the run directory is locked."""
+    from transformers import set_seed
+
+    from headwise.data import build_training_data
 
     t0 = time.time()
     tokenizer = load_tokenizer(recipe.model)
-    model = load_model(recipe.model, training=True, config=model_config)
-    method.prepare_model(model)
-    if recipe.training.liger_kernels:
-        apply_liger_kernels(model)
-    model = wrap_peft(model, recipe, method)
+    model = build_training_model(recipe, method, model_config)
     if is_main_process() and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
+    set_seed(recipe.training.seed)  # again: the data must not depend on what the model build drew
     own_data = method.training_data(recipe, tokenizer)
     train_dataset, collator = own_data if own_data is not None else build_training_data(recipe, tokenizer)
 
     trainer = build_trainer(recipe, model, tokenizer, method, train_dataset, collator, resume)
     if resume is not None and is_main_process():
         logger.warning("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    # Read now: checkpoint rotation may delete the resumed checkpoint during training.
+    resumed_at = _checkpoint_step(resume) if resume else None
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
 
     final = recipe.run_dir() / FINAL_DIR
     trainer.save_model(str(final))
     if is_main_process():
         tokenizer.save_pretrained(str(final))
         n_tensors = verify_saved_weights(final)
+        history = trainer.state.log_history
+        after_resume = mean_logged_loss(history, after_step=resumed_at) if resumed_at is not None else None
         summary = {
             "global_step": trainer.state.global_step,
-            "train_loss": result.training_loss,
-            "log_history": trainer.state.log_history,
+            "train_loss": mean_logged_loss(history),  # over the whole run, the steps before a resume too
+            "train_loss_after_resume": after_resume,  # over the steps this process trained; None without a resume
+            "log_history": history,
             "train_runtime_s": round(time.time() - t0, 1),
             "resumed_from": str(resume) if resume else None,
             "saved_tensors": n_tensors,
@@ -320,6 +387,10 @@ def train(loaded: LoadedRecipe) -> TrainResult:
         (recipe.run_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes the run's files
     return TrainResult(final, trainer.model, tokenizer, trainer)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    return int(json.loads((checkpoint / "trainer_state.json").read_text())["global_step"])
 
 
 def release_process_group() -> None:

@@ -124,7 +124,7 @@ def test_export_refuses_to_overwrite(trained, tmp_path):
     out.mkdir()
     (out / "precious.txt").write_text("mine")
     res = run_cli("export", str(run_dir), "--out", str(out))
-    assert res.returncode == 2 and "--overwrite" in res.stderr
+    assert res.returncode == 2 and "precious.txt" in res.stderr and "--overwrite" not in res.stderr
     assert (out / "precious.txt").read_text() == "mine"
 
 

@@ -129,3 +129,41 @@ def test_unknown_model_path_is_named(tmp_path):
     recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "nope")}, "training": {"output_dir": str(tmp_path / "r")}})
     res = run_cli("train", str(recipe))
     assert res.returncode == 2 and "model.name" in res.stderr
+
+
+def test_summary_loss_is_the_whole_run_mean_after_a_resume(tmp_path, tiny_model_dir):
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=4, save_steps=2, logging_steps=1))
+    assert run_cli("train", str(recipe)).returncode == 0
+    res = run_cli("train", str(recipe), "training.max_steps=7")  # resumes from checkpoint-4
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    summary = json.loads((run_dir / "run_summary.json").read_text())
+    assert summary["resumed_from"].endswith("checkpoint-4")
+    losses = [h["loss"] for h in summary["log_history"] if "loss" in h]
+    assert len(losses) == 7
+    assert summary["train_loss"] == pytest.approx(sum(losses) / 7, rel=1e-9)
+    assert summary["train_loss_after_resume"] == pytest.approx(sum(losses[4:]) / 3, rel=1e-9)
+    # The Trainer's own figure for this process's steps agrees with the resumed part's mean.
+    trainer_mean = [h["train_loss"] for h in summary["log_history"] if "train_loss" in h][-1]
+    assert summary["train_loss_after_resume"] == pytest.approx(trainer_mean, rel=1e-6)
+
+
+def test_every_checkpoint_and_the_last_step_are_logged(tmp_path, tiny_model_dir):
+    """With a log at each checkpoint, the history a resumed run restarts from covers every step
+    before it, so each logged loss weighs exactly the steps it averages."""
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, tiny_recipe(tiny_model_dir, run_dir, max_steps=7, save_steps=2, logging_steps=3))
+    assert run_cli("train", str(recipe)).returncode == 0
+    assert _logged_steps(run_dir) == [2, 3, 4, 6, 7]
+    state = json.loads((run_dir / "checkpoint-6" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "loss" in h] == [2, 3, 4, 6]
+
+
+def test_mean_logged_loss_weighs_each_log_by_the_steps_it_covers():
+    from headwise.training import mean_logged_loss
+
+    history = [{"step": 3, "loss": 2.0}, {"step": 4, "loss": 1.0}, {"train_loss": 9.0, "step": 4}, {"step": 6, "loss": 4.0}]
+    assert mean_logged_loss(history) == pytest.approx((3 * 2.0 + 1.0 + 2 * 4.0) / 6)
+    assert mean_logged_loss(history, after_step=4) == pytest.approx(4.0)
+    assert mean_logged_loss(history, after_step=6) is None
