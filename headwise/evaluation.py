@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 RESULTS_FILE = "results.json"
 PASSKEY_FILE = "passkey.jsonl"
 HEATMAP_FILE = "passkey_heatmap.png"
+# Lists the files an eval wrote into its results folder: a later eval replaces those and nothing else,
+# so a user's own `results.json` in a folder given as --out is never overwritten.
+EVAL_RECORD_FILE = ".headwise_eval.json"
 DEFAULT_LENGTHS = "1024,2048,4096"
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 # Logits of one window are computed in slices of this many positions: a full 8K window of a 49K-token vocabulary
@@ -485,6 +488,8 @@ def run_eval(args) -> int:
     blocking = next((p for p in (out_dir, *out_dir.parents) if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise EvalError(f"results folder {out_dir}: {blocking} is a file, not a folder; choose another with --out DIR")
+    written = [RESULTS_FILE] + ([PASSKEY_FILE, HEATMAP_FILE] if args.passkey else [])
+    check_results_folder(out_dir, written)
 
     started = time.time()
     loaded = load(str(target.load_path), dtype=args.dtype, device=args.device)
@@ -516,9 +521,34 @@ def run_eval(args) -> int:
                         time.time() - t0)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    record = out_dir / EVAL_RECORD_FILE
+    earlier = _eval_written_files(out_dir)
+    record.write_text(json.dumps({"files": sorted(set(earlier) | set(written))}, indent=2) + "\n")
     _print_table(results, f"headwise eval {args.path}")
     print(f"headwise: results in {out_dir / RESULTS_FILE}" + (f", heatmap {out_dir / HEATMAP_FILE}" if args.passkey else ""))
     return 0
+
+
+def _eval_written_files(out_dir: Path) -> list[str]:
+    """The files an earlier `headwise eval` recorded writing into `out_dir` (none when it has no record)."""
+    try:
+        files = json.loads((out_dir / EVAL_RECORD_FILE).read_text()).get("files", [])
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return []
+    return [f for f in files if isinstance(f, str)]
+
+
+def check_results_folder(out_dir: Path, names: list[str]) -> None:
+    """Refuse (before the model loads) to write `names` into `out_dir` over files an earlier eval did not write."""
+    if not out_dir.is_dir():
+        return
+    ours = set(_eval_written_files(out_dir))
+    theirs = [n for n in names if (out_dir / n).exists() and n not in ours]
+    if theirs:
+        raise EvalError(
+            f"results folder {out_dir} already holds {', '.join(theirs)}, which headwise eval did not write; choose "
+            "another folder with --out DIR (nothing was changed)"
+        )
 
 
 def configure_eval_parser(parser) -> None:

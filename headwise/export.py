@@ -34,6 +34,7 @@ from headwise.methods import method_for
 from headwise.model_cards import write_model_card
 from headwise.model_loading import load_config, load_model, load_tokenizer, resolve_model_source
 from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, RunDirError, checkpoint_problem, read_run_recipe
+from headwise.weight_files import weights_problem
 
 
 class ExportError(HeadwiseError):
@@ -52,6 +53,12 @@ def _weights_dir(run_dir: Path, checkpoint: str | None) -> Path:
         raise ExportError(
             f"{final} does not exist: the run has not finished. Finish it (run the same `headwise train` command "
             "again: it resumes) or export a checkpoint with --checkpoint checkpoint-N"
+        )
+    problem = weights_problem(final)
+    if problem:
+        raise ExportError(
+            f"{final}/{problem}: the run's final weights cannot be exported; train again (delete {final} first: the "
+            "run resumes from its last checkpoint) or export a checkpoint with --checkpoint checkpoint-N"
         )
     return final
 
@@ -158,7 +165,16 @@ def _save_merged(recipe, src: Path, dest: Path) -> None:
     method = method_for(recipe.method)
     method.prepare_model(model)
     if (src / "adapter_config.json").is_file():
-        model = PeftModel.from_pretrained(model, str(src)).merge_and_unload()
+        try:
+            model = PeftModel.from_pretrained(model, str(src))
+        except (ValueError, KeyError, TypeError, OSError) as e:  # PEFT's errors for an adapter that does not fit
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ExportError(
+                f"{src}: the adapter cannot be loaded onto {recipe.model.name} ({type(e).__name__}: {reason}); its "
+                "adapter_config.json or weights were changed after training: export a checkpoint with --checkpoint "
+                "checkpoint-N, or train again"
+            ) from None
+        model = model.merge_and_unload()
     else:  # peft.type none: the run saved full weights
         from transformers import AutoModelForCausalLM
 

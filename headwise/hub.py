@@ -121,7 +121,7 @@ def resolve_export_folder(path: str | Path) -> Path:
     if (p / RECIPE_FILE).is_file():
         from headwise.run_dir import read_run_recipe
 
-        export = read_run_recipe(p).export_dir()
+        export = read_run_recipe(p).export_dir(p)
         if (export / INFERENCE_CONFIG_NAME).is_file():
             return export
         raise PushError(f"{p} is a run directory without an export; run `headwise export {p}` first")

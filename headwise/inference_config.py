@@ -21,6 +21,7 @@ Validation errors name the field (`kv_policy.heavy_ratio: ...`).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -33,7 +34,7 @@ FORMAT_VERSION = 1
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class FullPolicy(_Strict):
@@ -324,28 +325,10 @@ def _check_format_version(path: Path, raw: dict[str, Any]) -> None:
 
 
 def check_weight_files(folder: str | Path) -> None:
-    """Check that every safetensors file of an export folder is whole; a `HeadwiseError` names the first that is not.
+    """Check that every safetensors file of an export folder is whole (`headwise.weight_files`); a
+    `HeadwiseError` names the file, what is wrong with it and the fix."""
+    from headwise.weight_files import weights_problem
 
-    A weights file cut short (an interrupted export or copy) or overwritten otherwise would fail deep inside
-    `from_pretrained`, or be uploaded by `headwise push`; safetensors checks the header against the file's length.
-    The shards a `model.safetensors.index.json` names must all be present.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    folder = Path(folder)
-    for weights in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(weights), framework="numpy"):
-                pass
-        except (SafetensorError, OSError) as e:
-            reason = str(e).removeprefix("Error while deserializing header: ")
-            raise HeadwiseError(f"{weights} is damaged or cut short ({reason}); {_REEXPORT}") from None
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        shard_map = _read_json_object(index).get("weight_map")
-        if not isinstance(shard_map, dict):
-            raise HeadwiseError(f"{index} has no weight_map object; {_REEXPORT}")
-        missing = sorted({str(s) for s in shard_map.values()} - {p.name for p in folder.glob("*.safetensors")})
-        if missing:
-            raise HeadwiseError(
-                f"{index} names shards that are missing from {folder}: {', '.join(missing)}; {_REEXPORT}")
+    problem = weights_problem(folder)
+    if problem:
+        raise HeadwiseError(f"{os.path.join(folder, problem)}; {_REEXPORT}")

@@ -92,7 +92,11 @@ class DataSection(Section):
         "on answers only (offline corpus Q&A when no files or dataset are given).",
     )
     corpus: str = Field("python_stdlib_docs", description="Built-in corpus name (builder `corpus`).")
-    files: list[str] | None = Field(None, description="Local .txt, .jsonl, .json or .parquet files.")
+    files: list[str] | None = Field(
+        None,
+        description="Local .txt, .jsonl, .json or .parquet files, or glob patterns (`notes/*.jsonl`, `corpus/**/*.txt`; "
+        "matches read in sorted order, each file once; relative to the working directory). .txt must be UTF-8 text.",
+    )
     dataset: str | None = Field(None, description="A `datasets` Hub id or a local dataset directory.")
     dataset_config: str | None = Field(None, description="Dataset configuration name.")
     split: str = Field("train", description="Dataset split.")
@@ -283,8 +287,12 @@ class Recipe(Section):
     def run_dir(self) -> Path:
         return Path(self.training.output_dir)
 
-    def export_dir(self) -> Path:
-        return Path(self.export.dir) if self.export.dir else self.run_dir() / "export"
+    def export_dir(self, run_dir: str | Path | None = None) -> Path:
+        """`export.dir`, else `export/` inside the run folder: `run_dir` when given (where the run
+        folder is now, which may differ from `training.output_dir` after a move or copy)."""
+        if self.export.dir:
+            return Path(self.export.dir)
+        return Path(run_dir if run_dir is not None else self.run_dir()) / "export"
 
 
 def recipe_json_schema() -> dict[str, Any]:

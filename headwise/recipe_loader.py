@@ -33,6 +33,9 @@ from headwise.recipe import Recipe
 from headwise.schema_base import section_models
 
 RECIPE_FILENAME = "recipe.yaml"
+# The first line of every resolved recipe headwise writes beside a run: how a run folder is told apart
+# from a folder that merely holds a user's own recipe.yaml.
+RESOLVED_HEADER = "# Resolved headwise recipe"
 
 
 class RecipeError(HeadwiseError):
@@ -47,7 +50,7 @@ class LoadedRecipe:
 
     def resolved_yaml(self) -> str:
         """The validated recipe with every default filled in, as YAML (saved beside each run)."""
-        header = "# Resolved headwise recipe (base chain: " + " -> ".join(self.sources) + ")\n"
+        header = f"{RESOLVED_HEADER} (base chain: " + " -> ".join(self.sources) + ")\n"
         return header + yaml.safe_dump(self.recipe.model_dump(mode="json"), sort_keys=False)
 
 
@@ -152,7 +155,9 @@ def load_recipe_yaml(text: str, where: str, key_path: tuple[str, ...] = ()) -> A
         loader.dispose()
 
 
-def _read_yaml_mapping(path: Path) -> dict[str, Any]:
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A recipe file's mapping, read strictly (UTF-8, duplicate keys refused, YAML 1.2 floats); every
+    problem is one RecipeError naming the file and the place."""
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -251,7 +256,7 @@ def _load_chain(path: Path, seen: list[Path], provenance: Provenance) -> dict[st
         cycle = " -> ".join(str(p) for p in seen + [path])
         raise RecipeError(f"`base:` chain loops: {cycle}; remove one of the `base:` keys")
     seen.append(path)
-    data = _read_yaml_mapping(path)
+    data = read_yaml_mapping(path)
     base_ref = data.pop("base", None)
     merged: dict[str, Any] = {}
     if base_ref is not None:

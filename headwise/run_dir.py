@@ -52,10 +52,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import yaml
-
 from headwise.errors import HeadwiseError
 from headwise.recipe import Recipe
+from headwise.recipe_loader import RESOLVED_HEADER, RecipeError, read_yaml_mapping
+from headwise.weight_files import weights_problem
 
 logger = logging.getLogger(__name__)
 
@@ -129,22 +129,27 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         json.loads(state.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"{state.name} is not valid JSON ({e})"
-    weights = [p for p in ckpt.glob("*.safetensors")]
-    if not weights and not any(ckpt.glob("global_step*")):
+    if not any(ckpt.glob("*.safetensors")) and not any(ckpt.glob("global_step*")):
         return "it holds no weights (*.safetensors or a DeepSpeed global_step folder)"
-    from safetensors import safe_open
+    return weights_problem(ckpt)
 
-    for w in weights:
-        try:
-            with safe_open(str(w), framework="pt") as f:
-                names = list(f.keys())
-                if names:
-                    f.get_slice(names[-1])  # touches the header and the last tensor's offsets
-        except Exception as e:  # safetensors raises several types for truncated or garbled files
-            return f"{w.name} is unreadable ({type(e).__name__}: {e})"
-        if w.stat().st_size <= 8:
-            return f"{w.name} is empty"
-    return None
+
+def _written_by_headwise(saved: Path) -> bool:
+    try:
+        with saved.open("rb") as f:
+            return f.read(len(RESOLVED_HEADER)) == RESOLVED_HEADER.encode()
+    except OSError:
+        return False
+
+
+def read_saved_recipe(path: Path) -> dict[str, Any]:
+    """The mapping of a run's saved `recipe.yaml`, read as strictly as a recipe file; RunDirError
+    naming the file and the way out when it is unreadable, not UTF-8, not YAML or not a mapping."""
+    try:
+        return read_yaml_mapping(path)
+    except RecipeError as e:
+        raise RunDirError(f"{e} (it is the resolved recipe saved beside the run: restore it, e.g. with "
+                          "`headwise recipe show YOUR_RECIPE > " + str(path) + "`)") from None
 
 
 def check_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
@@ -163,12 +168,17 @@ def check_run_dir(run_dir: Path, resolved: dict[str, Any]) -> None:
                 "path (it is created if missing), e.g. `training.output_dir=runs/new`; the file was not touched"
             )
     saved = run_dir / RECIPE_FILE
+    if saved.is_file() and not _written_by_headwise(saved):
+        raise RunDirError(
+            f"training.output_dir {str(run_dir)!r} holds a {RECIPE_FILE} that headwise did not write (a run's starts "
+            f"with {RESOLVED_HEADER!r}), so it is not a headwise run; choose another training.output_dir (e.g. "
+            "`training.output_dir=runs/new`); nothing there was touched"
+        )
     if saved.is_file():
         try:
-            old = yaml.safe_load(saved.read_text())
-        except yaml.YAMLError:
-            old = None
-        diffs = recipe_differences(old or {}, resolved) if isinstance(old, dict) else ["(unreadable recipe.yaml)"]
+            diffs = recipe_differences(read_saved_recipe(saved), resolved)
+        except RunDirError as e:
+            diffs = [f"its {RECIPE_FILE} is unreadable: {e}"]
         if diffs:
             listed = "; ".join(diffs[:6]) + (" ..." if len(diffs) > 6 else "")
             raise RunDirError(
@@ -424,15 +434,12 @@ def read_run_recipe(run_dir: str | Path, overrides: Sequence[str] = ()) -> Recip
 
     Only `method.*` (not `method.name`) and `export.*` may be overridden: everything else describes
     how the saved weights were trained."""
-    from headwise.recipe_loader import RecipeError, apply_overrides, file_provenance, parse_override, validate_mapping
+    from headwise.recipe_loader import apply_overrides, file_provenance, parse_override, validate_mapping
 
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
         raise RunDirError(f"{path} does not exist: {run_dir} is not a headwise run directory (train it with `headwise train`)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise RunDirError(f"{path} is not valid YAML ({e}); restore it from the recipe you trained with") from e
+    data = read_saved_recipe(path)
     try:
         for text in overrides:
             key = parse_override(text)[0]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.export_target import match_umask_permissions
 from headwise.fused_lora import fuse_lora_forward
 from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
 from headwise.losses import resolve_fused_loss
@@ -200,6 +201,22 @@ def log_at_checkpoints_callback() -> Any:
     return LogAtCheckpoints()
 
 
+def readable_checkpoints_callback() -> Any:
+    """A TrainerCallback giving each checkpoint the permissions of a plain mkdir / file write under the
+    umask: safetensors creates owner-only files, which other users of a shared machine cannot read."""
+    from transformers import TrainerCallback
+
+    class ReadableCheckpoints(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if checkpoint.is_dir():
+                    match_umask_permissions(checkpoint)
+            return control
+
+    return ReadableCheckpoints()
+
+
 def mean_logged_loss(log_history: list[dict[str, Any]], after_step: int = 0) -> float | None:
     """The mean training loss over the steps after `after_step`, from a Trainer's log history.
 
@@ -275,7 +292,9 @@ def build_trainer(recipe: Recipe, model, tokenizer, method: Method, train_datase
     args = training_arguments(recipe, sft=sft)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     fused = resolve_fused_loss(recipe.training.fused_cross_entropy, device_type)
-    callbacks = [*method.callbacks(str(recipe.run_dir())), log_at_checkpoints_callback()]
+    callbacks = [
+        *method.callbacks(str(recipe.run_dir())), log_at_checkpoints_callback(), readable_checkpoints_callback()
+    ]
     common = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer, callbacks=callbacks)
     if fused is not None:
         common["compute_loss_func"] = _make_fused_loss_func(fused, model)
@@ -370,6 +389,7 @@ def _train_claimed(recipe: Recipe, method: Method, model_config: Any, resume: Pa
     trainer.save_model(str(final))
     if is_main_process():
         tokenizer.save_pretrained(str(final))
+        match_umask_permissions(final)
         n_tensors = verify_saved_weights(final)
         history = trainer.state.log_history
         after_resume = mean_logged_loss(history, after_step=resumed_at) if resumed_at is not None else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -56,7 +57,8 @@ def hidden_siblings(folder: Path) -> list[str]:
 def run_dir(tmp_path_factory, tiny_model_dir) -> Path:
     root = tmp_path_factory.mktemp("export-safety")
     run = root / "run"
-    res = run_cli("train", str(write_recipe(root, tiny_recipe(tiny_model_dir, run))))
+    with umask(0o022):
+        res = run_cli("train", str(write_recipe(root, tiny_recipe(tiny_model_dir, run))))
     assert res.returncode == 0, res.stderr[-3000:]
     (run / "notes.txt").write_text("my notes about this run\n")  # a user's file in the run folder
     return run
@@ -195,16 +197,45 @@ def test_export_folder_and_files_are_readable_by_others_under_umask_022(first_ex
     assert modes and set(modes.values()) == {oct(0o644)}, modes  # safetensors writes 0o600 on its own
 
 
+def test_run_weights_are_readable_by_others_under_umask_022(run_dir):
+    """The final weights and every checkpoint come out with umask modes (safetensors writes 0o600)."""
+    written = [run_dir / "final", *sorted(run_dir.glob("checkpoint-*"))]
+    assert len(written) >= 2
+    for folder in written:
+        modes = {p.name: oct(p.stat().st_mode & 0o777) for p in folder.iterdir() if p.is_file()}
+        assert "adapter_model.safetensors" in modes and set(modes.values()) == {oct(0o644)}, (folder, modes)
+
+
 def test_a_failed_export_leaves_the_previous_export_intact(run_dir, previous_export, tmp_path):
-    """The new export fails while being written (its source adapter is garbage, found only when the
-    merge loads it): the previous export is untouched and no temporary folder is left."""
+    """The new export fails while being written (its adapter names modules the base model lacks, found
+    only when the merge loads it, after the checks): the previous export is untouched, no temporary
+    folder is left, and the user reads one message."""
+    broken_run = tmp_path / "broken-run"
+    shutil.copytree(run_dir, broken_run)
+    adapter_config = broken_run / "final" / "adapter_config.json"
+    config = json.loads(adapter_config.read_text())
+    config["target_modules"] = ["no_such_projection"]
+    adapter_config.write_text(json.dumps(config))
+    before = checksums(previous_export)
+    res = run_cli("export", str(broken_run), "--format", "merged", "--out", str(previous_export), "--overwrite",
+                  cwd=tmp_path)
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "the adapter cannot be loaded onto" in res.stderr
+    assert checksums(previous_export) == before
+    assert hidden_siblings(previous_export) == []
+
+
+def test_damaged_final_weights_are_refused_before_anything_is_written(run_dir, previous_export, tmp_path):
     broken_run = tmp_path / "broken-run"
     shutil.copytree(run_dir, broken_run)
     (broken_run / "final" / "adapter_model.safetensors").write_bytes(b"this is not a safetensors file")
     before = checksums(previous_export)
     res = run_cli("export", str(broken_run), "--format", "merged", "--out", str(previous_export), "--overwrite",
                   cwd=tmp_path)
-    assert res.returncode != 0
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "adapter_model.safetensors is damaged or cut short" in res.stderr
     assert checksums(previous_export) == before
     assert hidden_siblings(previous_export) == []
 

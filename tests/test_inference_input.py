@@ -185,6 +185,25 @@ def test_cli_eval_refuses_a_results_folder_that_is_a_file_before_running(tiny_mo
     assert checksums(a_file, tiny_model_dir) == before
 
 
+def test_cli_eval_never_overwrites_a_results_file_it_did_not_write(tiny_model_dir, tmp_path, capsys):
+    """A user's results.json in the --out folder is refused before the model runs; an earlier eval's own
+    results in the same folder are replaced (the control: the refusal is about ownership, not existence)."""
+    args = ["eval", str(tiny_model_dir), "--ppl", "--window", "16", "--max-windows", "1"]
+    users = tmp_path / "mine"
+    users.mkdir()
+    (users / "results.json").write_text('{"my": "numbers"}\n')
+    before = checksums(users)
+    assert main([*args, "--out", str(users)]) == 2
+    err = capsys.readouterr().err
+    assert f"results folder {users} already holds results.json, which headwise eval did not write" in err, err
+    assert checksums(users) == before
+
+    ours = tmp_path / "ours"
+    assert main([*args, "--out", str(ours)]) == 0
+    assert main([*args, "--out", str(ours)]) == 0
+    assert "ppl@16" in json.loads((ours / "results.json").read_text())
+
+
 def test_cli_eval_names_a_bad_device(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "eval_out"
     assert main(["eval", str(tiny_model_dir), "--ppl", "--window", "16", "--max-windows", "1", "--out", str(out),
@@ -280,6 +299,14 @@ def test_push_dry_run_of_a_run_directory_resolves_its_export(trained, capsys):
         assert main(["push", str(path), "--repo-id", "someone/model", "--dry-run"]) == 0
         out = capsys.readouterr().out
         assert f"from {trained['export']} -> someone/model" in out and "adapter_model.safetensors" in out, out
+
+
+def test_push_of_a_moved_run_directory_takes_the_export_inside_it(trained, tmp_path, capsys):
+    """A run folder copied elsewhere pushes its own export/, not the one at the output_dir its recipe names."""
+    moved = Path(shutil.copytree(trained["run"], tmp_path / "moved-run"))
+    assert main(["push", str(moved), "--repo-id", "someone/model", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"from {moved / 'export'} -> someone/model" in out, out
 
 
 def test_push_names_what_is_not_an_export(trained, tiny_model_dir, tmp_path, capsys):

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from headwise.run_dir import LOCK_FILE, LOCK_OWNER_FILE, checkpoints
 from tests.conftest import run_cli, tiny_recipe, write_recipe
@@ -176,3 +177,18 @@ def test_output_dir_naming_a_file_is_refused_and_the_file_kept(tmp_path, tiny_mo
     assert f"training.output_dir {str(output_dir)!r} {what}, not a folder" in res.stderr
     assert notes.is_file() and hashlib.sha256(notes.read_bytes()).hexdigest() == digest
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "recipe.yaml"]
+
+
+def test_output_dir_holding_the_users_own_recipe_yaml_is_not_taken_for_a_run(tmp_path, tiny_model_dir):
+    """A folder whose recipe.yaml is the user's recipe (no resolved-recipe header) is not a run:
+    refused, and the recipe keeps its comments byte for byte (a run would rewrite it resolved)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("# my notes on this run\n" + yaml.safe_dump(tiny_recipe(tiny_model_dir, tmp_path)))
+    before = _checksums(tmp_path)
+
+    res = run_cli("train", str(recipe))
+
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert "holds a recipe.yaml that headwise did not write" in res.stderr
+    assert _checksums(tmp_path) == before

@@ -48,6 +48,11 @@ def test_valid_policies_parse(given, cls):
     ({"type": "bogus"}, "kv_policy.type", "full, streaming, h2o, duo"),
     ("h2o:heavy_ratio", "kv_policy", "key=value"),
     ("{not json", "kv_policy", "not valid JSON"),
+    # strict types: a bool or a string is not a token count, a string is not a ratio
+    ({"type": "h2o", "heavy": True, "recent": 4}, "kv_policy.heavy", "valid integer"),
+    ({"type": "h2o", "heavy": 4, "recent": "4"}, "kv_policy.recent", "valid integer"),
+    ({"type": "streaming", "recent_ratio": "0.5"}, "kv_policy.recent_ratio", "valid number"),
+    ({"type": "duo", "retrieval_heads": [[True, 0]]}, "kv_policy.retrieval_heads.0.0", "valid integer"),
 ])
 def test_bad_policies_name_the_field(given, field, words):
     with pytest.raises(HeadwiseError) as e:
