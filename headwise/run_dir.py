@@ -13,8 +13,9 @@
 
 Nothing a user had is overwritten: a directory that holds a run of a *different* recipe, or that is
 a file, is refused before any model is loaded, and resuming validates checkpoints before handing
-one to the Trainer (a checkpoint cut off by a kill mid-save is skipped with a warning, falling back
-to the previous).
+one to the Trainer (a checkpoint cut off by a kill mid-save, or holding another model's adapter, is
+skipped with a warning, falling back to the previous). A run that fails before it has written
+anything besides its recipe.yaml leaves the folder as it found it (`claim_run_dir`).
 
 The run lock (`RunLock`, taken by `claim_run_dir`) guarantees that at most one run trains in a
 directory at a time, so two runs never overwrite or rotate away each other's checkpoints:
@@ -120,18 +121,95 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
-def checkpoint_problem(ckpt: Path) -> str | None:
-    """Why `ckpt` cannot be resumed from (a missing or unreadable file), or None when it is whole."""
+def checkpoint_problem(ckpt: Path, adapter_tensors: dict[str, tuple[int, ...]] | None = None) -> str | None:
+    """Why `ckpt` cannot be resumed from, in words, or None when it is whole.
+
+    Refused: a missing or unreadable `trainer_state.json`, or one that is not a JSON object with an
+    integer `global_step`; an `adapter_config.json` that is not a JSON object; no weights; damaged
+    weights; and, when `adapter_tensors` (name -> shape, as this model's adapter saves them) is
+    given, an `adapter_model.safetensors` whose tensor names or shapes differ (an adapter of another
+    model, rank or method: PEFT would load none of it without a word). Only file headers are read.
+    """
     state = ckpt / "trainer_state.json"
     if not state.is_file():
         return f"{state.name} is missing"
     try:
-        json.loads(state.read_text())
+        state_data = json.loads(state.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return f"{state.name} is not valid JSON ({e})"
+    if not isinstance(state_data, dict):
+        return f"{state.name} is not a JSON object (it holds a {type(state_data).__name__})"
+    step = state_data.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        return f"{state.name} has no integer `global_step` (found {step!r})"
+    adapter_config = ckpt / "adapter_config.json"
+    if adapter_config.is_file():
+        try:
+            config = json.loads(adapter_config.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            return f"{adapter_config.name} is not valid JSON ({e})"
+        if not isinstance(config, dict):
+            return f"{adapter_config.name} is not a JSON object (it holds a {type(config).__name__})"
     if not any(ckpt.glob("*.safetensors")) and not any(ckpt.glob("global_step*")):
         return "it holds no weights (*.safetensors or a DeepSpeed global_step folder)"
-    return weights_problem(ckpt)
+    problem = weights_problem(ckpt)
+    if problem is None and adapter_tensors is not None:
+        problem = _adapter_mismatch(ckpt / "adapter_model.safetensors", adapter_tensors)
+    return problem
+
+
+def _adapter_mismatch(weights: Path, expected: dict[str, tuple[int, ...]]) -> str | None:
+    """How the tensors in `weights` differ from `expected` (names and shapes, from the header), or None."""
+    from safetensors import safe_open
+
+    if not weights.is_file():
+        return f"{weights.name} is missing (this run trains a LoRA adapter)"
+    with safe_open(str(weights), framework="pt") as f:
+        found = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    foreign = sorted(set(found) - set(expected))
+    absent = sorted(set(expected) - set(found))
+    if foreign or absent:
+        parts = []
+        if foreign:
+            parts.append(f"{len(foreign)} tensor(s) that are not this model's adapter (e.g. {foreign[0]!r})")
+        if absent:
+            parts.append(f"{len(absent)} of the adapter's tensor(s) missing (e.g. {absent[0]!r})")
+        return f"{weights.name} holds an adapter of another model or recipe: {'; '.join(parts)}"
+    reshaped = sorted(n for n in expected if found[n] != tuple(expected[n]))
+    if reshaped:
+        n = reshaped[0]
+        return (f"{weights.name} holds an adapter of another shape: {len(reshaped)} tensor(s) differ, e.g. {n!r} is "
+                f"{list(found[n])}, this recipe's adapter has {list(expected[n])} (another peft.r or model?)")
+    return None
+
+
+def confirm_resume_checkpoint(
+    recipe: Recipe, resume: Path | None, adapter_tensors: dict[str, tuple[int, ...]] | None
+) -> Path | None:
+    """Check the checkpoint `prepare_run_dir` picked against the adapter of the model now built.
+
+    The tensor check needs the model, which is built after the run folder is claimed. A checkpoint
+    that does not fit is skipped with a warning (falling back to an older one that fits, else to a
+    start from step 0) under `resume: auto`, and refused (RunDirError) when `training.resume` names it.
+    """
+    if resume is None or adapter_tensors is None:
+        return resume
+    problem = checkpoint_problem(resume, adapter_tensors)
+    if problem is None:
+        return resume
+    if recipe.training.resume not in ("auto", "never"):
+        raise RunDirError(f"training.resume {recipe.training.resume!r}: {problem}; pick another checkpoint or `resume: auto`")
+    logger.warning("skipping %s: %s; trying an older one", resume, problem)
+    step = int(resume.name.split("-")[1])
+    for ckpt in checkpoints(recipe.run_dir()):
+        if int(ckpt.name.split("-")[1]) >= step:
+            continue
+        problem = checkpoint_problem(ckpt, adapter_tensors)
+        if problem is None:
+            return ckpt
+        logger.warning("skipping %s: %s; trying an older one", ckpt, problem)
+    logger.warning("no checkpoint in %s fits this run; training starts from step 0", recipe.run_dir())
+    return None
 
 
 def _written_by_headwise(saved: Path) -> bool:
@@ -240,11 +318,61 @@ def claim_run_dir(recipe: Recipe, resolved: dict[str, Any], resolved_yaml: str) 
     Yields the checkpoint to resume from. The directory is checked once before the lock is taken,
     so a refused directory (a file, a foreign folder, another recipe's run) is not touched at all,
     and once more under the lock, since a run may have finished there in between.
+
+    A run that fails (an exception, Ctrl-C included) before it has added anything to the folder
+    besides `recipe.yaml` leaves the folder as it found it: the `recipe.yaml` it wrote is removed
+    (or the previous one put back), and the folder, with any parents this run created, is removed
+    when nothing else is in it. Otherwise the rerun of a corrected command would be refused as "a run
+    of a different recipe". Once the run has written anything else (a checkpoint, a log), everything
+    stays, the saved recipe describing it.
     """
     run_dir = recipe.run_dir()
     check_run_dir(run_dir, resolved)
-    with RunLock(run_dir) if is_main_process() else nullcontext():
+    if not is_main_process():
         yield prepare_run_dir(recipe, resolved, resolved_yaml)
+        return
+    first_created = next((p for p in reversed((run_dir, *run_dir.parents)) if not p.exists()), None)
+    try:
+        with RunLock(run_dir):
+            before = _run_contents(run_dir)
+            saved = run_dir / RECIPE_FILE
+            previous_recipe = saved.read_bytes() if saved.is_file() else None
+            try:
+                yield prepare_run_dir(recipe, resolved, resolved_yaml)
+            except BaseException:
+                if _run_contents(run_dir) - {RECIPE_FILE} == before - {RECIPE_FILE}:
+                    _restore_recipe(saved, previous_recipe)
+                raise
+    except BaseException:
+        if first_created is not None:
+            _remove_empty_folders(run_dir, first_created)
+        raise
+
+
+def _run_contents(run_dir: Path) -> set[str]:
+    """Names in `run_dir`, the lock's own files left out."""
+    return {p.name for p in run_dir.iterdir() if p.name not in _BOOKKEEPING_FILES} if run_dir.is_dir() else set()
+
+
+def _restore_recipe(saved: Path, previous: bytes | None) -> None:
+    (saved.parent / _RECIPE_TMP).unlink(missing_ok=True)
+    if previous is None:
+        saved.unlink(missing_ok=True)
+    elif not saved.is_file() or saved.read_bytes() != previous:
+        tmp = saved.parent / _RECIPE_TMP
+        tmp.write_bytes(previous)
+        os.replace(tmp, saved)
+
+
+def _remove_empty_folders(run_dir: Path, top: Path) -> None:
+    """rmdir `run_dir` and its parents up to `top` (the first this run created), stopping at one that is not empty."""
+    for folder in (run_dir, *run_dir.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == top:
+            return
 
 
 # Locks this process holds, so that a forked child (a DataLoader worker) closes its inherited copy

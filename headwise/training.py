@@ -1,11 +1,15 @@
 """Train a recipe: the one function behind `headwise train` (and `accelerate launch -m headwise train`).
 
 Order matters and is chosen so that every cheap check runs before anything expensive:
-recipe validated -> model config read and checked by the method -> data sources checked -> run
-directory checked and locked (resume point found; a second run on it is refused here) -> tokenizer
--> RNG seeded -> model weights -> method patch -> PEFT wrap -> RNG seeded again -> data built ->
+recipe validated (a DeepSpeed JSON file read) -> model config read and checked by the method -> data
+sources checked -> bf16, report_to trackers and the DeepSpeed launcher checked -> run directory
+checked and locked (resume point found; a second run on it is refused here) -> tokenizer -> RNG
+seeded -> model weights -> method patch -> PEFT wrap -> resume checkpoint checked against the
+adapter's tensor names and shapes -> RNG seeded again -> data built ->
 Trainer (HF `Trainer`, or TRL `SFTTrainer` for chat data) -> final adapter saved and verified
-non-empty (the ZeRO-3 empty-adapter trap) -> run summary -> run lock released.
+non-empty (the ZeRO-3 empty-adapter trap) -> run summary -> run lock released. A run that fails
+before writing anything besides its recipe.yaml leaves the run folder as it found it
+(`headwise.run_dir.claim_run_dir`).
 
 `training.seed` is set before the model is built (the Trainer seeds only after the PEFT wrap, too
 late for the adapters' initial weights) and again before the data is built (so the data does not
@@ -33,7 +37,7 @@ from headwise.methods import Method, method_for
 from headwise.model_loading import check_training_length, load_config, load_model, load_tokenizer
 from headwise.recipe import DEEPSPEED_PRESETS, Recipe
 from headwise.recipe_loader import LoadedRecipe
-from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, claim_run_dir, is_main_process
+from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, claim_run_dir, confirm_resume_checkpoint, is_main_process
 
 logger = logging.getLogger(__name__)
 
@@ -232,13 +236,60 @@ def mean_logged_loss(log_history: list[dict[str, Any]], after_step: int = 0) -> 
     return total / steps if steps else None
 
 
+def resolve_bf16(recipe: Recipe) -> bool:
+    """`training.bf16`, defaulted from the GPU; HeadwiseError when it is true without a CUDA GPU."""
+    cuda = torch.cuda.is_available()
+    bf16 = recipe.training.bf16
+    if bf16 is None:
+        return cuda and torch.cuda.is_bf16_supported()
+    if bf16 and not cuda:
+        raise HeadwiseError("training.bf16 is true but no CUDA GPU is visible; set training.bf16=false (or leave it "
+                            "unset) on CPU")
+    return bf16
+
+
+def check_report_to(names: list[str]) -> None:
+    """Each `training.report_to` name must be a tracker transformers integrates, and installed.
+
+    Checked against transformers' integration table and its availability probes (which look for the
+    package without importing it), so a typo or a missing tracker is one message before the model
+    loads, not a ValueError or RuntimeError from inside the Trainer."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+
+    known = sorted(INTEGRATION_TO_CALLBACK)
+    unknown = [n for n in names if n not in known and n not in ("all", "none")]
+    if unknown:
+        raise HeadwiseError(
+            f"training.report_to: {unknown} {'is' if len(unknown) == 1 else 'are'} not a tracker transformers knows; "
+            f"use names from {known} (or [] for none)"
+        )
+    available = set(get_available_reporting_integrations())
+    missing = [n for n in names if n in known and n not in available]
+    if missing:
+        raise HeadwiseError(
+            f"training.report_to: {missing} {'is' if len(missing) == 1 else 'are'} not installed; install "
+            f"{'it' if len(missing) == 1 else 'them'} (e.g. `pip install {' '.join(missing)}`) or remove "
+            f"{'it' if len(missing) == 1 else 'them'} from training.report_to"
+        )
+
+
+def check_deepspeed_launch(recipe: Recipe) -> None:
+    """A DeepSpeed run needs a launcher: started plainly, DeepSpeed falls back to MPI discovery and
+    fails on a missing mpi4py deep inside the Trainer."""
+    if recipe.deepspeed is None or "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    raise HeadwiseError(
+        f"deepspeed: {recipe.deepspeed!r} needs a distributed launcher, and this process was started without one "
+        "(no WORLD_SIZE or LOCAL_RANK set); run `accelerate launch --num_processes N -m headwise train RECIPE ...`, "
+        "or remove `deepspeed` from the recipe to train in this process"
+    )
+
+
 def training_arguments(recipe: Recipe, *, sft: bool) -> Any:
     """TrainingArguments (or TRL's SFTConfig for chat data) from the recipe's `training` section."""
     t = recipe.training
     cuda = torch.cuda.is_available()
-    bf16 = t.bf16 if t.bf16 is not None else (cuda and torch.cuda.is_bf16_supported())
-    if bf16 and not cuda:
-        raise HeadwiseError("training.bf16 is true but no CUDA GPU is visible; set training.bf16: false on CPU")
+    bf16 = resolve_bf16(recipe)
     kwargs: dict[str, Any] = dict(
         output_dir=t.output_dir,
         max_steps=t.max_steps,
@@ -359,6 +410,9 @@ def train(loaded: LoadedRecipe) -> TrainResult:
     resolve_fused_loss(recipe.training.fused_cross_entropy, device_type)  # raises now, not after the weights load
     if recipe.training.liger_kernels:
         check_liger_kernels(model_config.model_type, device_type)
+    resolve_bf16(recipe)
+    check_report_to(recipe.training.report_to)
+    check_deepspeed_launch(recipe)
     with claim_run_dir(recipe, recipe.model_dump(mode="json"), loaded.resolved_yaml()) as resume:
         return _train_claimed(recipe, method, model_config, resume)
 
@@ -374,6 +428,7 @@ def _train_claimed(recipe: Recipe, method: Method, model_config: Any, resume: Pa
     model = build_training_model(recipe, method, model_config)
     if is_main_process() and hasattr(model, "print_trainable_parameters"):
         model.print_trainable_parameters()
+    resume = confirm_resume_checkpoint(recipe, resume, saved_adapter_tensors(recipe, model))
     set_seed(recipe.training.seed)  # again: the data must not depend on what the model build drew
     own_data = method.training_data(recipe, tokenizer)
     train_dataset, collator = own_data if own_data is not None else build_training_data(recipe, tokenizer)
@@ -407,6 +462,18 @@ def _train_claimed(recipe: Recipe, method: Method, model_config: Any, resume: Pa
         (recipe.run_dir() / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     trainer.accelerator.wait_for_everyone()  # no rank leaves while rank 0 still writes the run's files
     return TrainResult(final, trainer.model, tokenizer, trainer)
+
+
+def saved_adapter_tensors(recipe: Recipe, model: torch.nn.Module) -> dict[str, tuple[int, ...]] | None:
+    """The tensor names and shapes a checkpoint of this model's adapter holds in `adapter_model.safetensors`
+    (PEFT's saved state dict, the adapter name stripped), to refuse a checkpoint of another adapter
+    before the Trainer loads it (PEFT's loader ignores foreign tensors silently). None where the check
+    does not apply: full training (no adapter) and DeepSpeed (it resumes from its own engine state)."""
+    if recipe.peft.type != "lora" or recipe.deepspeed is not None:
+        return None
+    from peft.utils import get_peft_model_state_dict
+
+    return {name: tuple(t.shape) for name, t in get_peft_model_state_dict(model).items()}
 
 
 def _checkpoint_step(checkpoint: Path) -> int:

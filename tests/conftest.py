@@ -18,6 +18,32 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _decorate_kernels_for_the_interpreter() -> None:
+    """Without CUDA, import the Triton kernels with ``TRITON_INTERPRET=1`` before any test module can.
+
+    Triton picks JIT or interpreter when a kernel is decorated, and every test module that imports the
+    recipe schema imports the kernels (through the method patches); a kernel decorated for JIT cannot run
+    on CPU. The variable is restored afterwards, so the rest of the session keeps the plain CPU dispatch;
+    kernel tests set it again per test (tests/kernels/conftest.py).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import headwise.kernels  # noqa: F401  (decorates every kernel module)
+    finally:
+        if previous is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+
+
+_decorate_kernels_for_the_interpreter()
+
+
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     from headwise.model_loading import load_tokenizer
