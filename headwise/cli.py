@@ -67,8 +67,10 @@ def _cmd_push(args) -> int:
 
 def _cmd_generate(args) -> int:
     from headwise.inference import load
+    from headwise.inference_config import parse_kv_policy
 
-    loaded = load(args.path, dtype=args.dtype, policy=args.policy)
+    policy = parse_kv_policy(args.policy, field="--policy") if args.policy is not None else None
+    loaded = load(args.path, dtype=args.dtype, policy=policy)
     print(loaded.generate(args.prompt, max_new_tokens=args.max_new_tokens, static=args.static, compile=args.compile))
     return 0
 
@@ -90,6 +92,10 @@ def _cmd_recipe(args) -> int:
             raise RecipeError("recipe show takes one recipe (then optional key=value overrides)")
         print(load_recipe(args.recipes[0], args.overrides).resolved_yaml(), end="")
         return 0
+    if not args.recipes:
+        given = f" (only overrides were given: {' '.join(args.overrides)})" if args.overrides else ""
+        raise RecipeError(f"recipe validate: no recipe file given{given}; usage: headwise recipe validate RECIPE "
+                          "[RECIPE ...] [key=value ...]")
     failed = 0
     for r in args.recipes:  # every file gets its verdict, whatever stopped the one before
         try:
@@ -203,11 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _split_overrides(args) -> None:
-    """`recipe` takes recipes then overrides in one list: overrides are the items with `=` or a `~` prefix."""
+    """`recipe` takes recipes then overrides in one list: overrides are the items with `=` or a `~` prefix,
+    except an item naming an existing file, which is a recipe whatever its name (`lr=2e-4.yaml`)."""
     if getattr(args, "command", None) == "recipe":
+        from pathlib import Path
+
         items = args.recipes
-        args.recipes = [i for i in items if "=" not in i and not i.startswith("~")]
-        args.overrides = [i for i in items if "=" in i or i.startswith("~")]
+        is_override = [("=" in i or i.startswith("~")) and not Path(i).is_file() for i in items]
+        args.recipes = [i for i, o in zip(items, is_override) if not o]
+        args.overrides = [i for i, o in zip(items, is_override) if o]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

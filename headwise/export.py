@@ -14,9 +14,10 @@ a folder containing it, the working directory or the home folder.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import yaml
 
@@ -29,12 +30,14 @@ from headwise.export_target import (
     new_sibling_dir,
     write_manifest,
 )
-from headwise.inference_config import BaseModelRef, InferenceConfig
+from headwise.inference_config import ADAPTER_CONFIG_NAME, BaseModelRef, InferenceConfig, adapter_problem
 from headwise.methods import method_for
 from headwise.model_cards import write_model_card
 from headwise.model_loading import load_config, load_model, load_tokenizer, resolve_model_source
 from headwise.run_dir import FINAL_DIR, SUMMARY_FILE, RunDirError, checkpoint_problem, read_run_recipe
 from headwise.weight_files import weights_problem
+
+logger = logging.getLogger(__name__)
 
 
 class ExportError(HeadwiseError):
@@ -44,7 +47,7 @@ class ExportError(HeadwiseError):
 def _weights_dir(run_dir: Path, checkpoint: str | None) -> Path:
     if checkpoint:
         src = run_dir / checkpoint if not Path(checkpoint).is_absolute() else Path(checkpoint)
-        problem = checkpoint_problem(src) if src.is_dir() else "it does not exist"
+        problem = checkpoint_problem(src) if src.is_dir() else f"it does not exist; {_checkpoints_there(run_dir)}"
         if problem:
             raise ExportError(f"--checkpoint {checkpoint}: {problem}")
         return src
@@ -61,6 +64,15 @@ def _weights_dir(run_dir: Path, checkpoint: str | None) -> Path:
             "run resumes from its last checkpoint) or export a checkpoint with --checkpoint checkpoint-N"
         )
     return final
+
+
+def _checkpoints_there(run_dir: Path) -> str:
+    """The checkpoints of `run_dir` in words, for a --checkpoint that names none of them."""
+    names = sorted((p.name for p in run_dir.glob("checkpoint-*") if p.is_dir()),
+                   key=lambda n: int(n.rsplit("-", 1)[1]) if n.rsplit("-", 1)[1].isdigit() else -1)
+    if not names:
+        return f"{run_dir} holds no checkpoint-N folder"
+    return f"the checkpoints in {run_dir} are {', '.join(names)}"
 
 
 def build_inference_config(recipe, *, weights: str, kv_policy=None) -> InferenceConfig:
@@ -108,6 +120,13 @@ def export_run(
     if fmt == "adapter" and recipe.peft.type == "none":
         raise ExportError("this run trained without LoRA (peft.type none): export it with --format merged")
     src = _weights_dir(run_dir, checkpoint)
+    if fmt in ("adapter", "merged") and (src / ADAPTER_CONFIG_NAME).is_file():
+        problem = adapter_problem(src, load_config(recipe.model))
+        if problem:
+            raise ExportError(
+                f"{problem}; the adapter cannot be exported. Export another checkpoint with --checkpoint checkpoint-N, "
+                "or train again"
+            )
     if out_dir:
         out, label = Path(out_dir), "--out"
     elif recipe.export.dir:
@@ -137,8 +156,7 @@ def export_run(
         inference = build_inference_config(recipe, weights=fmt, kv_policy=policy)
         inference.save(tmp)
         (tmp / "headwise_recipe.yaml").write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text()) if (run_dir / SUMMARY_FILE).is_file() else {}
-        write_model_card(tmp, recipe, inference, summary, run_dir=run_dir)
+        write_model_card(tmp, recipe, inference, read_optional_json(run_dir / SUMMARY_FILE), run_dir=run_dir)
         write_manifest(tmp)
         match_umask_permissions(tmp)
         # Again: the folder may have gained files while the export was being built.
@@ -148,6 +166,24 @@ def export_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def read_optional_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object in an optional file beside a run (its training summary), {} when there is none, or None
+    with a warning naming it when it cannot be read: a damaged summary costs the model card a section, not the
+    export."""
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        reason = str(e).splitlines()[0]
+    else:
+        if isinstance(data, dict):
+            return data
+        reason = f"it holds a {type(data).__name__}, not a JSON object"
+    logger.warning("skipping %s: it is not readable (%s); the model card leaves out what it held", path, reason)
+    return None
 
 
 def _point_adapter_at_base(adapter_config: Path, recipe) -> None:

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from headwise.errors import HeadwiseError
-from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, check_weight_files
+from headwise.inference_config import INFERENCE_CONFIG_NAME, InferenceConfig, adapter_problem, check_weight_files
+from headwise.model_loading import resolve_model_source
 from headwise.run_dir import RECIPE_FILE
 
 logger = logging.getLogger(__name__)
@@ -144,13 +145,35 @@ def check_export_folder(folder: Path) -> list[str]:
         check_weight_files(folder)
     except HeadwiseError as e:
         raise PushError(str(e)) from None
+    if config.weights == "adapter":
+        problem = adapter_problem(folder, _base_model_config(config))
+        if problem:
+            raise PushError(f"{problem}; re-export the run (`headwise export RUN_DIR --overwrite`) before pushing")
     return sorted(str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file())
+
+
+def _base_model_config(config: InferenceConfig) -> Any | None:
+    """The transformers config of an export's base model, or None when it is not at hand (a Hub model not in the
+    local cache while offline): the adapter check then covers the adapter's own files only."""
+    from transformers import AutoConfig
+
+    base = config.base_model
+    try:
+        src = resolve_model_source(base.name, base.gguf_file, base.revision)
+        kw = {"gguf_file": src.gguf_file} if src.gguf_file else {}
+        if src.revision:
+            kw["revision"] = src.revision
+        return AutoConfig.from_pretrained(src.path, **kw)
+    except (OSError, ValueError, HeadwiseError):
+        return None
 
 
 def plan_push(path: str | Path, repo_id: str | None, private: bool | None = None) -> PushPlan:
     folder = resolve_export_folder(path)
     files = check_export_folder(folder)
+    repo_id_source = "--repo-id"
     if repo_id is None:
+        repo_id_source = f"export.hub.repo_id in {folder / 'headwise_recipe.yaml'}"
         hub = _recipe_hub_section(folder / "headwise_recipe.yaml")
         repo_id = hub.get("repo_id")
         private = hub.get("private", True) if private is None else private
@@ -161,7 +184,8 @@ def plan_push(path: str | Path, repo_id: str | None, private: bool | None = None
     try:
         HubSection(repo_id=repo_id)  # shape check: `owner/name`
     except ValueError as e:
-        raise PushError(f"--repo-id: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        fix = "" if repo_id_source == "--repo-id" else f" (got {repo_id!r}); fix it there or pass --repo-id owner/name"
+        raise PushError(f"{repo_id_source}: {e.errors()[0]['msg'].removeprefix('Value error, ')}{fix}") from None
     if not isinstance(private, (bool, type(None))):
         raise PushError(f"export.hub.private in {folder / 'headwise_recipe.yaml'} is {private!r}; use true or false")
     return PushPlan(folder, repo_id, True if private is None else private, files)

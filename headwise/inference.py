@@ -220,6 +220,12 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
             model_config.rope_parameters = dict(config.rope_parameters)
         if config.max_position_embeddings:
             model_config.max_position_embeddings = config.max_position_embeddings
+        if config.weights == "adapter":
+            from headwise.inference_config import adapter_problem
+
+            problem = adapter_problem(path, model_config)
+            if problem:
+                raise HeadwiseError(f"{problem}; re-export the run (`headwise export RUN_DIR --overwrite`)")
         model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype, **kw)
         if config.weights == "adapter":
             from peft import PeftModel
@@ -263,6 +269,7 @@ def load(
         check_weight_files(path)
         model, tokenizer = _load_export(path, config, dtype, device)
         return _with_policy(model, tokenizer, config, policy_obj or config.kv_policy)
+    _refuse_run_folder(path)
     if path.is_dir() and any(path.glob("adapter_config.json")):
         raise FileNotFoundError(f"{path} has an adapter but no {INFERENCE_CONFIG_NAME}; export it with `headwise export RUN_DIR`")
     from headwise.model_loading import load_model, load_tokenizer
@@ -293,6 +300,23 @@ def check_model_path(path_or_id: str | Path) -> None:
         raise HeadwiseError(f"{path} is a file, not a model folder; {what}")
     if not path.exists() and (path.is_absolute() or text.startswith(".")):
         raise HeadwiseError(f"{path} does not exist; {what}")
+
+
+def _refuse_run_folder(path: Path) -> None:
+    """A training run folder holds checkpoints, not a loadable model: name its export (or how to make one)."""
+    from headwise.run_dir import RECIPE_FILE, read_run_recipe
+
+    if not (path.is_dir() and (path / RECIPE_FILE).is_file()):
+        return
+    try:
+        export = read_run_recipe(path).export_dir(path)
+    except HeadwiseError:
+        export = path / "export"
+    if (export / INFERENCE_CONFIG_NAME).is_file():
+        raise HeadwiseError(f"{path} is a training run folder, not an export: load its export {export} "
+                            f"(e.g. `headwise generate {export} PROMPT`)")
+    raise HeadwiseError(f"{path} is a training run folder without an export: run `headwise export {path}` first, "
+                        f"then load {export}")
 
 
 def _with_policy(model, tokenizer, config, policy) -> LoadedModel:

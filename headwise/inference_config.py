@@ -188,6 +188,8 @@ def parse_kv_policy(policy: Any, *, field: str = "kv_policy"):
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
                     raise HeadwiseError(f"{field}: {item!r} is not key=value (shorthand: TYPE:key=value,key=value)")
+                if key.strip() in policy:
+                    raise HeadwiseError(f"{field}: {key.strip()} is given twice ({text}); give each key once")
                 try:
                     policy[key.strip()] = json.loads(value)
                 except json.JSONDecodeError:
@@ -332,3 +334,67 @@ def check_weight_files(folder: str | Path) -> None:
     problem = weights_problem(folder)
     if problem:
         raise HeadwiseError(f"{os.path.join(folder, problem)}; {_REEXPORT}")
+
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def adapter_problem(folder: str | Path, model_config: Any | None) -> str | None:
+    """Why the PEFT adapter in `folder` cannot go onto a model of `model_config`, naming the file; None when it fits.
+
+    One check for every place an adapter is used (export of a run's final weights or a checkpoint, `headwise.load`,
+    `headwise push`), run before anything is copied, uploaded or loaded. `adapter_config.json` must be a UTF-8 JSON
+    object that PEFT accepts and that builds its adapter on the model (a field of the wrong type, such as
+    `"r": "eight"`, fails there); the adapter is built on a meta-device copy of the model (no weights, no memory),
+    which gives the tensor names and shapes `adapter_model.safetensors` must hold. PEFT itself would load foreign
+    tensors silently (leaving the bare base model) and wrong shapes with a long traceback. With `model_config` None
+    (the base model's config is not at hand) only the config and the PEFT shape of the tensor names are checked.
+    """
+    import torch
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    config_file, weights_file = folder / ADAPTER_CONFIG_NAME, folder / ADAPTER_WEIGHTS_NAME
+    try:
+        raw = json.loads(config_file.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        return f"{config_file} is missing"
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{config_file} is not UTF-8 JSON ({str(e).splitlines()[0]})"
+    if not isinstance(raw, dict):
+        return f"{config_file} holds a {type(raw).__name__}, not a JSON object (a PEFT adapter config)"
+    try:
+        peft_config = PeftConfig.from_pretrained(str(folder))
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        return f"{config_file} is not a PEFT adapter config PEFT accepts ({type(e).__name__}: {str(e).splitlines()[0]})"
+    try:
+        with safe_open(str(weights_file), framework="pt") as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except FileNotFoundError:
+        return f"{weights_file} is missing"
+    except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...) for a damaged file
+        return f"{weights_file} is damaged or cut short ({str(e).splitlines()[0]})"
+    foreign = sorted(n for n in saved if not n.startswith("base_model.model."))
+    if model_config is not None:
+        try:
+            from transformers import AutoModelForCausalLM
+
+            with torch.device("meta"):
+                meta = get_peft_model(AutoModelForCausalLM.from_config(model_config), peft_config)
+        except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
+            return (f"{config_file} does not build an adapter on the base model ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else 'wrong field types'})")
+        expected = {n: tuple(t.shape) for n, t in get_peft_model_state_dict(meta).items()}
+        foreign = sorted(n for n in saved if n not in expected)
+        wrong = [f"{n} {list(s)} (expected {list(expected[n])})" for n, s in saved.items()
+                 if n in expected and s != expected[n]]
+        if wrong:
+            return (f"{weights_file} does not fit the base model: {len(wrong)} tensor(s) of the wrong shape, e.g. "
+                    f"{wrong[0]}")
+    if foreign or not saved:
+        named = f"{len(foreign)} tensor(s) that are not this adapter's, e.g. {foreign[0]}" if foreign else "no tensors"
+        return f"{weights_file} holds {named}: it is not the adapter of this model"
+    return None

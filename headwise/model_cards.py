@@ -10,6 +10,7 @@ and the run summary only.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from headwise.inference_config import InferenceConfig
 from headwise.model_loading import resolve_model_source
+
+logger = logging.getLogger(__name__)
 
 METHOD_BLURBS = {
     "full": "dense attention with LoRA (the baseline every head-wise method is compared against)",
@@ -29,7 +32,9 @@ METHOD_BLURBS = {
 
 
 def _loss_line(summary: dict[str, Any]) -> str:
-    losses = [h["loss"] for h in summary.get("log_history", []) if "loss" in h]
+    history = summary.get("log_history")
+    losses = [h["loss"] for h in history if isinstance(h, dict) and isinstance(h.get("loss"), (int, float))] \
+        if isinstance(history, list) else []
     if not losses:
         return ""
     return f"- training loss: {losses[0]:.3f} (first logged) -> {losses[-1]:.3f} (last logged)\n"
@@ -38,16 +43,23 @@ def _loss_line(summary: dict[str, Any]) -> str:
 def _results_section(run_dir: Path | None) -> str:
     if run_dir is None:
         return "No evaluation has been run for this export yet (`headwise eval`)."
-    rows = []
+    rows, skipped = [], []
     for f in sorted(run_dir.glob("eval*/results.json")):
         try:
-            for k, v in json.loads(f.read_text()).items():
-                rows.append(f"| {f.parent.name} | {k} | {v} |")
-        except (json.JSONDecodeError, AttributeError):
+            results = json.loads(f.read_bytes().decode("utf-8"))
+            if not isinstance(results, dict):
+                raise ValueError(f"it holds a {type(results).__name__}, not a JSON object")
+        except (OSError, ValueError) as e:  # ValueError covers UnicodeDecodeError and JSONDecodeError
+            logger.warning("skipping %s: it is not readable (%s); the model card leaves its results out", f,
+                           str(e).splitlines()[0])
+            skipped.append(f"{f.parent.name}/{f.name}")
             continue
+        rows.extend(f"| {f.parent.name} | {k} | {v} |" for k, v in results.items())
+    note = (f"\n\n{', '.join(skipped)} could not be read when this card was written; its results are left out."
+            if skipped else "")
     if not rows:
-        return "No evaluation has been run for this export yet (`headwise eval`)."
-    return "| evaluation | metric | value |\n|---|---|---|\n" + "\n".join(rows)
+        return "No evaluation has been run for this export yet (`headwise eval`)." + note
+    return "| evaluation | metric | value |\n|---|---|---|\n" + "\n".join(rows) + note
 
 
 def _data_line(recipe) -> str:
@@ -61,8 +73,14 @@ def _data_line(recipe) -> str:
 
 
 def write_model_card(
-    folder: Path, recipe, inference: InferenceConfig, summary: dict[str, Any], *, run_dir: Path | None = None
+    folder: Path, recipe, inference: InferenceConfig, summary: dict[str, Any] | None, *, run_dir: Path | None = None
 ) -> Path:
+    """Write `README.md` into `folder`. `summary` is the run's training summary: {} when there is none, None when
+    it could not be read (the card then says so instead of giving steps and losses)."""
+    summary_note = ""
+    if summary is None:
+        summary = {}
+        summary_note = "- the training summary (run_summary.json) could not be read when this card was written\n"
     src = resolve_model_source(recipe.model.name, recipe.model.gguf_file, recipe.model.revision)
     base_id = src.hub_id or recipe.model.name
     datasets = [recipe.data.dataset] if recipe.data.dataset else None
@@ -116,7 +134,7 @@ Fine-tuned from `{base_id}` with [headwise](https://pypi.org/project/headwise/):
 - method: `{recipe.method.name}`; weights in this folder: **{inference.weights}**
 - data: {_data_line(recipe)}
 - steps: {steps}; world size {summary.get('world_size', 1)}
-{_loss_line(summary)}- inference: attention `{inference.attention.name}`, KV policy `{inference.kv_policy.type}`
+{_loss_line(summary)}{summary_note}- inference: attention `{inference.attention.name}`, KV policy `{inference.kv_policy.type}`
 
 ## Results
 

@@ -9,6 +9,7 @@ cross-field rules run here, before any model is downloaded or loaded.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -219,8 +220,20 @@ class HubSection(Section):
     @field_validator("repo_id")
     @classmethod
     def _repo_id_shape(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", v):
+        """`owner/name` with the Hub's own naming rules (no `..`, no `.git` ending, ...), so that a repo id the Hub
+        would refuse fails here, offline, before anything is uploaded."""
+        if v is None:
+            return v
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
+        if v.count("/") != 1:
             raise ValueError(f"{v!r} is not a Hub repo id; write it as `owner/name`")
+        try:
+            validate_repo_id(v)
+        except HFValidationError as e:
+            raise ValueError(f"{v!r} is not a valid Hub repo id ({str(e).splitlines()[0]}); write it as `owner/name`, "
+                             "letters, digits, `-`, `_` and `.` only, no `--` or `..`, not ending in `.git`") from None
         return v
 
 
@@ -258,6 +271,21 @@ class Recipe(Section):
         if v.endswith(".json"):
             if not Path(v).is_file():
                 raise ValueError(f"DeepSpeed config file {v!r} does not exist; give an existing JSON path or a preset")
+            # Read now, so a broken file is one message before any model loads, not a traceback from DeepSpeed.
+            way_out = f"fix the file or use a preset ({', '.join(DEEPSPEED_PRESETS)})"
+            try:
+                config = json.loads(Path(v).read_text(encoding="utf-8"))
+            except OSError as e:
+                raise ValueError(f"DeepSpeed config file {v!r} cannot be read ({e.strerror}); {way_out}") from None
+            except UnicodeDecodeError as e:
+                raise ValueError(f"DeepSpeed config file {v!r} is not UTF-8 text (byte {e.start}); {way_out}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"DeepSpeed config file {v!r} is not valid JSON ({e}); {way_out}") from None
+            if not isinstance(config, dict):
+                raise ValueError(
+                    f"DeepSpeed config file {v!r} holds a JSON {type(config).__name__}, not an object of DeepSpeed "
+                    f"settings; {way_out}"
+                )
             return v
         raise ValueError(f"{v!r} is neither a preset ({', '.join(DEEPSPEED_PRESETS)}) nor a path to a .json file")
 

@@ -281,7 +281,10 @@ def _trunk(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _as_grid(gates) -> torch.Tensor:
-    g = torch.as_tensor(gates, dtype=torch.float64).detach().cpu()
+    try:
+        g = torch.as_tensor(gates, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):  # text, None or ragged rows: not a grid of numbers
+        raise HeadwiseError(f"gates must be a (layers, kv_heads) grid of numbers, got {str(gates)[:60]}") from None
     if g.dim() != 2 or g.numel() == 0:
         raise HeadwiseError(f"gates must be a non-empty (layers, kv_heads) grid, got shape {tuple(g.shape)}")
     if bool(torch.isnan(g).any()):
@@ -342,7 +345,8 @@ def read_gate_tsv(path: str | Path) -> torch.Tensor:
     return torch.tensor([[float(v) for v in r] for r in rows], dtype=torch.float64).clamp(0.0, 1.0)
 
 
-def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None = None) -> torch.Tensor:
+def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None = None,
+                   expected_shape: tuple[int, int] | None = None) -> torch.Tensor:
     """The mean of the gates logged in a Duo run's `duo_gates.jsonl` over the last `last_fraction` of
     training (steps in `(upto - last_fraction * upto, upto]`, `upto` = `upto_step` or the last logged
     step), as a `(layers, kv_heads)` float64 grid.
@@ -351,13 +355,19 @@ def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None 
     by about the learning rate per step, whatever its gradient's size), and the final values of those
     near zero, where a 50% cut falls on small models, reflect the last few steps' samples. Their mean
     over a window weighs every sample of it. A step logged twice (a resumed run logs again from its
-    checkpoint) counts once, with its latest line."""
+    checkpoint) counts once, with its latest line. `expected_shape` (layers, KV heads of the model) refuses a
+    log of another model's grid here rather than at generate."""
     log = Path(log)
     if not log.is_file():
         raise HeadwiseError(f"{log} is missing: method.average_last averages the gates this run logs there; "
                             "export with method.average_last: 0 to use the final gates")
     by_step: dict[int, list] = {}
-    for n, line in enumerate(log.read_text().splitlines(), 1):
+    try:
+        text = log.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise HeadwiseError(f"{log} is not a text gate log (not UTF-8): it is damaged; export with "
+                            "method.average_last=0 to use the final gates") from None
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -372,7 +382,18 @@ def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None 
     if not window:
         raise HeadwiseError(f"{log}: no gates logged in steps ({start:g}, {upto}]; lower training.logging_steps "
                             f"or raise method.average_last ({last_fraction})")
-    return torch.stack([_as_grid(g) for g in window]).mean(dim=0)
+    grids = []
+    for g in window:
+        try:
+            grid = _as_grid(g)
+        except HeadwiseError as e:
+            raise HeadwiseError(f"{log}: {e}; export with method.average_last=0 to use the final gates") from None
+        shape = expected_shape or tuple(grids[0].shape if grids else grid.shape)
+        if tuple(grid.shape) != tuple(shape):
+            raise HeadwiseError(f"{log}: a gate grid of shape {list(grid.shape)}, expected {list(shape)} (layers x KV "
+                                "heads of the model); export with method.average_last=0 to use the final gates")
+        grids.append(grid)
+    return torch.stack(grids).mean(dim=0)
 
 
 def write_mask_tsv(mask: Sequence[Sequence[int]], path: str | Path) -> Path:
@@ -652,7 +673,9 @@ class DuoAttention(Method):
         if cfg.average_last > 0:
             weights_dir = Path(weights_dir)
             step = re.fullmatch(r"checkpoint-(\d+)", weights_dir.name)
-            gates = averaged_gates(weights_dir.parent / GATE_LOG, cfg.average_last, int(step.group(1)) if step else None)
+            shape = tuple(gates_from_weights(weights_dir).shape)  # the run's own grid: layers x KV heads
+            gates = averaged_gates(weights_dir.parent / GATE_LOG, cfg.average_last, int(step.group(1)) if step else None,
+                                   expected_shape=shape)
             extra["gates"] = f"mean over the last {cfg.average_last:g} of training (headwise method.average_last)"
         else:
             gates = gates_from_weights(weights_dir)

@@ -246,3 +246,61 @@ def test_move_into_place_puts_the_old_folder_back_when_the_new_one_cannot_move_i
         move_into_place(tmp_path / "never-written", previous_export)
     assert checksums(previous_export) == before
     assert hidden_siblings(previous_export) == []
+
+
+# ------------------------------------------------------------------------------ damaged files beside the run
+
+
+def test_an_unreadable_training_summary_is_left_out_of_the_card_with_a_warning(run_dir, tmp_path):
+    """run_summary.json is optional: a damaged one costs the card its summary lines, not the export."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "run_summary.json").write_text('{"global_step": 2, "log_hist')  # cut short by a kill
+    (run / "eval").mkdir()
+    (run / "eval" / "results.json").write_bytes(b"\xff\xfe\x00binary")
+    out = tmp_path / "out"
+    res = run_cli("export", str(run), "--out", str(out), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert f"skipping {run / 'run_summary.json'}" in res.stderr
+    assert f"skipping {run / 'eval' / 'results.json'}" in res.stderr
+    card = (out / "README.md").read_text()
+    assert "the training summary (run_summary.json) could not be read" in card
+    assert "eval/results.json could not be read" in card
+
+
+def test_a_missing_checkpoint_is_refused_with_the_checkpoints_there(run_dir):
+    from headwise.export import ExportError, export_run
+
+    names = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert names  # the fixture's run saves checkpoints
+    with pytest.raises(ExportError, match="checkpoint-99: it does not exist") as e:
+        export_run(run_dir, checkpoint="checkpoint-99")
+    assert all(n in str(e.value) for n in names)
+
+
+def test_an_adapter_config_that_builds_no_adapter_is_named(run_dir, tiny_model_dir, tmp_path):
+    """The check shared by export, load and push: a wrongly typed field fails on a meta-device model, and a
+    whole adapter passes."""
+    from transformers import AutoConfig
+
+    from headwise.inference_config import adapter_problem
+
+    model_config = AutoConfig.from_pretrained(tiny_model_dir)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "final", adapter)
+    assert adapter_problem(adapter, model_config) is None
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": [1]}))
+    problem = adapter_problem(adapter, model_config)
+    assert problem and problem.startswith(f"{adapter / 'adapter_config.json'} ")
+
+
+def test_a_gate_log_of_text_gates_is_named(tmp_path):
+    from headwise.errors import HeadwiseError
+    from patches.duo import averaged_gates
+
+    log = tmp_path / "duo_gates.jsonl"
+    log.write_text('{"step": 1, "gates": "x"}\n{"step": 2, "gates": [[0.5, 0.5]]}\n')
+    with pytest.raises(HeadwiseError, match="duo_gates.jsonl: gates must be a .* grid of numbers"):
+        averaged_gates(log, 1.0)
