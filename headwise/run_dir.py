@@ -48,7 +48,7 @@ import shlex
 import socket
 import sys
 import weakref
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -121,6 +121,17 @@ def checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
 
 
+def _json_object(path: Path) -> tuple[dict[str, Any], str | None]:
+    """`path`'s JSON object, or ({}, why it is not one)."""
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return {}, f"{path.name} is not valid JSON ({e})"
+    if not isinstance(data, dict):
+        return {}, f"{path.name} is not a JSON object (it holds a {type(data).__name__})"
+    return data, None
+
+
 def checkpoint_problem(ckpt: Path, adapter_tensors: dict[str, tuple[int, ...]] | None = None) -> str | None:
     """Why `ckpt` cannot be resumed from, in words, or None when it is whole.
 
@@ -133,23 +144,17 @@ def checkpoint_problem(ckpt: Path, adapter_tensors: dict[str, tuple[int, ...]] |
     state = ckpt / "trainer_state.json"
     if not state.is_file():
         return f"{state.name} is missing"
-    try:
-        state_data = json.loads(state.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return f"{state.name} is not valid JSON ({e})"
-    if not isinstance(state_data, dict):
-        return f"{state.name} is not a JSON object (it holds a {type(state_data).__name__})"
+    state_data, problem = _json_object(state)
+    if problem:
+        return problem
     step = state_data.get("global_step")
     if not isinstance(step, int) or isinstance(step, bool):
         return f"{state.name} has no integer `global_step` (found {step!r})"
     adapter_config = ckpt / "adapter_config.json"
     if adapter_config.is_file():
-        try:
-            config = json.loads(adapter_config.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return f"{adapter_config.name} is not valid JSON ({e})"
-        if not isinstance(config, dict):
-            return f"{adapter_config.name} is not a JSON object (it holds a {type(config).__name__})"
+        problem = _json_object(adapter_config)[1]
+        if problem:
+            return problem
     if not any(ckpt.glob("*.safetensors")) and not any(ckpt.glob("global_step*")):
         return "it holds no weights (*.safetensors or a DeepSpeed global_step folder)"
     problem = weights_problem(ckpt)
