@@ -10,7 +10,6 @@ cross-field rules run here, before any model is downloaded or loaded.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
