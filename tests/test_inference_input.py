@@ -130,9 +130,9 @@ def test_generate_ids_refuses_no_tokens_and_no_new_tokens(loaded_tiny):
 
 
 @pytest.mark.parametrize("policy, words", [
-    ("h2o:=3", "kv_policy: '=3' is not key=value"),
-    ("[1, 2]", "kv_policy: expected a mapping with a `type` (full, streaming, h2o, duo), got list"),
-    ("h2o:heavy=lots,recent=4", "kv_policy.heavy: Input should be a valid integer"),
+    ("h2o:=3", "--policy: '=3' is not key=value"),
+    ("[1, 2]", "--policy: expected a mapping with a `type` (full, streaming, h2o, duo), got list"),
+    ("h2o:heavy=lots,recent=4", "--policy.heavy: Input should be a valid integer"),
 ])
 def test_cli_generate_names_what_is_wrong_with_a_policy(tiny_model_dir, capsys, policy, words):
     before = checksums(tiny_model_dir)
