@@ -11,9 +11,10 @@ With `FUSED_DECODE` on (the default; `HEADWISE_FUSED_DECODE=0` turns it off), a 
 token, T == 1) on CUDA runs the fused Triton kernel `headwise.kernels.decode_attention` (K and V read
 once, split over the keys, the column sums from stored logits); CPU runs and prefill take the torch path.
 
-The column sums never need a T x T matrix: queries go in chunks, each chunk against all keys, so
-the row softmax is exact and the column sums add up chunk by chunk. They are summed over the query
-heads of each GQA group and over the chunk's queries; padding queries contribute nothing.
+The column sums never need a T x T matrix: queries go in blocks, each block against the keys it can
+see (up to its last query under the causal mask), so the row softmax is exact, the column sums add up
+block by block, and the work is that of causal attention. They are summed over the query heads of each
+GQA group and over the block's queries; padding queries contribute nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ import torch
 import torch.nn.functional as F
 
 ATTENTION_NAME = "headwise_kv"  # no flash/sdpa/flex_attention in the name: transformers special-cases those
-# Elements of fp32 logits per query chunk in the column-sum path (256 MiB): bounds prefill memory at long T.
-COLSUM_CHUNK_ELEMENTS = 1 << 26
+# Query positions per block of the torch path (column sums, masked prefill; see `_blocked_attention`). A
+# block's fp32 logits are (B, H, G * block, keys): 256 queries of SmolLM2-135M (9 query heads) at 4K tokens
+# are 36 MiB. Smaller blocks fit the caches better, larger ones launch fewer operators (on a busy CPU each
+# operator waits for all its threads). COLSUM_BLOCK_ELEMENTS caps a block's logits (256 MiB) at long contexts.
+COLSUM_BLOCK_QUERIES = 256
+COLSUM_BLOCK_ELEMENTS = 1 << 26
 # Decode (T == 1, after the prompt) on CUDA, or anywhere under TRITON_INTERPRET=1: the fused Triton kernel
 # `headwise.kernels.decode_attention` (reads K and V once, split-K, column sums for H2O) instead of the
 # torch chain below. On by default: on an H200 it took a CUDA-graph decode step of a Llama-3-8B shape at
@@ -71,6 +76,7 @@ def grouped_attention(
     causal_tail: bool,
     prompt_mask: torch.Tensor | None = None,
     need_colsums: bool = False,
+    block_queries: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of grouped queries over one head group's kept keys.
 
@@ -80,6 +86,8 @@ def grouped_attention(
     is visible (a static decode step, T == 1).
     prompt_mask (B, 1, T, L) bool: transformers' mask of the first forward (prompt padding); when
     given it replaces key_valid/causal_tail (None with causal_tail: plain causal).
+    block_queries: query positions per block of the torch path (None: COLSUM_BLOCK_QUERIES, fewer where
+    a block's logits would pass COLSUM_BLOCK_ELEMENTS); any block size gives the same result.
     Returns out (B, H, G, T, D) and, with need_colsums, the column sums (B, H, L) in fp32.
     T == 1 without prompt_mask on CUDA (or under TRITON_INTERPRET=1) runs the fused Triton kernel
     (`headwise.kernels.decode_attention`; switch: FUSED_DECODE); everything else the torch code below.
@@ -95,30 +103,63 @@ def grouped_attention(
         return out.unsqueeze(3), (colsums if need_colsums else None)
     if not need_colsums and (prompt_mask is not None or (key_valid is None and causal_tail)):
         return _sdpa(q, k, v, scaling, causal_tail, prompt_mask), None
-    # Matmul path, queries folded into rows (B, H, G*c, D) so K and V are read once per KV head, never
-    # repeated over the group.
-    chunk = max(1, min(T, COLSUM_CHUNK_ELEMENTS // max(1, B * H * G * L)))
-    outs = []
+    if block_queries is None:
+        block_queries = max(1, min(COLSUM_BLOCK_QUERIES, COLSUM_BLOCK_ELEMENTS // max(1, B * H * G * L)))
+    return _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries)
+
+
+def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries):
+    """The torch path of `grouped_attention`: queries in blocks of `block_queries` positions, each block
+    against the keys it can see, an exact row softmax, the output and the column sums added block by block.
+
+    Memory is O(block x L) and the work that of causal attention: under `causal_tail` a block stops at the
+    key of its last query (the keys after it are masked for every query of the block). Queries are laid
+    out (B * H, T * G, D), a query's G heads in adjacent rows, so that a block is one contiguous row range:
+    K and V are read once per KV head, never repeated over the group, and the output GEMM writes straight
+    into its rows of the result. Few operators per block, since on a busy CPU each one waits for all its
+    threads.
+    """
+    B, H, G, T, D = q.shape
+    L = k.shape[-2]
+    if T > 1:  # prefill: exact fp32 logits (the ranking of heavy hitters depends on them), scaled once
+        rows_q = (q.float() * scaling).transpose(2, 3).reshape(B * H, T * G, D)
+        kt = k.float().reshape(B * H, L, D).transpose(1, 2)
+    else:  # decode: memory-bound, read K once in its dtype (fp32 accumulation inside the GEMM)
+        rows_q = q.reshape(B * H, G, D)
+        kt = k.reshape(B * H, L, D).transpose(1, 2)
+    v_rows = v.reshape(B * H, L, D)
+    offset = L - T  # slot of the first query under causal_tail
+    future = None  # (block, 1, block): key j of the block is after query i
+    if causal_tail and prompt_mask is None and T > 1:
+        n = min(block_queries, T)
+        future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1)[:, None]
+    invalid = ~key_valid[:, :, None, None, :] if key_valid is not None and prompt_mask is None else None
+    # Rows without a visible key (padding queries, emptied rows) give NaN from the softmax; they become 0.
+    may_empty_rows = prompt_mask is not None or key_valid is not None
+    out = v.new_empty(B * H, T * G, D)
     colsums = torch.zeros(B, H, L, dtype=torch.float32, device=q.device) if need_colsums else None
-    kt = k.transpose(-1, -2)
-    for start in range(0, T, chunk):
-        qc = q[:, :, :, start : start + chunk]
-        c = qc.shape[3]
-        qc = qc.reshape(B, H, G * c, D)
-        if T > 1:  # prefill: exact fp32 logits (the ranking of heavy hitters depends on them)
-            logits = torch.matmul(qc.float(), kt.float())
-        else:  # decode: memory-bound, read K once in its dtype (fp32 accumulation inside the GEMM)
-            logits = torch.matmul(qc, kt).float()
-        logits = (logits * scaling).view(B, H, G, c, L)
-        allowed = _allowed(B, H, c, L, start, T, key_valid, causal_tail, prompt_mask, q.device)
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        probs = torch.nan_to_num(torch.softmax(logits, dim=-1), nan=0.0)  # fully masked rows (padding queries): 0
-        outs.append(torch.matmul(probs.to(v.dtype).view(B, H, G * c, L), v).view(B, H, G, c, D))
-        if need_colsums:
-            colsums += probs.sum(dim=(2, 3))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)
-    return out, colsums
+    for start in range(0, T, block_queries):
+        stop = min(T, start + block_queries)
+        c = stop - start
+        keys = offset + stop if causal_tail else L
+        logits = torch.bmm(rows_q[:, start * G : stop * G], kt[..., :keys])
+        if T == 1:
+            logits = logits.float().mul_(scaling)
+        blk = logits.view(B, H, c, G, keys)
+        if prompt_mask is not None:  # transformers' causal mask of the first forward: nothing past `keys`
+            blk.masked_fill_(~prompt_mask[:, :, start:stop, None, :keys].to(torch.bool), float("-inf"))
+        else:
+            if future is not None:  # the block's own keys: query i sees keys up to its own slot
+                blk[..., keys - c :].masked_fill_(future[:c, :, :c], float("-inf"))
+            if invalid is not None:
+                blk.masked_fill_(invalid[..., :keys], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if may_empty_rows:
+            probs.nan_to_num_(nan=0.0)
+        torch.bmm(probs.to(v.dtype), v_rows[:, :keys], out=out[:, start * G : stop * G])
+        if colsums is not None:
+            colsums[..., :keys].add_(probs.view(B, H, c * G, keys).sum(dim=2))
+    return out.view(B, H, T, G, D).transpose(2, 3), colsums
 
 
 def _fused_decode(q: torch.Tensor) -> bool:
@@ -127,20 +168,6 @@ def _fused_decode(q: torch.Tensor) -> bool:
     if not FUSED_DECODE:
         return False
     return q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _allowed(B, H, c, L, start, T, key_valid, causal_tail, prompt_mask, device):
-    """Boolean (B, H or 1, 1, c, L) mask of the keys each query of the chunk may see (None: all)."""
-    if prompt_mask is not None:
-        return prompt_mask[:, :, start : start + c, :].unsqueeze(2).to(torch.bool)  # (B, 1, 1, c, L)
-    allowed = None
-    if causal_tail and (T > 1 or key_valid is None):
-        qpos = torch.arange(start, start + c, device=device) + (L - T)
-        allowed = (torch.arange(L, device=device)[None, :] <= qpos[:, None])[None, None, None]  # (1,1,1,c,L)
-    if key_valid is not None:
-        kv = key_valid[:, :, None, None, :]
-        allowed = kv if allowed is None else (allowed & kv)
-    return allowed
 
 
 def _sdpa(q, k, v, scaling, causal_tail, prompt_mask):

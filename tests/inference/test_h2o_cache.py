@@ -168,3 +168,100 @@ def test_left_padded_batch_matches_each_prompt_alone(llama, policy):
     for row, single in enumerate((a, b)):
         alone = llama.generate(single, max_new_tokens=10, do_sample=False, past_key_values=make_cache(llama, policy))
         assert batch[row].tolist() == alone[0, single.shape[1]:].tolist(), row
+
+
+# ---- blocked column sums: queries in blocks give the same output, scores and kept sets ------------------
+
+
+def _whole_matrix_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask):
+    """Output and column sums from the whole (T, L) probability matrix, in float64."""
+    B, H, G, T, D = q.shape
+    L = k.shape[-2]
+    logits = torch.einsum("bhgtd,bhld->bhgtl", q.double(), k.double()) * scaling
+    if prompt_mask is not None:
+        allowed = prompt_mask[:, :, None]  # (B, 1, 1, T, L)
+    else:
+        allowed = torch.ones(B, H, 1, T, L, dtype=torch.bool)
+        if causal_tail:
+            allowed = allowed & (torch.arange(L)[None, :] <= torch.arange(T)[:, None] + (L - T))
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, :, None, None, :]
+    probs = torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num(nan=0.0)
+    return torch.einsum("bhgtl,bhld->bhgtd", probs, v.double()), probs.sum(dim=(2, 3))
+
+
+@pytest.mark.parametrize("case", ["causal prompt", "kept slots + new tokens", "left-padded prompt"])
+def test_blocked_attention_equals_the_whole_probability_matrix(case):
+    """grouped_attention in blocks of 1 query, of 4, 7 and 10 (none divides the 23 queries) and in one
+    block gives the output and column sums of the whole probability matrix: same masks, exact softmax."""
+    from headwise.patches.kv_attention import grouped_attention
+
+    gen = torch.Generator().manual_seed(11)
+    B, H, G, T, D = 2, 2, 3, 23, 16
+    kept = 15 if case == "kept slots + new tokens" else 0
+    L = kept + T
+    q = torch.randn(B, H, G, T, D, generator=gen) * 2
+    k, v = torch.randn(B, H, L, D, generator=gen), torch.randn(B, H, L, D, generator=gen)
+    key_valid = prompt_mask = None
+    if case == "kept slots + new tokens":  # a later forward: some kept slots hold padding, the new tokens are real
+        key_valid = torch.cat([torch.rand(B, H, kept, generator=gen) < 0.7, torch.ones(B, H, T, dtype=torch.bool)], -1)
+    if case == "left-padded prompt":  # row 1 starts with 6 padding tokens: their queries see nothing
+        real = torch.ones(B, L, dtype=torch.bool)
+        real[1, :6] = False
+        prompt_mask = (torch.ones(T, L, dtype=torch.bool).tril() & real[:, None, None, :] & real[:, None, :, None])
+    args = dict(scaling=D ** -0.5, key_valid=key_valid, causal_tail=True, prompt_mask=prompt_mask, need_colsums=True)
+    ref_out, ref_cols = _whole_matrix_attention(q, k, v, D ** -0.5, key_valid, True, prompt_mask)
+    one_out, one_cols = grouped_attention(q, k, v, block_queries=T, **args)
+    for block in (1, 4, 7, 10, T):
+        out, cols = grouped_attention(q, k, v, block_queries=block, **args)
+        assert out.shape == (B, H, G, T, D) and cols.shape == (B, H, L)
+        torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cols.double(), ref_cols, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, one_out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cols, one_cols, rtol=1e-5, atol=1e-6)
+    if prompt_mask is not None:
+        assert torch.all(out[1, :, :, :6] == 0)  # padding queries: no output, nothing added to any column
+
+
+def _h2o_state(cache):
+    """Per layer: kept positions per row and KV head, and the accumulated scores of the kept slots."""
+    stores = [layer.groups[0][1] for layer in cache.layers]
+    return [s.kept_positions() for s in stores], [s.score.clone() for s in stores]
+
+
+def _chunked_prefill_then_generate(model, ids, mask, policy):
+    """Prompt forwards of 30 (with the left padding) and 17 tokens, then `generate` (the last 6 prompt
+    tokens in one forward, then 3 decode steps): every multi-token path of the headwise attention."""
+    from headwise.static_decode import prompt_positions
+
+    cache = make_cache(model, policy)
+    pos = prompt_positions(mask)
+    with torch.inference_mode():
+        for lo, hi in ((0, 30), (30, 47)):
+            model(input_ids=ids[:, lo:hi], attention_mask=mask[:, :hi], position_ids=pos[:, lo:hi],
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
+        after_prefill = _h2o_state(cache)
+        tokens = model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    return after_prefill, _h2o_state(cache), tokens[:, ids.shape[1]:].tolist()
+
+
+def test_blocked_prefill_keeps_what_one_block_keeps(llama, monkeypatch):
+    """A left-padded batch of 53-token prompts (row 1: 9 padding tokens) under H2O: query blocks of 4, 7
+    and 11 (dividing none of the forwards' 30, 17 and 6 tokens) keep the same positions with the same
+    scores, and generate the same tokens, as each forward in one block."""
+    from headwise.patches import kv_attention
+
+    ids, mask = random_ids(2, 53, seed=13), torch.ones(2, 53, dtype=torch.long)
+    ids[1, :9], mask[1, :9] = 0, 0
+    policy = {"type": "h2o", "heavy": 8, "recent": 5}
+    monkeypatch.setattr(kv_attention, "COLSUM_BLOCK_QUERIES", 1024)
+    one = _chunked_prefill_then_generate(llama, ids, mask, policy)
+    (one_kept, one_scores), (one_kept_end, one_scores_end), one_tokens = one
+    assert all(len(head) == 13 for layer in one_kept for row in layer for head in row)  # evicted to heavy + recent
+    for block in (4, 7, 11):
+        monkeypatch.setattr(kv_attention, "COLSUM_BLOCK_QUERIES", block)
+        (kept, scores), (kept_end, scores_end), tokens = _chunked_prefill_then_generate(llama, ids, mask, policy)
+        assert kept == one_kept and kept_end == one_kept_end, block
+        for got, want in zip(scores + scores_end, one_scores + one_scores_end):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert tokens == one_tokens, block
