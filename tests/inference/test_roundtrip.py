@@ -80,6 +80,6 @@ def test_cli_generate_with_a_policy(model_dir, capsys):
 
 def test_cli_bad_policy_names_the_field(model_dir, capsys):
     assert main(["generate", str(model_dir), "w5", "--policy", "h2o:heavy_ratio=2,recent_ratio=0.1"]) == 2
-    assert "kv_policy.heavy_ratio" in capsys.readouterr().err
+    assert "--policy.heavy_ratio" in capsys.readouterr().err
     assert main(["generate", str(model_dir), "w5", "--policy", '{"type": "duo", "retrieval_heads": [[1]]}']) == 2
     assert "kv_policy.retrieval_heads: 1 x 1" in capsys.readouterr().err
