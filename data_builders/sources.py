@@ -92,14 +92,21 @@ def _texts_from_rows(rows, text_field: str, source: str, limit: int | None) -> l
     for i, row in enumerate(rows):
         if limit is not None and len(texts) >= limit:
             break
-        value = row[text_field]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue  # empty rows are skipped before counting towards the limit
-        if not isinstance(value, str):
-            raise DataError(f"{source}, row {i}: field {text_field!r} is {type(value).__name__}, not text. "
-                            "Set data.text_field to a string field.")
-        texts.append(value)
+        value = _row_text(row[text_field], source, f"row {i}", text_field)
+        if value is not None:
+            texts.append(value)
     return texts
+
+
+def _row_text(value, source: str, where: str, text_field: str) -> str | None:
+    """A row's text, or None for an empty row (skipped before it counts towards a limit); DataError for a
+    value that is not a string."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{source}, {where}: field {text_field!r} is {type(value).__name__}, not text. "
+                        "Set data.text_field to a string field, or make this row's value a string.")
+    return value
 
 
 def _documents_from_table(path: Path, text_field: str, limit: int | None, *,
@@ -119,12 +126,9 @@ def _documents_from_table(path: Path, text_field: str, limit: int | None, *,
             fix = ("Set data.text_field to the field that holds the document text." if i == 0 else
                    "Every row needs it: add it to this row or delete the row.")
             raise DataError(f"{source}, {where} has no field {text_field!r}; fields found: {list(row)}. {fix}")
-        value = row[text_field]
-        if value is None or (isinstance(value, str) and not value.strip()):
-            continue  # empty rows are skipped before counting towards the limit
-        if not isinstance(value, str):
-            raise DataError(f"{source}, {where}: field {text_field!r} is {type(value).__name__}, not text. "
-                            "Set data.text_field to a string field, or make this row's value a string.")
+        value = _row_text(row[text_field], source, where, text_field)
+        if value is None:
+            continue
         scan.add(value, f", {where}, field {text_field!r}")
         texts.append(value)
     scan.check()
