@@ -10,7 +10,7 @@ LoRA r=8 / alpha 16 on q,k,v,o with gradient checkpointing (non-reentrant), time
   then the PEFT wrap.
 - `longlora`: the same with `sinks: 0` (LongLoRA's S2-Attn).
 - `sf@block_sparse`, `longlora@regrouped`, ...: force the shifted-group implementation of the row
-  (`headwise.kernels.SHIFTED_GROUPS_IMPL`; default `auto`). `HEADWISE_SG_MAX_PIECE_HEADS=4` in the
+  (`headwise.kernels.dispatch.SHIFTED_GROUPS_IMPL`; default `auto`). `HEADWISE_SG_MAX_PIECE_HEADS=4` in the
   environment caps the heads per dense-kernel call of the regrouped form (smaller temporaries).
 - `noattn`: a ceiling measurement, not a method: attention returns V (GQA-repeated) unchanged, so
   it costs ~nothing; this is the issue's "attention made free" speed that no attention can beat.
@@ -114,7 +114,7 @@ def kernel_path(method: str, heads: int, kv_heads: int, context: int, device: st
     desc = f"G={spec.group_size} sinks={spec.sink}"
     if device != "cuda":
         return f"torch reference, {desc}"
-    import headwise.kernels as k
+    import headwise.kernels.dispatch as k
 
     # a (1, H, T, 1) stand-in: the dispatch reads only q's device, dtype and sizes
     impl = k.attention_impl(spec, torch.empty(1, heads, context, 1, device=device, dtype=dtype), n_kv_heads=kv_heads)
@@ -150,11 +150,11 @@ def check_lora_updated(model: torch.nn.Module, before: dict[str, torch.Tensor], 
 
 
 def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: str, args: argparse.Namespace) -> dict:
-    import headwise.kernels
+    import headwise.kernels.dispatch
     from peft import LoraConfig, get_peft_model
 
     method, _, impl = method.partition("@")
-    headwise.kernels.SHIFTED_GROUPS_IMPL = impl or "auto"
+    headwise.kernels.dispatch.SHIFTED_GROUPS_IMPL = impl or "auto"
 
     cuda = device == "cuda"
     model = build_model(shape, dtype, device)
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     import transformers
 
-    import headwise.kernels
+    import headwise.kernels.dispatch
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shape, dtype = (TINY, torch.float32) if args.tiny else (LLAMA3_8B, torch.bfloat16)
@@ -334,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                    fused_ops="liger (rms_norm, swiglu, rope)" if args.liger else None, peft_forward=args.peft_forward,
                    kernel=kernel_path(method, shape["num_attention_heads"], shape["num_key_value_heads"], context, device,
                                       dtype),
-                   impl=headwise.kernels.SHIFTED_GROUPS_IMPL if method.partition("@")[0] in ("sf", "longlora") else None,
+                   impl=headwise.kernels.dispatch.SHIFTED_GROUPS_IMPL if method.partition("@")[0] in ("sf", "longlora") else None,
                    max_piece_heads=headwise.kernels.shifted_groups.MAX_PIECE_HEADS,
                    note="ceiling: attention replaced by V passthrough" if method == "noattn" else None,
                    gpu=gpu, torch=torch.__version__, transformers=transformers.__version__, command=command, date=utc_now())

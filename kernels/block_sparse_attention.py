@@ -44,6 +44,7 @@ import triton
 import triton.language as tl
 
 from .input_checks import check_attention_inputs
+from .interpreter import interpret_mode
 from .layouts import BlockLayout, LayoutSpec, build_layout
 from .tensor_memo import LastTensorMemo
 
@@ -129,10 +130,6 @@ TUNED_D128 = {
 }
 # The interpreter runs each program in numpy: small tiles keep CPU tests in seconds.
 INTERPRET_CONFIG = KernelConfig(32, 32, 32, 32, 4, 1, 4, 1, 4, 1)
-
-
-def interpret_mode() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def pick_config(head_dim: int, spec: LayoutSpec, device) -> KernelConfig:

@@ -54,7 +54,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .block_sparse_attention import _d_mask, interpret_mode
+from .block_sparse_attention import _d_mask
+from .interpreter import interpret_mode
 
 _LOG2E = 1.4426950408889634
 NEG_INF = tl.constexpr(float("-inf"))

@@ -160,8 +160,6 @@ class LayoutSpec:
     def density(self, seq_len: int, n_heads: int) -> float:
         """Allowed (query, key) pairs over the causal pairs ``T (T + 1) / 2``, exact, averaged over
         heads (dense causal is 1.0)."""
-        from .reference import allowed_per_query  # local import: reference imports this module
-
         spec = self.resolve(seq_len)
         total = sum(int(allowed_per_query(spec, seq_len, h, n_heads).sum()) for h in range(n_heads))
         return total / (n_heads * seq_len * (seq_len + 1) / 2)
@@ -431,3 +429,37 @@ def build_s2_layout(
         same_for_all_heads=same_for_all_heads,
     )
     return build_layout(spec, seq_len, n_heads, block_m, block_n, device)
+
+
+def allowed_per_query(spec, seq_len: int, head: int, n_heads: int) -> torch.Tensor:
+    """Number of keys each query of one head may attend to, in closed form (int64 ``(T,)``).
+
+    Used for densities at long T where a ``(T, T)`` mask would not fit; tests check it against
+    ``token_mask``.
+    """
+    spec = (spec.spec if isinstance(spec, BlockLayout) else spec).resolve(seq_len)
+    q = torch.arange(seq_len, dtype=torch.int64)
+    kind = spec.kind
+    if kind == "dense":
+        return q + 1
+    if kind == "sliding_window":
+        return torch.clamp(q + 1, max=spec.window)
+    if kind == "streaming":
+        win = torch.clamp(q + 1, max=spec.recent)
+        # sinks outside the window: keys k < sink with k <= q - recent
+        return win + torch.clamp(torch.clamp(q - spec.recent + 1, min=0), max=spec.sink)
+    if kind == "shifted_groups":
+        g = spec.group_size
+        off = g // 2 if head in set(spec.shifted(n_heads)) else 0
+        start = torch.clamp(torch.div(q + off, g, rounding_mode="floor") * g - off, min=0)
+        return (q - start + 1) + torch.clamp(start, max=spec.sink)
+    if kind == "s2":
+        b, loc, v = spec.block, spec.local_blocks, spec.vert_stride
+        o = spec.head_offset_base % v if spec.same_for_all_heads else (head + spec.head_offset_base) % v
+        qb = torch.div(q, b, rounding_mode="floor")
+        first_local = torch.clamp(qb - loc + 1, min=0)  # first key block inside the local band
+        local = q - first_local * b + 1
+        # key blocks kb in [0, first_local - 1] with (kb + o + 1) % v == 0, each fully visible
+        n = torch.div(first_local + o, v, rounding_mode="floor") - (o // v)
+        return local + n * b
+    raise AssertionError(kind)

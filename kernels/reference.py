@@ -64,40 +64,6 @@ def token_mask(spec, seq_len: int, head: int, n_heads: int, device="cpu") -> tor
     return token_rule(spec, pos.view(-1, 1), pos.view(1, -1), head, n_heads)
 
 
-def allowed_per_query(spec, seq_len: int, head: int, n_heads: int) -> torch.Tensor:
-    """Number of keys each query of one head may attend to, in closed form (int64 ``(T,)``).
-
-    Used for densities at long T where a ``(T, T)`` mask would not fit; tests check it against
-    ``token_mask``.
-    """
-    spec = _as_spec(spec).resolve(seq_len)
-    q = torch.arange(seq_len, dtype=torch.int64)
-    kind = spec.kind
-    if kind == "dense":
-        return q + 1
-    if kind == "sliding_window":
-        return torch.clamp(q + 1, max=spec.window)
-    if kind == "streaming":
-        win = torch.clamp(q + 1, max=spec.recent)
-        # sinks outside the window: keys k < sink with k <= q - recent
-        return win + torch.clamp(torch.clamp(q - spec.recent + 1, min=0), max=spec.sink)
-    if kind == "shifted_groups":
-        g = spec.group_size
-        off = g // 2 if head in set(spec.shifted(n_heads)) else 0
-        start = torch.clamp(torch.div(q + off, g, rounding_mode="floor") * g - off, min=0)
-        return (q - start + 1) + torch.clamp(start, max=spec.sink)
-    if kind == "s2":
-        b, loc, v = spec.block, spec.local_blocks, spec.vert_stride
-        o = spec.head_offset_base % v if spec.same_for_all_heads else (head + spec.head_offset_base) % v
-        qb = torch.div(q, b, rounding_mode="floor")
-        first_local = torch.clamp(qb - loc + 1, min=0)  # first key block inside the local band
-        local = q - first_local * b + 1
-        # key blocks kb in [0, first_local - 1] with (kb + o + 1) % v == 0, each fully visible
-        n = torch.div(first_local + o, v, rounding_mode="floor") - (o // v)
-        return local + n * b
-    raise AssertionError(kind)
-
-
 # Score elements per chunk across all heads (fp32: 256 MB): bounds CPU memory at long T while
 # keeping the batched matmuls large.
 SCORE_BUDGET = 64 * 1024 * 1024

@@ -33,7 +33,8 @@ def _decorate_kernels_for_the_interpreter() -> None:
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        import headwise.kernels  # noqa: F401  (decorates every kernel module)
+        import headwise.kernels.block_sparse_attention  # noqa: F401  (decorates every Triton kernel)
+        import headwise.kernels.decode_attention  # noqa: F401
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)

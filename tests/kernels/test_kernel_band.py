@@ -83,7 +83,7 @@ def test_cudnn_band_matches_reference_on_gpu(case):
 
 @pytest.mark.skipif(not BAND_WORKS, reason=NEEDS_BAND)
 def test_sparse_attention_routes_band_layouts_to_cudnn_when_asked(monkeypatch):
-    import headwise.kernels as kernels
+    import headwise.kernels.dispatch as kernels
     from headwise.kernels import band_attention
 
     calls = []
@@ -100,7 +100,7 @@ def test_sparse_attention_routes_band_layouts_to_cudnn_when_asked(monkeypatch):
 def test_sparse_attention_default_routes_sliding_window_to_cudnn_and_streaming_to_triton(monkeypatch):
     """The default (`BAND_IMPL="auto"`) takes the band for the sliding window only, where it was
     measured faster than both FlexAttention and the Triton kernel; streaming keeps the Triton kernel."""
-    import headwise.kernels as kernels
+    import headwise.kernels.dispatch as kernels
     from headwise.kernels import band_attention
 
     calls = []

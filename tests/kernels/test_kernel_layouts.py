@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from headwise.kernels import LayoutSpec, build_layout, build_s2_layout, reference_attention, sparse_attention
-from headwise.kernels.reference import allowed_per_query, token_mask
+from headwise.kernels.layouts import allowed_per_query
+from headwise.kernels.reference import token_mask
 
 SPECS = [
     LayoutSpec("dense"),

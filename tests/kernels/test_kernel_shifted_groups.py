@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from headwise import kernels
+from headwise.kernels import dispatch as kernels
 from headwise.kernels import LayoutSpec, reference_attention, shifted_group_attention
 
 from kernel_tolerance import HAS_CUDA, check_tolerance
