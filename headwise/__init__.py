@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def load(*args, **kwargs):
     """Load a headwise export (or any causal LM) with its KV policy; see `headwise.inference.load`."""
-    from headwise.inference import load as _load
+    from headwise.inference.load import load as _load
 
     return _load(*args, **kwargs)
 

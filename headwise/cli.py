@@ -25,9 +25,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _cmd_train(args) -> int:
-    from headwise.recipe_loader import load_recipe
-    from headwise.run_dir import is_main_process
-    from headwise.training import release_process_group, train
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.run_dir import is_main_process
+    from headwise.train.trainer import release_process_group, train
 
     loaded = load_recipe(args.recipe, args.overrides)
     if is_main_process():
@@ -40,7 +40,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from headwise.export import export_run
+    from headwise.publish.export import export_run
 
     out = export_run(args.run_dir, out_dir=args.out, format=args.format, checkpoint=args.checkpoint,
                      overwrite=args.overwrite, overrides=args.overrides)
@@ -49,7 +49,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_push(args) -> int:
-    from headwise.hub import plan_push, push
+    from headwise.publish.hub import plan_push, push
 
     plan = plan_push(args.path, args.repo_id, args.private)
     print(f"headwise: {len(plan.files)} files from {plan.folder} -> {plan.repo_id} ({'private' if plan.private else 'public'})")
@@ -58,7 +58,7 @@ def _cmd_push(args) -> int:
     if args.dry_run:
         print("headwise: dry run, nothing uploaded")
         return 0
-    from headwise.hub import HubRetryPolicy
+    from headwise.publish.hub import HubRetryPolicy
 
     url = push(plan, policy=HubRetryPolicy.resolve(args.timeout, args.retries))
     print(f"headwise: pushed {url}")
@@ -66,8 +66,8 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from headwise.inference import load
-    from headwise.inference_config import parse_kv_policy
+    from headwise.inference.load import load
+    from headwise.inference.config import parse_kv_policy
 
     policy = parse_kv_policy(args.policy, field="--policy") if args.policy is not None else None
     loaded = load(args.path, dtype=args.dtype, policy=policy)
@@ -76,14 +76,14 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_recipe(args) -> int:
-    from headwise.recipe_loader import RecipeError, list_shipped_recipes, load_recipe
+    from headwise.recipe.loader import RecipeError, list_shipped_recipes, load_recipe
 
     if args.action == "list":
         for name in list_shipped_recipes():
             print(name)
         return 0
     if args.action == "fields":
-        from headwise.recipe_reference import render_recipe_reference
+        from headwise.recipe.reference import render_recipe_reference
 
         print(render_recipe_reference())
         return 0
@@ -128,7 +128,7 @@ def _positive_int_arg(text: str) -> int:
 
 def _hub_timeout_arg(text: str) -> float:
     """argparse type of push --timeout: seconds per Hub network operation, in HubRetryPolicy's range."""
-    from headwise.hub import TIMEOUT_RANGE, PushError, check_timeout
+    from headwise.publish.hub import TIMEOUT_RANGE, PushError, check_timeout
 
     try:
         return check_timeout("--timeout", float(text))
@@ -138,7 +138,7 @@ def _hub_timeout_arg(text: str) -> float:
 
 def _hub_retries_arg(text: str) -> int:
     """argparse type of push --retries: further tries of a failed Hub call, in HubRetryPolicy's range."""
-    from headwise.hub import RETRIES_RANGE, PushError, check_retries
+    from headwise.publish.hub import RETRIES_RANGE, PushError, check_retries
 
     try:
         return check_retries("--retries", int(text))
@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="perplexity on long text and passkey retrieval (with a heatmap PNG)")
-    from headwise.evaluation import configure_eval_parser
+    from headwise.eval.command import configure_eval_parser
 
     configure_eval_parser(ev)  # adds the arguments and sets func
 

@@ -1,5 +1,8 @@
-"""The base of every user-facing headwise error: the CLI prints these as one line (no traceback)."""
+"""The base of every user-facing headwise error: the CLI prints these as one line (no traceback).
 
+Defined at the bottom floor (`headwise.patches.base`), so methods raise the same class the core does.
+"""
 
-class HeadwiseError(ValueError):
-    """Bad input (recipe, file, model, option). The message names the field or file and the fix."""
+from headwise.patches.base import HeadwiseError
+
+__all__ = ["HeadwiseError"]

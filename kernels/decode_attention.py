@@ -2,7 +2,7 @@
 
 What and why
 ------------
-A static decode step (``headwise.static_decode``) runs attention of one query token per sequence over
+A static decode step (``headwise.inference.static_decode``) runs attention of one query token per sequence over
 fixed-size slot buffers with a ``valid`` mask. The torch path (``patches/kv_attention.py::
 grouped_attention``) does it as two GEMMs per layer and head group plus a chain of small elementwise
 kernels (fp32 cast, scaling, masked_fill, softmax, nan_to_num, casts); at decode those small kernels,

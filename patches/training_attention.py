@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import torch
 
-from headwise.errors import HeadwiseError
+from headwise.patches.base import HeadwiseError
 from headwise.kernels.tensor_memo import LastTensorMemo
 
 # The padding mask each layer gets, checked once per mask tensor (reading it on the host syncs the GPU).

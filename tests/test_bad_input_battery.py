@@ -329,7 +329,7 @@ CASES: list[Case] = [
          ("retrieval_heads",)),
     Case("generate-policy-duplicate-key", (*GENERATE, "--policy", "streaming:sink=4,recent=8,recent=16"), ("recent",)),
     Case("generate-policy-bool-for-int", (*GENERATE, "--policy", "h2o:heavy=true,recent=4"), ("heavy",)),
-    # ---- eval: arguments (headwise.evaluation.configure_eval_parser)
+    # ---- eval: arguments (headwise.eval.command.configure_eval_parser)
     Case("eval-depths-out-of-range", ("eval", "run/export", "--depths", "0,1.5"), ("--depths",)),
     Case("eval-stride-above-window", ("eval", "run/export", "--ppl", "--window", "64", "--stride", "100"), ("--stride",)),
     Case("eval-out-is-a-file", ("eval", "run/export", "--ppl", "--window", "64", "--max-windows", "1", "--out", "notes.txt"),

@@ -9,16 +9,10 @@ import struct
 import pytest
 import torch
 
-from headwise.evaluation import (
-    EvalError,
-    accuracy_grid,
-    is_correct,
-    passkey_accuracy,
-    passkey_summary,
-    plot_passkey_heatmap,
-    sliding_window_perplexity,
-    sliding_windows,
-)
+from headwise.eval import EvalError
+from headwise.eval.passkey import accuracy_grid, is_correct, passkey_accuracy, passkey_summary
+from headwise.eval.perplexity import sliding_window_perplexity, sliding_windows
+from headwise.eval.plots import plot_passkey_heatmap
 
 # SmolLM2-135M retrieves from corpus filler at every depth but the very start (depth 0, right after the task
 # description, it misses most keys), so the well-formedness check uses depths from 0.2 on.
@@ -142,8 +136,8 @@ def test_heatmap_png(tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from headwise.model_loading import load_model, load_tokenizer
-    from headwise.recipe import ModelSection
+    from headwise.models import load_model, load_tokenizer
+    from headwise.recipe.schema import ModelSection
 
     section = ModelSection(name="smollm2-135m")
     return load_model(section, training=False).eval(), load_tokenizer(section)

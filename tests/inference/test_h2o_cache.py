@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.kv_cache import make_cache
+from headwise.inference.cache import make_cache
 
 from inference_helpers import random_ids, tiny_model
 
@@ -194,7 +194,7 @@ def _whole_matrix_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mas
 def test_blocked_attention_equals_the_whole_probability_matrix(case):
     """grouped_attention in blocks of 1 query, of 4, 7 and 10 (none divides the 23 queries) and in one
     block gives the output and column sums of the whole probability matrix: same masks, exact softmax."""
-    from headwise.patches.kv_attention import grouped_attention
+    from headwise.inference.attention import grouped_attention
 
     gen = torch.Generator().manual_seed(11)
     B, H, G, T, D = 2, 2, 3, 23, 16
@@ -232,7 +232,7 @@ def _h2o_state(cache):
 def _chunked_prefill_then_generate(model, ids, mask, policy):
     """Prompt forwards of 30 (with the left padding) and 17 tokens, then `generate` (the last 6 prompt
     tokens in one forward, then 3 decode steps): every multi-token path of the headwise attention."""
-    from headwise.static_decode import prompt_positions
+    from headwise.inference.prefill import prompt_positions
 
     cache = make_cache(model, policy)
     pos = prompt_positions(mask)
@@ -249,7 +249,7 @@ def test_blocked_prefill_keeps_what_one_block_keeps(llama, monkeypatch):
     """A left-padded batch of 53-token prompts (row 1: 9 padding tokens) under H2O: query blocks of 4, 7
     and 11 (dividing none of the forwards' 30, 17 and 6 tokens) keep the same positions with the same
     scores, and generate the same tokens, as each forward in one block."""
-    from headwise.patches import kv_attention
+    from headwise.inference import attention as kv_attention
 
     ids, mask = random_ids(2, 53, seed=13), torch.ones(2, 53, dtype=torch.long)
     ids[1, :9], mask[1, :9] = 0, 0

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from headwise.errors import HeadwiseError
-from headwise.inference_config import (
+from headwise.inference.config import (
     DuoPolicy, FullPolicy, H2OPolicy, InferenceConfig, BaseModelRef, StreamingPolicy, parse_kv_policy,
 )
 
@@ -75,7 +75,7 @@ def test_inference_config_file_names_the_file_and_field(tmp_path):
 
 
 def test_recipe_export_section_takes_every_policy():
-    from headwise.recipe import ExportSection
+    from headwise.recipe.schema import ExportSection
 
     for policy in ({"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}, {"type": "streaming", "recent": 8},
                    {"type": "duo", "retrieval_heads": [[1, 0]]}):
@@ -83,7 +83,7 @@ def test_recipe_export_section_takes_every_policy():
 
 
 def test_duo_mask_must_match_the_model(llama):
-    from headwise.kv_cache import make_cache
+    from headwise.inference.cache import make_cache
 
     with pytest.raises(HeadwiseError, match=r"kv_policy.retrieval_heads: 3 x 2 .* 2 layers x 2 KV heads"):
         make_cache(llama, {"type": "duo", "retrieval_heads": [[1, 0], [1, 0], [0, 0]]})

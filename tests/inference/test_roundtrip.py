@@ -6,7 +6,7 @@ import pytest
 
 import headwise
 from headwise.cli import main
-from headwise.inference_config import BaseModelRef, InferenceConfig, parse_kv_policy
+from headwise.inference.config import BaseModelRef, InferenceConfig, parse_kv_policy
 from inference_helpers import tiny_model, word_tokenizer
 
 PROMPTS = ["w5 w9 w17 w33 w8 w70 w12 w3 w44 w91 w23 w7 w61 w18 w27 w99 w5 w40 w11 w76",

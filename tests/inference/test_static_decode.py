@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from headwise.kv_cache import make_cache
-from headwise.static_decode import StaticDecoder, cache_kwarg
+from headwise.inference.cache import make_cache
+from headwise.inference.prefill import cache_kwarg
+from headwise.inference.static_decode import StaticDecoder
 from inference_helpers import random_ids
 
 POLICIES = [
@@ -43,7 +44,7 @@ def test_duo_static_prefill_is_chunked_like_generate(llama):
     """A `duo` prompt longer than the prefill chunk is prefilled chunk by chunk (as LoadedModel.generate
     does), so the static decoder generates what transformers' generate does after the same chunked
     prefill, and differs from a one-forward prefill (the chunking is not a no-op here)."""
-    from headwise.inference import prefill_in_chunks
+    from headwise.inference.prefill import prefill_in_chunks
 
     policy = {"type": "duo", "retrieval_heads": [[1, 0], [0, 1]], "sink": 2, "recent": 6}
     ids = random_ids(2, 40, seed=13)
@@ -180,7 +181,7 @@ def test_static_from_releases_the_dynamic_cache_layer_by_layer(llama):
     (else it holds twice the KV bytes at once), and the decoder still generates what it did before."""
     import weakref
 
-    from headwise.static_decode import prompt_positions
+    from headwise.inference.prefill import prompt_positions
 
     policy = {"type": "duo", "retrieval_heads": [[1, 0], [0, 1]], "sink": 2, "recent": 6}
     ids = random_ids(1, 30, seed=5)

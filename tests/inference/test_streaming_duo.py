@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from headwise.kv_cache import make_cache
+from headwise.inference.cache import make_cache
 from inference_helpers import random_ids
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headwise.kernels.decode_attention import MAX_SPLITS, decode_attention, num_splits
-from headwise.patches import kv_attention
+from headwise.inference import attention as kv_attention
 
 from kernel_tolerance import HAS_CUDA, max_err, tolerance_violation
 
@@ -248,7 +248,7 @@ def test_compiled_static_decode_uses_the_kernel(device, monkeypatch):
     import torch._dynamo
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from headwise.static_decode import StaticDecoder
+    from headwise.inference.static_decode import StaticDecoder
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -14,13 +14,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headwise.errors import HeadwiseError
-from headwise.inference import LoadedModel, prefill_in_chunks
-from headwise.inference_config import DuoPolicy, FullPolicy
+from headwise.inference.load import LoadedModel
+from headwise.inference.prefill import prefill_in_chunks
+from headwise.inference.config import DuoPolicy, FullPolicy
 from headwise.kernels import LayoutSpec
 from headwise.kernels.reference import reference_attention
-from headwise.kv_cache import make_cache
-from headwise.kv_stores import DynamicStore
-from headwise.methods import method_for
+from headwise.inference.cache import make_cache
+from headwise.inference.stores import DynamicStore
+from headwise.patches.base import method_for
 from headwise.patches.duo import (
     GATE_LOG,
     GATE_TSV,
@@ -255,8 +256,8 @@ def test_streaming_heads_stay_at_sink_plus_recent_plus_one_chunk_during_prefill_
 @pytest.fixture(scope="module")
 def duo_run(tiny_model_dir, tmp_path_factory):
     """A Duo run on the tiny model: 8 steps on 4 short multi-passkey haystacks (seconds)."""
-    from headwise.recipe_loader import load_recipe
-    from headwise.training import train
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.trainer import train
 
     out = tmp_path_factory.mktemp("duo-run")
     data = tiny_recipe(tiny_model_dir, out / "run", max_steps=8, learning_rate=0.02, lr_scheduler_type="constant",
@@ -342,7 +343,7 @@ def test_averaged_gates_take_the_window_and_a_resumed_steps_latest_line(tmp_path
 
 
 def test_average_last_needs_two_logged_steps_in_its_window(tiny_model_dir, tmp_path):
-    from headwise.recipe_loader import load_recipe
+    from headwise.recipe.loader import load_recipe
 
     data = tiny_recipe(tiny_model_dir, tmp_path / "run", max_steps=8, logging_steps=4)
     data["method"] = {"name": "duo", "average_last": 0.5}
@@ -358,8 +359,8 @@ def test_average_last_exports_the_mean_of_the_logged_gates(tiny_model_dir, tmp_p
     """A real run: the run's TSV and the export's pattern and policy hold the mean of the gates the run
     logged over its last half (checked against the log lines themselves), the final gates are kept
     beside them, and exporting a checkpoint averages only up to that checkpoint."""
-    from headwise.recipe_loader import load_recipe
-    from headwise.training import train
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.trainer import train
 
     data = tiny_recipe(tiny_model_dir, tmp_path / "run", max_steps=8, learning_rate=0.02, lr_scheduler_type="constant",
                        save_steps=4)

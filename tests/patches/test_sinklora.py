@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headwise.errors import HeadwiseError
-from headwise.methods import method_for
+from headwise.patches.base import method_for
 from headwise.patches.sinklora import SinkLoRAMethod, sinklora_attention
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from headwise.recipe_loader import load_recipe
+from headwise.recipe.loader import load_recipe
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

@@ -1,0 +1,73 @@
+"""The gated attention function: `gate * full + (1 - gate) * streaming` per KV group, in training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from headwise.kernels import LayoutSpec, sparse_attention
+from headwise.patches.duo.gates import GATE_MODULE, DuoState
+from headwise.patches.training_attention import check_training_call, eval_sdpa, register_training_attention
+
+
+ATTENTION_NAME = "headwise_duo"  # neutral: no flash/sdpa/flex_attention in the name
+
+def _full_attention(query, key, value, scaling):
+    """Dense causal attention (B, Hq, T, D) x (B, Hkv, T, D) -> (B, T, Hq, D), no gradient."""
+    with torch.no_grad():
+        g = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=g > 1)
+    return out.transpose(1, 2).contiguous()
+
+def duo_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` -> `(B, T, Hq, D)`.
+
+    Training: `gate * full + (1 - gate) * streaming` per KV group (see the module docstring).
+    Eval: the model's SDPA. `attention_mask` is the flash-style mask (None or a `(B, T)` padding mask).
+    """
+    if not module.training:
+        return eval_sdpa("duo", module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    state: DuoState = module.headwise_duo
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    check_training_call("duo", query, key, attention_mask, dropout)
+    scale = scaling if scaling is not None else d**-0.5
+
+    if state.mode == "teacher":
+        full = _full_attention(query, key, value, scale)
+        state.stash[module.layer_idx] = full
+        return full, None
+
+    full = state.stash.get(module.layer_idx) if state.use_stash else None
+    if full is None or full.shape != (b, t, hq, d):
+        full = _full_attention(query, key, value, scale)  # no teacher pass: the module's own, detached
+    cfg = state.config
+    stream = sparse_attention(query, key, value, LayoutSpec("streaming", sink=cfg.sink, recent=cfg.recent), scale=scale)
+    gate = getattr(module, GATE_MODULE).values().to(query.device)
+    gate = gate.repeat_interleave(hq // hkv).view(1, 1, hq, 1)  # a KV head's gate covers its query heads
+    out = gate * full.float() + (1.0 - gate) * stream.float()
+    return out.to(query.dtype).contiguous(), None
+
+def register() -> None:
+    """Register the attention function and its flash-style mask function (None or a (B, T) mask). Idempotent."""
+    register_training_attention(ATTENTION_NAME, duo_attention)
+
+def _reset_per_forward(state: DuoState):
+    def reset(model: torch.nn.Module) -> None:
+        state.mode, state.use_stash = "student", False  # a direct model call never reuses a teacher pass
+        state.stash.clear()
+
+    return reset

@@ -1,0 +1,83 @@
+"""SF-Attn as a transformers attention function: shifted groups + sink tokens on `headwise.kernels`.
+
+`layout_spec` maps the recipe block to the kernel layout; `sinklora_attention` is registered under
+`ATTENTION_NAME` and runs in training (the model's SDPA in eval mode); packed samples (position ids
+that restart, or TRL's `cu_seq_lens_q`) run every rule inside each sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from headwise.data_builders import cu_seqlens_from_position_ids
+from headwise.kernels import LayoutSpec, sparse_attention
+from headwise.kernels.tensor_memo import LastTensorMemo
+from headwise.patches.sinklora.config import SinkLoRAMethod
+from headwise.patches.training_attention import check_training_call, eval_sdpa, register_training_attention
+
+
+ATTENTION_NAME = "headwise_sinklora"
+
+def layout_spec(cfg: SinkLoRAMethod, n_heads: int, seq_len: int):
+    """The kernel layout of this config for `n_heads` query heads and sample length `seq_len`."""
+    shifted = tuple(range(n_heads // 2, n_heads)) if cfg.shifted_heads == "upper_half" else ()
+    if cfg.group_size is not None:
+        spec = LayoutSpec("shifted_groups", group_size=cfg.group_size, sink=cfg.sinks, shifted_heads=shifted)
+    else:
+        spec = LayoutSpec("shifted_groups", group_ratio=cfg.group_ratio, sink=cfg.sinks, shifted_heads=shifted)
+    return spec.resolve(seq_len)
+
+# The host sync that decides "one sequence or several" runs once per position_ids tensor (every layer
+# of a forward, and the gradient-checkpointing recompute, gets the same one), not once per layer call.
+_PACKING_SEEN = LastTensorMemo()
+
+def _packed_boundaries(kwargs: dict[str, Any], batch: int, seq_len: int) -> torch.Tensor | None:
+    """cu_seqlens over the flattened batch when the sample holds several sequences, else None."""
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        return cu.to(torch.int32)
+    pos = kwargs.get("position_ids")
+    if pos is None or pos.shape[-1] != seq_len:
+        return None
+    return _PACKING_SEEN.get(pos, batch, lambda: _boundaries_from_positions(pos.reshape(-1, seq_len), batch))
+
+def _boundaries_from_positions(pos: torch.Tensor, batch: int) -> torch.Tensor | None:
+    if pos.shape[0] == 1 and not bool((pos[0, 1:] == 0).any()):
+        return None  # one sequence
+    return cu_seqlens_from_position_ids(pos.expand(batch, -1))[0].to(pos.device)
+
+def sinklora_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` -> `(B, T, Hq, D)`.
+
+    Training: SF-Attn through `headwise.kernels.sparse_attention`. Eval: the model's SDPA.
+    `attention_mask` is transformers' flash-style mask (None, or a 2D `(B, T)` padding mask).
+    """
+    if not module.training:
+        return eval_sdpa("sinklora", module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    cfg: SinkLoRAMethod = module.headwise_sinklora
+    b, h, t, d = query.shape
+    check_training_call("sinklora", query, key, attention_mask, dropout)
+    spec = layout_spec(cfg, h, t)
+    cu = _packed_boundaries(kwargs, b, t)
+    if cu is not None:
+        flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], b * t, d)  # noqa: E731  (B,H,T,D)->(1,H,B*T,D)
+        out = sparse_attention(flat(query), flat(key), flat(value), spec, scale=scaling, cu_seqlens=cu)
+        return out.reshape(b, t, h, d), None
+    return sparse_attention(query, key, value, spec, scale=scaling), None
+
+def register() -> None:
+    """Register the attention function and its (flash-style, cheap) mask function. Idempotent."""
+    register_training_attention(ATTENTION_NAME, sinklora_attention)
