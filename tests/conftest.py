@@ -47,8 +47,8 @@ _decorate_kernels_for_the_interpreter()
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from headwise.model_loading import load_tokenizer
-    from headwise.recipe import ModelSection
+    from headwise.models import load_tokenizer
+    from headwise.recipe.schema import ModelSection
 
     return load_tokenizer(ModelSection(name="smollm2-135m"))
 

@@ -59,8 +59,8 @@ def _duo_gates_dir(tmp_path: Path, layers: int, kv_heads: int) -> Path:
 
 
 def _inference_json(recipe, tmp_path: Path) -> str:
-    from headwise.export import build_inference_config
-    from headwise.methods import method_for
+    from headwise.publish.export import build_inference_config
+    from headwise.patches.base import method_for
 
     method = method_for(recipe.method)
     fmt = "base" if method.export_weights() == "base" else recipe.export.format
@@ -77,7 +77,7 @@ def _inference_json(recipe, tmp_path: Path) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", EXPORTABLE)
 def test_export_inference_config_unchanged(name, tmp_path):
-    from headwise.recipe_loader import load_recipe
+    from headwise.recipe.loader import load_recipe
 
     recipe = load_recipe(name).recipe
     _compare_or_write(f"inference_{name}.json", _inference_json(recipe, tmp_path))
@@ -86,7 +86,7 @@ def test_export_inference_config_unchanged(name, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", sorted(POLICY_VARIANTS))
 def test_export_kv_policy_variants_unchanged(variant, tmp_path):
-    from headwise.recipe_loader import load_recipe
+    from headwise.recipe.loader import load_recipe
 
     recipe = load_recipe("full-smollm2", POLICY_VARIANTS[variant]).recipe
     _compare_or_write(f"inference_full-smollm2_{variant}.json", _inference_json(recipe, tmp_path))

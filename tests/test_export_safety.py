@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from headwise.export_target import (
+from headwise.publish.export_target import (
     EXPORT_MANIFEST,
     ExportTargetError,
     check_export_target,
     move_into_place,
     protected_reason,
 )
-from headwise.inference_config import InferenceConfig
+from headwise.inference.config import InferenceConfig
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow  # trains a run and launches the CLI
@@ -268,7 +268,7 @@ def test_an_unreadable_training_summary_is_left_out_of_the_card_with_a_warning(r
 
 
 def test_a_missing_checkpoint_is_refused_with_the_checkpoints_there(run_dir):
-    from headwise.export import ExportError, export_run
+    from headwise.publish.export import ExportError, export_run
 
     names = sorted(p.name for p in run_dir.glob("checkpoint-*"))
     assert names  # the fixture's run saves checkpoints
@@ -282,7 +282,7 @@ def test_an_adapter_config_that_builds_no_adapter_is_named(run_dir, tiny_model_d
     whole adapter passes."""
     from transformers import AutoConfig
 
-    from headwise.inference_config import adapter_problem
+    from headwise.inference.config import adapter_problem
 
     model_config = AutoConfig.from_pretrained(tiny_model_dir)
     adapter = tmp_path / "adapter"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from headwise.run_dir import checkpoint_problem
+from headwise.train.run_dir import checkpoint_problem
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 

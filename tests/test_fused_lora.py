@@ -10,7 +10,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from headwise.fused_lora import fuse_lora_forward
+from headwise.train.fused_lora import fuse_lora_forward
 
 
 def _lora_model(dropout: float = 0.0, **lora_kw):
@@ -28,7 +28,7 @@ def _lora_model(dropout: float = 0.0, **lora_kw):
 
 def _count_peft_calls(model) -> list:
     """Wrap each fused module's saved PEFT forward so calls that fall back to it are counted."""
-    from headwise.fused_lora import _ORIGINAL
+    from headwise.train.fused_lora import _ORIGINAL
 
     calls = []
     for m in model.modules():

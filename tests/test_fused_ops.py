@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from headwise.errors import HeadwiseError
-from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
+from headwise.train.fused_ops import apply_liger_kernels, check_liger_kernels
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None

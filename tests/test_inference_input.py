@@ -35,9 +35,9 @@ def trained(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
 
     Two trainings, not a copy: a run directory's export is found through the output_dir its saved recipe names.
     """
-    from headwise.export import export_run
-    from headwise.recipe_loader import load_recipe
-    from headwise.training import train
+    from headwise.publish.export import export_run
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.trainer import train
 
     root = tmp_path_factory.mktemp("trained")
     runs = {}

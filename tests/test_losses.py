@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from headwise.losses import chunked_lm_loss, resolve_fused_loss
+from headwise.train.losses import chunked_lm_loss, resolve_fused_loss
 from headwise.errors import HeadwiseError
 
 
@@ -60,8 +60,8 @@ def test_trainer_with_chunked_loss_logs_the_same_losses(tmp_path, tiny_model_dir
     """Through the real Trainer path (labels popped, num_items_in_batch scaling, accumulation)."""
     import json
 
-    from headwise.recipe_loader import load_recipe
-    from headwise.training import train
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.trainer import train
     from tests.conftest import tiny_recipe, write_recipe
 
     losses = {}
@@ -161,7 +161,7 @@ def test_zero3_trained_or_wrapped_heads_take_the_reentrant_checkpoint(head_cls):
 def test_liger_loss_hands_wrapped_or_partitioned_heads_to_the_chunked_loss():
     """Liger takes one weight tensor; a PEFT-wrapped or ZeRO-3 head goes to the chunked loss (no Liger
     import, so this runs on CPU) and gives its result."""
-    from headwise.losses import liger_lm_loss
+    from headwise.train.losses import liger_lm_loss
 
     torch.manual_seed(0)
     wrapped = _WrappedHead(8, 20, bias=False).double()
@@ -176,7 +176,7 @@ def test_liger_loss_hands_wrapped_or_partitioned_heads_to_the_chunked_loss():
                     reason="needs CUDA and liger-kernel")
 def test_liger_loss_matches_chunked_loss_on_gpu():
     """Liger's fused linear cross-entropy (gradient computed in the forward) against our chunked loss."""
-    from headwise.losses import liger_lm_loss
+    from headwise.train.losses import liger_lm_loss
 
     model = _model().float().cuda()
     ids = torch.randint(0, 300, (2, 301), device="cuda")

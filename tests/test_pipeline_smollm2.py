@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from headwise.recipe_loader import load_recipe
+from headwise.recipe.loader import load_recipe
 from tests.conftest import run_cli, write_recipe
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def _greedy(model, tokenizer) -> list[int]:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Six LoRA steps on SmolLM2 with a learning rate high enough to change its greedy output."""
-    from headwise.training import train
+    from headwise.train.trainer import train
 
     root = tmp_path_factory.mktemp("smollm2-run")
     recipe = {
@@ -65,8 +65,8 @@ def test_training_writes_run_dir_and_learns(trained):
 
 def test_training_changed_the_model(trained, tmp_path):
     """The base model answers differently: otherwise the reload tests below could pass on the base."""
-    from headwise.model_loading import load_model, load_tokenizer
-    from headwise.recipe import ModelSection
+    from headwise.models import load_model, load_tokenizer
+    from headwise.recipe.schema import ModelSection
 
     section = ModelSection(name="smollm2-135m")
     base_tokens = _greedy(load_model(section, training=False), load_tokenizer(section))
@@ -78,7 +78,7 @@ def test_adapter_export_reloads_with_plain_peft_and_headwise(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import headwise
-    from headwise.model_loading import SMOLLM2_GGUF, resolve_model_source
+    from headwise.models import SMOLLM2_GGUF, resolve_model_source
 
     run_dir, tokens, _ = trained
     res = run_cli("export", str(run_dir))

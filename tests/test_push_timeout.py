@@ -21,7 +21,7 @@ import pytest
 
 import headwise
 from headwise.cli import main
-from headwise.inference_config import BaseModelRef, InferenceConfig
+from headwise.inference.config import BaseModelRef, InferenceConfig
 from tests.conftest import run_cli
 
 FAKE_TOKEN = "hf_fakeTokenForTests0123456789abcdef"

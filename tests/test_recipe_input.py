@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from headwise.cli import main as cli_main
-from headwise.recipe_loader import RecipeError, list_shipped_recipes, load_recipe, shipped_recipes_dir
+from headwise.recipe.loader import RecipeError, list_shipped_recipes, load_recipe, shipped_recipes_dir
 from tests.conftest import REPO, run_cli, write_recipe
 
 GOOD = {"model": {"name": "smollm2-135m"}, "training": {"output_dir": "runs/x", "max_steps": 5}}
@@ -209,8 +209,8 @@ def _saved_config(directory: Path, max_positions: int) -> Path:
 
 
 def test_training_length_past_native_context_is_refused(tmp_path):
-    from headwise.model_loading import ModelLoadError, check_training_length, load_config
-    from headwise.recipe import ModelSection
+    from headwise.models import ModelLoadError, check_training_length, load_config
+    from headwise.recipe.schema import ModelSection
 
     model_dir = _saved_config(tmp_path / "m", 1024)
     section = ModelSection(name=str(model_dir))
@@ -280,7 +280,7 @@ def test_errors_caused_by_overrides_name_the_override(tmp_path, overrides, needl
 
 def test_export_override_errors_name_the_override(tmp_path):
     """`headwise export RUN method.x=...` validates the run's saved recipe.yaml plus the override."""
-    from headwise.run_dir import RunDirError, read_run_recipe
+    from headwise.train.run_dir import RunDirError, read_run_recipe
 
     run = tmp_path / "run"
     run.mkdir()
@@ -339,7 +339,7 @@ def test_shown_shipped_recipe_keeps_every_written_value_and_type(name, capsys, t
         else:
             assert type(got) is type(value) and got == value, where
     # the saved copy of this output beside a run validates (export reads it back)
-    from headwise.run_dir import read_run_recipe
+    from headwise.train.run_dir import read_run_recipe
 
     run = tmp_path / "run"
     run.mkdir()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from headwise.recipe_loader import RecipeError, list_shipped_recipes, load_recipe
+from headwise.recipe.loader import RecipeError, list_shipped_recipes, load_recipe
 from tests.conftest import REPO, run_cli, write_recipe
 
 GOOD = {"model": {"name": "smollm2-135m"}, "training": {"output_dir": "runs/x", "max_steps": 5}}
@@ -172,8 +172,8 @@ def test_cli_train_fails_fast_without_touching_disk(tmp_path):
 
 def test_readme_recipe_reference_is_current():
     """The README's recipe reference is rendered from the schema's help strings; regenerate it with
-    `python -m headwise.recipe_reference` when this fails."""
-    from headwise.recipe_reference import render_recipe_reference
+    `python -m headwise.recipe.reference` when this fails."""
+    from headwise.recipe.reference import render_recipe_reference
 
     readme = (REPO / "README.md").read_text()
     assert render_recipe_reference() in readme

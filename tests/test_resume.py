@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from headwise.run_dir import checkpoints
+from headwise.train.run_dir import checkpoints
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 MAX_STEPS = 60
@@ -161,7 +161,7 @@ def test_every_checkpoint_and_the_last_step_are_logged(tmp_path, tiny_model_dir)
 
 
 def test_mean_logged_loss_weighs_each_log_by_the_steps_it_covers():
-    from headwise.training import mean_logged_loss
+    from headwise.train.trainer import mean_logged_loss
 
     history = [{"step": 3, "loss": 2.0}, {"step": 4, "loss": 1.0}, {"train_loss": 9.0, "step": 4}, {"step": 6, "loss": 4.0}]
     assert mean_logged_loss(history) == pytest.approx((3 * 2.0 + 1.0 + 2 * 4.0) / 6)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from headwise.run_dir import LOCK_FILE, LOCK_OWNER_FILE, checkpoints
+from headwise.train.run_dir import LOCK_FILE, LOCK_OWNER_FILE, checkpoints
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow

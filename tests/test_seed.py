@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from headwise.methods import method_for
-from headwise.recipe_loader import validate_mapping
-from headwise.training import build_training_model
+from headwise.patches.base import method_for
+from headwise.recipe.loader import validate_mapping
+from headwise.train.trainer import build_training_model
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 

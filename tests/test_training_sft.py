@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from headwise.recipe_loader import load_recipe
-from headwise.training import train
+from headwise.recipe.loader import load_recipe
+from headwise.train.trainer import train
 from tests.conftest import tiny_recipe, write_recipe
 
 

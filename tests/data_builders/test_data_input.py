@@ -1,7 +1,7 @@
 """Bad training data is refused in words, before the model loads; glob patterns in data.files work.
 
 Each case runs through the loaders (``load_documents`` / ``load_sft_dataset``, which read whole
-files) and through the pre-load check (``headwise.data.check_data_sources``, which reads the start
+files) and through the pre-load check (``headwise.train.data.check_data_sources``, which reads the start
 of each file), and the message must name the file or pattern. The CLI tests run the real
 ``headwise train`` on the tiny model: README's ``files: [notes/*.jsonl]`` trains, and a refused run
 leaves the user's files byte for byte as they were and creates no run directory.
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-from headwise.data import check_data_sources
+from headwise.train.data import check_data_sources
 from headwise.data_builders import DataError, load_documents, load_sft_dataset
 from headwise.data_builders.local_files import MAX_CONTROL_SHARE
 from headwise.data_builders.sft import check_sft_files
 from headwise.data_builders.sources import check_document_files
-from headwise.recipe import DataSection
+from headwise.recipe.schema import DataSection
 from tests.conftest import run_cli, write_recipe
 
 
