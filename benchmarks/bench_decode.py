@@ -1,7 +1,7 @@
 """Decode speed per KV policy on a Llama-3-8B-shaped model with random weights (bf16, batch 1).
 
 For each policy and context it measures greedy decode tokens/s with static shapes (one CUDA graph
-per step, `headwise.static_decode`), the peak GPU memory, the bytes of the KV cache, and the
+per step, `headwise.inference.static_decode`), the peak GPU memory, the bytes of the KV cache, and the
 bandwidth bound of the row: (bytes of weights read per token + bytes of kept KV) / HBM bandwidth
 (H200: 4.8 TB/s). One JSON line per row goes to benchmarks/results/decode.jsonl.
 
@@ -78,7 +78,7 @@ def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int
 
 def synthetic_cache(model, policy, context: int, batch: int):
     """A dynamic headwise cache as it stands after a `context`-token prompt (random contents)."""
-    from headwise.kv_cache import make_cache
+    from headwise.inference.cache import make_cache
 
     cache = make_cache(model, policy, always=True)
     cfg = model.config
@@ -127,7 +127,7 @@ def sync(device):
 
 
 def run_row(model, name, policy, context, args, device) -> dict:
-    from headwise.static_decode import StaticDecoder
+    from headwise.inference.static_decode import StaticDecoder
 
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -178,7 +178,7 @@ def run_hf_loop(model, context, args, device) -> dict:
         del out
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        from headwise.static_decode import cache_kwarg
+        from headwise.inference.static_decode import cache_kwarg
 
         kw = cache_kwarg(model)
         for i in range(args.warmup + args.new_tokens):
@@ -221,7 +221,7 @@ def main(argv=None) -> int:
     out_path = Path(args.out) if args.out else (None if args.tiny else ROOT / "benchmarks/results/decode.jsonl")
     import transformers
 
-    from headwise.patches import kv_attention
+    from headwise.inference import attention as kv_attention
 
     if args.attention:
         kv_attention.FUSED_DECODE = args.attention == "fused"

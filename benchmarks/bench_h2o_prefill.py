@@ -68,7 +68,7 @@ def load_model(tiny: bool):
 @torch.inference_mode()
 def prefill_seconds(model, ids: torch.Tensor, policy: dict | None, repeats: int) -> tuple[float, float]:
     """Best (wall, process CPU) seconds of one prompt forward under `policy` (None: no headwise cache)."""
-    from headwise.kv_cache import make_cache
+    from headwise.inference.cache import make_cache
 
     best_wall = best_cpu = float("inf")
     for _ in range(repeats):

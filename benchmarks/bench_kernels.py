@@ -50,7 +50,7 @@ def _layouts():
 
 
 def mask_mod_for(spec, n_heads, device):
-    """FlexAttention mask_mod with the same token rule as DESIGN.md's table."""
+    """FlexAttention mask_mod with the same token rule as the layout semantics table (docs/kernels.md)."""
     kind = spec.kind
     hp = torch.tensor(spec.head_params(n_heads), device=device, dtype=torch.int64)
     if kind == "dense":

@@ -47,8 +47,8 @@ def policy_for(name: str, tokens: int | None = None) -> dict:
 
 @torch.inference_mode()
 def token_by_token_ppl(model, ids: torch.Tensor, policy: dict) -> float:
-    from headwise.kv_cache import make_cache
-    from headwise.static_decode import cache_kwarg
+    from headwise.inference.cache import make_cache
+    from headwise.inference.static_decode import cache_kwarg
 
     cache = make_cache(model, policy, always=True)
     kw = cache_kwarg(model)
@@ -62,8 +62,8 @@ def token_by_token_ppl(model, ids: torch.Tensor, policy: dict) -> float:
 
 @torch.inference_mode()
 def passkey_answer(model, tokenizer, sample, policy: dict, new_tokens: int = 8) -> str:
-    from headwise.kv_cache import make_cache
-    from headwise.static_decode import cache_kwarg
+    from headwise.inference.cache import make_cache
+    from headwise.inference.static_decode import cache_kwarg
 
     ids = torch.tensor([sample.input_ids])
     split = sample.haystack_span[1]
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     import headwise
     from headwise.data_builders import corpus_text
     from headwise.data_builders.passkey import build_passkey_sample
-    from headwise.evaluation import is_correct
+    from headwise.eval.passkey import is_correct
 
     loaded = headwise.load(args.model, dtype="float32")
     model, tok = loaded.model, loaded.tokenizer

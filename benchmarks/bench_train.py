@@ -19,7 +19,7 @@ LoRA r=8 / alpha 16 on q,k,v,o with gradient checkpointing (non-reentrant), time
 to measure what that saves. `--liger` runs every row (dense included) with Liger-Kernel's fused RMSNorm, SwiGLU MLP and rotary
 embedding (`training.liger_kernels`), so the rows still differ by attention alone.
 
-Loss: `--loss chunked` (default) is headwise's logit-free loss (`headwise.losses.chunked_lm_loss`
+Loss: `--loss chunked` (default) is headwise's logit-free loss (`headwise.train.losses.chunked_lm_loss`
 on the final hidden states, as the trainer's fused loss), for every method, so rows differ by
 attention alone; 64K needs it. `--loss liger` is Liger-Kernel's fused linear cross-entropy
 (`training.fused_cross_entropy: liger`, CUDA), which computes the logits' gradient in the forward
@@ -87,9 +87,9 @@ def sinklora_config(method: str) -> Any:
 
 
 def install_attention(model: torch.nn.Module, method: str) -> None:
-    """Patch attention before the PEFT wrap, in the order of headwise.training.train."""
+    """Patch attention before the PEFT wrap, in the order of headwise.train.trainer.train."""
     if method in ("sf", "longlora"):
-        from headwise.methods import method_for
+        from headwise.patches.base import method_for
 
         hooks = method_for(sinklora_config(method))
         hooks.check_model_config(model.config)
@@ -123,9 +123,9 @@ def kernel_path(method: str, heads: int, kv_heads: int, context: int, device: st
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor, loss_mode: str) -> float:
     if loss_mode in ("chunked", "liger"):
-        from headwise.losses import chunked_lm_loss, liger_lm_loss
+        from headwise.train.losses import chunked_lm_loss, liger_lm_loss
 
-        # Final hidden states and a (B, 0, V) logits tensor, as headwise.training asks for them.
+        # Final hidden states and a (B, 0, V) logits tensor, as headwise.train.trainer asks for them.
         out = model(input_ids=ids, use_cache=False, output_hidden_states=True,
                     logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
         loss_fn = chunked_lm_loss if loss_mode == "chunked" else liger_lm_loss
@@ -159,8 +159,8 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
     cuda = device == "cuda"
     model = build_model(shape, dtype, device)
     install_attention(model, method)
-    if args.liger:  # as headwise.training does with training.liger_kernels: after the patch, before PEFT
-        from headwise.fused_ops import apply_liger_kernels, check_liger_kernels
+    if args.liger:  # as headwise.train.trainer does with training.liger_kernels: after the patch, before PEFT
+        from headwise.train.fused_ops import apply_liger_kernels, check_liger_kernels
 
         check_liger_kernels(model.config.model_type, device)
         apply_liger_kernels(model)
@@ -170,8 +170,8 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS,
                                              task_type="CAUSAL_LM"))
-    if args.peft_forward == "fused":  # as headwise.training does with peft.fused_forward (the default)
-        from headwise.fused_lora import fuse_lora_forward
+    if args.peft_forward == "fused":  # as headwise.train.trainer does with peft.fused_forward (the default)
+        from headwise.train.fused_lora import fuse_lora_forward
 
         fuse_lora_forward(model)
     model.train()

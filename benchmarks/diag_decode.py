@@ -8,7 +8,7 @@ ms/token of three decode paths (the torch attention chain; the fused Triton deco
 `StaticDecoder(mode="compile")`), then profiles a few un-captured steps of the last one and prints the top
 CUDA kernels and the split of GPU time between matrix products (the weight GEMVs) and everything
 else, to check the decode path against its bandwidth bound. (A torch split-K form of the decode P @ V
-product was compared here on 2026-11-30 and dropped: it was a wash, see BENCHMARKS.md.)
+product was compared here on 2026-11-30 and dropped: it was no faster.)
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ MATMUL_NAMES = ("gemv", "gemm", "nvjet", "cutlass", "sm90_xmma", "splitk")
 
 
 def graph_ms(model, policy, context, steps=32, fused=False, mode="cuda_graph"):
-    from headwise.patches import kv_attention
-    from headwise.static_decode import StaticDecoder
+    from headwise.inference import attention as kv_attention
+    from headwise.inference.static_decode import StaticDecoder
 
     kv_attention.FUSED_DECODE = fused
     dec = StaticDecoder(model, policy, max_new_tokens=steps + 8, mode=mode)

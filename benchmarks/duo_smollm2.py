@@ -6,7 +6,8 @@
 Gates come from a Duo training run (`--run`: its `full_attention_heads.tsv`) or any DuoAttention gate file
 (`--gates`). Every policy decodes through `LoadedModel.generate_ids` (the `duo` deployment cache with chunked
 prefill, `--prefill-chunk` tokens per forward), so streaming heads answer from sink + recent tokens only.
-Writes heatmap PNGs (passkey accuracy per config, and the gates) under `--out`, appends one JSON line per
+Writes heatmap PNGs (passkey accuracy per config, and the gates) under `--out` (default
+`benchmarks/results/duo/<tag>/`), appends one JSON line per
 measured figure to `--jsonl`, and prints a markdown table. KV-cache bytes at `--kv-context` are computed
 from the shapes (layers x KV heads x kept tokens x head_dim x 2 for K and V x 2 bytes in bf16); the bytes of
 the caches actually held after each prompt are recorded too (the model's dtype).
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--kv-context", type=int, default=8192)
     p.add_argument("--no-full", action="store_true", help="skip the full-attention baseline (needs --full-results)")
     p.add_argument("--full-results", help="reuse a JSON of full-attention results written by an earlier call")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+    p.add_argument("--out", default=None, help="folder of the heatmaps and per-policy JSONs (default "
+                   "benchmarks/results/duo/<tag>)")
     p.add_argument("--tag", default="duo_smollm2")
     p.add_argument("--jsonl", default=str(REPO / "benchmarks" / "results" / "quality.jsonl"))
     p.add_argument("--no-jsonl", action="store_true")
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--measure-lengths", default=None, help="lengths whose prefilled cache bytes are measured (default: all)")
     p.add_argument("--record-command", default=None, help="command to record in the JSON lines (default: this one)")
     p.add_argument("--prime-space", action="store_true", help="passkey prompts end with the key's leading space token "
-                   "(headwise.evaluation.passkey_accuracy(prime_whitespace=True))")
+                   "(headwise.eval.passkey.passkey_accuracy(prime_whitespace=True))")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--machine", default=None, help="machine to record in the rows (default: this one; set it with "
                    "--from-results when the decoding ran elsewhere)")
@@ -75,10 +77,11 @@ def main(argv=None) -> int:
 
     import headwise
     from headwise.data_builders.passkey import build_passkey_eval_set
-    from headwise.evaluation import passkey_accuracy, plot_passkey_heatmap
-    from headwise.inference import LoadedModel
-    from headwise.inference_config import FullPolicy
-    from headwise.kv_cache import make_cache, model_shape, text_config
+    from headwise.eval.passkey import passkey_accuracy
+    from headwise.eval.plots import plot_passkey_heatmap
+    from headwise.inference.load import LoadedModel
+    from headwise.inference.config import FullPolicy
+    from headwise.inference.cache import make_cache, model_shape, text_config
     from headwise.patches.duo import GATE_TSV, duo_policy, plot_gate_heatmap, read_gate_tsv
 
     command = args.record_command or (
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
         p.error("--run or --gates is needed for streaming fractions (pass --fractions '' for the full baseline only)")
     sink = args.sink if args.sink is not None else sink
     recent = args.recent if args.recent is not None else recent
-    out = Path(args.out)
+    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "duo" / args.tag
     out.mkdir(parents=True, exist_ok=True)
     if gates is not None:
         plot_gate_heatmap(gates, out / f"{args.tag}_gates.png", title=f"SmolLM2-135M Duo gates ({steps} steps)")
@@ -138,7 +141,7 @@ def main(argv=None) -> int:
         def measure(length: int, input_ids) -> None:
             if policy.type == "full":
                 return
-            from headwise.inference import DUO_PREFILL_CHUNK, prefill_in_chunks
+            from headwise.inference.prefill import DUO_PREFILL_CHUNK, prefill_in_chunks
 
             cache = make_cache(model, policy)
             chunk = args.prefill_chunk if args.prefill_chunk is not None else DUO_PREFILL_CHUNK

@@ -3,7 +3,7 @@
 `profile_kernels.py` gives `ncu` a fixed block-sparse workload; `ncu --csv` writes one line per metric,
 which is unreadable at a glance. This prints the figures that say what limits a kernel:
 
-    python benchmarks/ncu_summary.py benchmarks/results/ncu/ncu_streaming_hkv8.csv ...
+    python benchmarks/ncu_summary.py benchmarks/results/kernels/ncu/ncu_streaming_hkv8.csv ...
 
 duration, SM (compute) and memory throughput as % of peak, DRAM throughput, registers per thread,
 dynamic shared memory per block, theoretical and achieved occupancy (warps per SM), the occupancy

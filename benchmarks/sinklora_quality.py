@@ -17,8 +17,8 @@ results in a temporary folder unless --out / --results-dir are given):
 
     OMP_NUM_THREADS=1 python benchmarks/sinklora_quality.py --tiny
 
-Everything runs in this process through headwise's Python API (`headwise.training.train`,
-`headwise.export.export_run`, `headwise.load` + `headwise.evaluation`), equivalent to
+Everything runs in this process through headwise's Python API (`headwise.train.trainer.train`,
+`headwise.publish.export.export_run`, `headwise.load` + `headwise.eval`), equivalent to
 
     headwise train RECIPE training.max_steps=N training.save_steps=N training.output_dir=ROOT/METHOD
     headwise export ROOT/METHOD
@@ -30,7 +30,8 @@ The passkey prompt is 16384 - 8 tokens by default, so prompt + 8 generated token
 extended models were trained for (what `headwise eval` enforces).
 
 Each metric is one JSON line appended to `--out` (default `benchmarks/results/quality.jsonl`) as soon as it is
-measured; passkey heatmaps go to `--results-dir` as `<tag>_<method>_passkey.png`, and a summary (settings,
+measured; passkey heatmaps go to `--results-dir` (default `benchmarks/results/sinklora/<tag>/`, or the folder
+of `--out` when that is given) as `<tag>_<method>_passkey.png`, and a summary (settings,
 timings, per-sample passkey answers, skipped work, the table) to `<tag>_summary.json`: at most 6 files, so
 `--out $OUT/quality.jsonl --results-dir $OUT` fits what a device call returns. Each run also gets the
 `eval/` folder `headwise eval` writes. Finished runs under `--output-root` with the same steps and context are
@@ -221,7 +222,7 @@ def _finished_run(run_dir: Path, settings: Settings) -> dict[str, Any] | None:
     """The run summary of a finished run in `run_dir` trained with these steps and context, else None."""
     import yaml
 
-    from headwise.run_dir import FINAL_DIR, RECIPE_FILE, SUMMARY_FILE
+    from headwise.train.run_dir import FINAL_DIR, RECIPE_FILE, SUMMARY_FILE
 
     summary_file, recipe_file = run_dir / SUMMARY_FILE, run_dir / RECIPE_FILE
     if not ((run_dir / FINAL_DIR).is_dir() and summary_file.is_file() and recipe_file.is_file()):
@@ -241,9 +242,9 @@ def _tokens_per_step(recipe) -> int:
 
 def train_method(spec: MethodSpec, settings: Settings, run_dir: Path, clock: Clock, keep_checkpoints: bool = False) -> TrainInfo:
     """Train `spec`'s recipe into `run_dir` (or reuse a finished run there with the same steps)."""
-    from headwise.recipe_loader import load_recipe
-    from headwise.run_dir import RECIPE_FILE, SUMMARY_FILE, checkpoints
-    from headwise.training import train
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.run_dir import RECIPE_FILE, SUMMARY_FILE, checkpoints
+    from headwise.train.trainer import train
 
     loaded = load_recipe(str(REPO / "recipes" / f"{spec.recipe}.yaml"), train_overrides(settings, run_dir))
     per_step_tokens = _tokens_per_step(loaded.recipe)
@@ -279,7 +280,7 @@ def train_method(spec: MethodSpec, settings: Settings, run_dir: Path, clock: Clo
 
 
 def export_method(spec: MethodSpec, run_dir: Path, clock: Clock) -> Path:
-    from headwise.export import export_run
+    from headwise.publish.export import export_run
 
     out = export_run(run_dir, overwrite=True)
     clock.log(f"{spec.key}: exported to {out}")
@@ -293,8 +294,10 @@ def evaluate(spec: MethodSpec, target: str, settings: Settings, results_dir: Pat
 
     import headwise
     from headwise.data_builders import build_passkey_eval_set
-    from headwise.evaluation import (HEATMAP_FILE, PASSKEY_FILE, RESULTS_FILE, passkey_accuracy, plot_passkey_heatmap,
-                                     sliding_window_perplexity)
+    from headwise.eval.command import HEATMAP_FILE, PASSKEY_FILE, RESULTS_FILE
+    from headwise.eval.passkey import passkey_accuracy
+    from headwise.eval.perplexity import sliding_window_perplexity
+    from headwise.eval.plots import plot_passkey_heatmap
 
     t0 = time.time()
     loaded = headwise.load(target, dtype=settings.dtype, device=settings.device)
@@ -485,7 +488,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output-root", default=None, help="run directories ROOT/<method> (default runs/quality16k; --tiny: a temp dir)")
     p.add_argument("--out", default=None, help="JSON-lines file the rows are appended to (default benchmarks/results/quality.jsonl; "
                    "--tiny: a temp file)")
-    p.add_argument("--results-dir", default=None, help="heatmaps and the summary JSON (default: the folder of --out)")
+    p.add_argument("--results-dir", default=None, help="heatmaps and the summary JSON (default: the folder of --out "
+                   "when --out is given, else benchmarks/results/sinklora/<tag>)")
     p.add_argument("--tag", default=None, help="file-name prefix in --results-dir (default sinklora16k; --tiny: sinklora512)")
     p.add_argument("--max-windows", type=int, default=None, help="perplexity windows of CONTEXT tokens, stride CONTEXT/2 (default 4; --tiny: 1)")
     p.add_argument("--passkey-length", type=int, default=None, help="passkey prompt tokens (default CONTEXT - max-new-tokens)")
@@ -526,9 +530,10 @@ def main(argv: list[str] | None = None) -> int:
     context = 512 if args.tiny else CONTEXT
     tmp = Path(tempfile.mkdtemp(prefix="sinklora_quality_")) if args.tiny else None
     out = Path(args.out) if args.out else (tmp / "quality.jsonl" if tmp else REPO / "benchmarks" / "results" / "quality.jsonl")
-    results_dir = Path(args.results_dir) if args.results_dir else out.parent
     output_root = Path(args.output_root) if args.output_root else (tmp / "runs" if tmp else Path("runs/quality16k"))
     tag = args.tag or ("sinklora16k" if context == CONTEXT else f"sinklora{context}")
+    results_dir = Path(args.results_dir) if args.results_dir else (
+        out.parent if args.out or tmp else REPO / "benchmarks" / "results" / "sinklora" / tag)
     max_new = args.max_new_tokens
     settings = Settings(
         context=context,
@@ -572,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                 est.s_per_step.append(o.train.train_s / max(1, o.train.steps))
                 est.dense_measured |= key == "full"
                 est.overhead.append(max(0.0, o.train.train_wall_s - o.train.train_s))
-            from headwise.inference_config import INFERENCE_CONFIG_NAME
+            from headwise.inference.config import INFERENCE_CONFIG_NAME
 
             if o.train.reused and (run_dir / "export" / INFERENCE_CONFIG_NAME).is_file():
                 clock.log(f"{key}: reusing the export in {run_dir / 'export'}")

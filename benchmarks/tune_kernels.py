@@ -16,8 +16,8 @@ mask-free tiles of divisible lengths save; `unmasked_fwd` does the same on the f
 config is checked against the current config's output (and gradients, from stage 2 on) before it is
 timed: a wrong config is reported, never picked. The stages ran on the H200 on 2026-11-30
 (TUNED_D128 comes from them). A forward through tensor descriptors (TMA), with and without Triton's
-warp-specialized loop, was tried the same way and removed: it was no faster (BENCHMARKS.md,
-"Targets (issue 5) and where they stand"). One JSON line per timing goes to
+warp-specialized loop, was tried the same way and removed: it was no faster (rows with
+`"stage": "tma"`; docs/notes.md, "Kernels"). One JSON line per timing goes to
 benchmarks/results/kernel_tuning.jsonl (`--out`), and the best config per layout is printed as a
 GPU_CONFIGS-style line, with its speed-up over the current config measured in the same run.
 """

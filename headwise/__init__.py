@@ -5,11 +5,12 @@
     loaded = headwise.load("runs/quickstart/export"); loaded.generate("...")
 """
 
-__version__ = "0.1.0"
+from headwise.version import __version__
 
 
 def load(*args, **kwargs):
     """Load a headwise export (or any causal LM) with its KV policy; see `headwise.inference.load`."""
+    # lazy: transformers and torch load on first use
     from headwise.inference.load import load as _load
 
     return _load(*args, **kwargs)

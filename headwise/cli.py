@@ -16,8 +16,11 @@ import logging
 import sys
 from typing import Sequence
 
+from headwise.version import __version__
+
 
 def _user_errors() -> tuple[type[BaseException], ...]:
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.data_builders import DataError
     from headwise.errors import HeadwiseError
 
@@ -25,6 +28,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _cmd_train(args) -> int:
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.recipe.loader import load_recipe
     from headwise.train.run_dir import is_main_process
     from headwise.train.trainer import release_process_group, train
@@ -40,6 +44,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.publish.export import export_run
 
     out = export_run(args.run_dir, out_dir=args.out, format=args.format, checkpoint=args.checkpoint,
@@ -49,6 +54,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_push(args) -> int:
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.publish.hub import plan_push, push
 
     plan = plan_push(args.path, args.repo_id, args.private)
@@ -58,6 +64,7 @@ def _cmd_push(args) -> int:
     if args.dry_run:
         print("headwise: dry run, nothing uploaded")
         return 0
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.publish.hub import HubRetryPolicy
 
     url = push(plan, policy=HubRetryPolicy.resolve(args.timeout, args.retries))
@@ -66,8 +73,9 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from headwise.inference.load import load
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.inference.config import parse_kv_policy
+    from headwise.inference.load import load
 
     policy = parse_kv_policy(args.policy, field="--policy") if args.policy is not None else None
     loaded = load(args.path, dtype=args.dtype, policy=policy)
@@ -76,6 +84,8 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_recipe(args) -> int:
+  
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.recipe.loader import RecipeError, list_shipped_recipes, load_recipe
 
     if args.action == "list":
@@ -83,6 +93,8 @@ def _cmd_recipe(args) -> int:
             print(name)
         return 0
     if args.action == "fields":
+      
+        # lazy: the wing pulls in torch, and `headwise --help` stays fast
         from headwise.recipe.reference import render_recipe_reference
 
         print(render_recipe_reference())
@@ -128,6 +140,8 @@ def _positive_int_arg(text: str) -> int:
 
 def _hub_timeout_arg(text: str) -> float:
     """argparse type of push --timeout: seconds per Hub network operation, in HubRetryPolicy's range."""
+  
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.publish.hub import TIMEOUT_RANGE, PushError, check_timeout
 
     try:
@@ -138,6 +152,8 @@ def _hub_timeout_arg(text: str) -> float:
 
 def _hub_retries_arg(text: str) -> int:
     """argparse type of push --retries: further tries of a failed Hub call, in HubRetryPolicy's range."""
+  
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.publish.hub import RETRIES_RANGE, PushError, check_retries
 
     try:
@@ -197,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=_cmd_generate)
 
     ev = sub.add_parser("eval", help="perplexity on long text and passkey retrieval (with a heatmap PNG)")
+    # lazy: the wing pulls in torch, and `headwise --help` stays fast
     from headwise.eval.command import configure_eval_parser
 
     configure_eval_parser(ev)  # adds the arguments and sets func
@@ -224,8 +241,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.version:
-        from headwise import __version__
-
         print(__version__)
         return 0
     if not args.command:

@@ -2,7 +2,7 @@
 
 The band layouts are the two where the Triton kernel family stays below FlexAttention or far below
 cuDNN's throughput. At 32K fwd+bwd the sliding window runs 0.90x FlexAttention, and streaming with 32
-KV heads 0.98x. Nsight Compute shows the kernels latency-bound at 8 warps per SM (BENCHMARKS.md,
+KV heads 0.98x. Nsight Compute shows the kernels latency-bound at 8 warps per SM (docs/benchmarks.md,
 "Targets (issue 5)"). cuDNN's SDPA takes a causal mask with a left bound (`sliding_window_length`,
 cudnn-frontend >= 1.9), which torch's `scaled_dot_product_attention` does not expose. This module
 runs the band layouts on it. The idea is the one `shifted_groups.py` applies to shifted groups: the
@@ -26,7 +26,7 @@ masked attention, for tests on CPU). `band_left_offset` probes once per device t
 imports, that the band runs on strided GQA inputs, and which `sliding_window_length` reproduces the
 rule above. It compares forward and gradients against the torch backend.
 
-**Status: the sliding window's default; streaming's opt-in.** Measured on the H200 (BENCHMARKS.md,
+**Status: the sliding window's default; streaming's opt-in.** Measured on the H200 (docs/benchmarks.md,
 "Targets (issue 5)"), the band runs the sliding window 1.30-1.41x faster than FlexAttention and
 1.31-1.76x faster than the Triton kernel, at 8K and 32K fwd+bwd and 128K fwd with 32 and 8 KV heads,
 so `kernels.BAND_IMPL="auto"` (`HEADWISE_BAND_IMPL`) sends the sliding window here wherever cudnn-frontend
@@ -48,9 +48,20 @@ import torch
 from .cudnn_graphs import sdpa_backward, sdpa_forward
 from .input_checks import check_attention_inputs
 from .layouts import LayoutSpec
-from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
-from .shifted_groups import (_cudnn_bwd, _cudnn_fwd, bottom_right_causal, join_backend_states, native_gqa,
-                             split_backend_states)
+from .reference import (
+    masked_attention_backward,
+    masked_attention_forward,
+    repeat_kv_heads,
+    sum_kv_groups,
+)
+from .shifted_groups import (
+    _cudnn_bwd,
+    _cudnn_fwd,
+    bottom_right_causal,
+    join_backend_states,
+    native_gqa,
+    split_backend_states,
+)
 
 
 def _band_allowed(tq: int, tk: int, window: int, device) -> torch.Tensor:

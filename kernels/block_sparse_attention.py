@@ -1,6 +1,6 @@
 """Block-sparse causal flash attention over a per-head ``BlockLayout`` (forward + backward, Triton).
 
-One kernel family serves every headwise layout (DESIGN.md, "The one kernel, many layouts idea"):
+One kernel family serves every headwise layout (docs/kernels.md):
 each program walks its tile list (``kernels/layouts.py``), first the *full* tiles with no masking,
 then the *partial* tiles with the layout's token rule evaluated in registers (``_token_rule``).
 
@@ -15,7 +15,7 @@ then the *partial* tiles with the layout's token rule evaluated in registers (``
   which recomputes P (one extra QK^T and exp per tile, as the Triton flash-attention tutorial does)
   and sums in a fixed order: deterministic. "tma" / "atomic": the dK/dV pass adds each tile pair's
   dS K into an fp32 buffer by TMA bulk reduce-adds / relaxed element atomics (FlashAttention-2/3's
-  way): fewer matmuls, but dQ's last bits vary from run to run. Measured on the H200 (BENCHMARKS.md,
+  way): fewer matmuls, but dQ's last bits vary from run to run. Measured on the H200 (docs/benchmarks.md,
   eighth session), TMA wins only on the dense layout (1.06-1.08x), which uses it; the sparse
   layouts keep the dQ kernel. ``torch.use_deterministic_algorithms(True)`` always gets "kernel".
 - Gradients come back in the inputs' memory layout (transformers' (B, H, T, D) views of (B, T, H, D)
@@ -102,7 +102,7 @@ DQ_PATHS = {"kernel": 0, "atomic": 1, "tma": 2}  # -> the kernels' DQ_MODE
 # Fixed configs per padded head dim (no autotune: the first call must not take minutes, and the
 # layout is built per tile shape). Chosen, not yet tuned: the usual flash-attention Triton shapes
 # (128x64 forward/dQ tiles, 64x128 dK/dV tiles, 8 warps for D = 128); D = 256 halves the tiles to fit
-# shared memory. BENCHMARKS.md has what they give on an H200 and what is left to tune.
+# shared memory. docs/benchmarks.md has what they give on an H200 and what is left to tune.
 GPU_CONFIGS = {
     64: KernelConfig(128, 64, 64, 128, 4, 3, 4, 2, 4, 2),
     128: KernelConfig(128, 64, 64, 128, 8, 3, 8, 2, 8, 2),
@@ -150,7 +150,7 @@ def pick_config(head_dim: int, spec: LayoutSpec, device) -> KernelConfig:
 
 @triton.jit
 def _token_rule(q_pos, k_pos, hp, P0, P1, P2, KIND: tl.constexpr):
-    """allowed(q, k) of DESIGN.md's table; q_pos/k_pos broadcastable int tensors (sequence-relative),
+    """allowed(q, k) of docs/kernels.md's table; q_pos/k_pos broadcastable int tensors (sequence-relative),
     hp the head's parameter (group offset or S2 stride offset). Kind codes from layouts.py."""
     ok = k_pos <= q_pos
     if KIND == 1:  # sliding window: P0 = window

@@ -61,7 +61,7 @@ _LOG2E = 1.4426950408889634
 NEG_INF = tl.constexpr(float("-inf"))
 
 # Launch shapes per padded head dim on a GPU: (BLOCK_N, num_warps, num_stages). Chosen, not swept (the
-# decode rows in BENCHMARKS.md ran with them): 64-key tiles keep 16 KiB of K and of V in flight per
+# decode rows of docs/benchmarks.md ran with them): 64-key tiles keep 16 KiB of K and of V in flight per
 # stage at D = 128 bf16.
 GPU_LAUNCH = {64: (64, 4, 3), 128: (64, 4, 3), 256: (32, 4, 2)}
 INTERPRET_BLOCK_N = 16  # the interpreter runs each program in numpy: small tiles keep tests fast
@@ -342,7 +342,6 @@ def decode_attention(
             BLOCK_G=max(2, triton.next_power_of_2(G)), BLOCK_L=block_l, num_warps=4,
         )
     return out.to(q.dtype), colsums
-
 
 
 def _decode_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],

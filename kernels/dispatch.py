@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # prepended keys; kernels/shifted_groups.py) or "block_sparse" (the Triton kernel). "auto" picks the
 # regrouped form, except for SF-Attn (sink tokens) below REGROUPED_MIN_T tokens without GQA, where
 # its per-piece launches, sink merges and copies (about 100 per fwd+bwd) cost more host time than
-# the GPU work they replace. Measured on an H200 (BENCHMARKS.md, "Attention kernels"), fwd+bwd:
+# the GPU work they replace. Measured on an H200 (docs/benchmarks.md, "Attention kernels"), fwd+bwd:
 # - SF 8K, 32 KV heads: block-sparse 2.20-2.98 ms against regrouped 2.71-3.67 ms, in five of six runs;
 # - SF 8K, 8 KV heads (GQA 4): regrouped 2.76-4.00 against block-sparse 3.07-4.01 (the Triton
 #   backward sums each shared K/V head over 4 query heads, with 4x fewer programs);
@@ -59,7 +59,7 @@ SHIFTED_GROUPS_IMPL = impl_from_env("HEADWISE_SHIFTED_GROUPS_IMPL", "auto",
 # Which form runs the sliding-window and streaming layouts on CUDA (16-bit inputs, no cu_seqlens, no
 # lse requested), where cudnn-frontend is installed and its band passes `band_ready`'s probe:
 # "auto" (default): the sliding window takes cuDNN's diagonal band (measured 1.30-1.41x FlexAttention
-#   and 1.31-1.76x our Triton kernel at 8K/32K fwd+bwd and 128K fwd, BENCHMARKS.md), streaming keeps
+#   and 1.31-1.76x our Triton kernel at 8K/32K fwd+bwd and 128K fwd, docs/benchmarks.md), streaming keeps
 #   the Triton kernel (its band form measured slower: 6.3 vs 4.7-5.1 ms at 32K, 11.0 vs 3.5 ms at 128K);
 # "cudnn": both layouts take the band form (kernels/band_attention.py);
 # "block_sparse": both take the Triton kernel.
@@ -135,7 +135,8 @@ def sparse_attention(
         return shifted_group_attention(q, k, v, spec, scale=scale, backend=backend)
     if impl == "band":
         return band_layout_attention(q, k, v, spec, scale=scale)
-    from .block_sparse_attention import sparse_attention_triton  # Triton: imported where its kernel launches
+    # Triton: imported where its kernel launches
+    from .block_sparse_attention import sparse_attention_triton
 
     out, lse = sparse_attention_triton(q, k, v, spec, scale=scale, cu_seqlens=cu_seqlens,
                                       max_seqlen=max_seqlen, config=config)

@@ -1,7 +1,7 @@
 """Per-head block layouts: which (query tile, key tile) pairs each head computes.
 
 Every training-time pattern of headwise is causal attention restricted, per query head, to a set of
-key tiles, with at most a token-level rule inside some tiles (DESIGN.md, "Layout semantics"). This
+key tiles, with at most a token-level rule inside some tiles (docs/kernels.md, "Layout semantics"). This
 module holds the two objects the kernels and the reference share:
 
 ``LayoutSpec``
@@ -65,7 +65,7 @@ GROUP_ROUND = 64
 
 @dataclass(frozen=True)
 class LayoutSpec:
-    """Token-level definition of a causal head-wise pattern (DESIGN.md's semantics table).
+    """Token-level definition of a causal head-wise pattern (the semantics table of docs/kernels.md).
 
     A query at position ``q`` of head ``h`` may attend to key ``k`` (positions inside one sequence)
     when ``k <= q`` and:

@@ -1,6 +1,6 @@
 """Pure-torch reference of every layout, and the CPU execution path.
 
-The token-level mask is built straight from ``LayoutSpec``'s definition (DESIGN.md's semantics
+The token-level mask is built straight from ``LayoutSpec``'s definition (docs/kernels.md's semantics
 table), never from a ``BlockLayout``'s tile lists, so the kernels' agreement with this module checks
 the tile-list construction too. Attention is computed in chunks of queries (``q_chunk`` rows of the
 score matrix at a time), so long sequences on CPU need O(q_chunk * T) memory, not O(T^2).

@@ -16,7 +16,7 @@ over a run of heads of one kind (shifted or not).
   mask is aligned bottom-right, so no dummy query rows either. Only K/V pieces with sinks and their
   gradients are still copied. Opt-in (``HEADWISE_SHIFTED_GROUPS_IMPL=regrouped_fe``): its GPU tests
   pass, but on an H200 it measured 1.3-1.5x slower than the SDPA backend at 16K-32K fwd+bwd
-  (slightly faster at 8K and 128K fwd; BENCHMARKS.md, ninth session), for reasons not yet profiled.
+  (slightly faster at 8K and 128K fwd; docs/benchmarks.md), for reasons not yet profiled.
 - **GQA without repeating K/V** when the backend does it natively (probed once; cuDNN and flash do in
   recent torch): a head run maps to the KV heads of its query heads (runs are split at KV-head
   boundaries, so any set of shifted heads works).
@@ -51,7 +51,12 @@ import torch
 from .cudnn_graphs import sdpa_backward, sdpa_forward
 from .input_checks import check_attention_inputs
 from .layouts import LayoutSpec
-from .reference import masked_attention_backward, masked_attention_forward, repeat_kv_heads, sum_kv_groups
+from .reference import (
+    masked_attention_backward,
+    masked_attention_forward,
+    repeat_kv_heads,
+    sum_kv_groups,
+)
 
 # ------------------------------------------------------------------------------ dense causal backends
 # Each backend: fwd(q, k, v, scale) -> (out, lse, state), and bwd(do, q, k, v, out, lse, scale, state)
@@ -188,7 +193,7 @@ def reads_overlapping_views(backend: str, device_index: int = 0) -> bool:
 
 
 def default_backend(device) -> str:
-    """cuDNN on Hopper and newer (fastest dense causal there: DESIGN.md anchors) when its private
+    """cuDNN on Hopper and newer (fastest dense causal there: docs/kernels.md) when its private
     ops work in this torch on strided inputs, flash elsewhere on CUDA, torch on CPU."""
     device = torch.device(device)
     if device.type != "cuda":

@@ -43,6 +43,11 @@ class Section(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
 
+    # Read on a method's section only: the learning rate a recipe of this method trains at when it sets no
+    # `training.learning_rate` (a method whose trainables are not LoRA matrices, such as Duo's O(1) gates, needs
+    # another rate than the LoRA default); None keeps the training section's default.
+    default_learning_rate: ClassVar[float | None] = None
+
 
 def section_models(annotation: Any) -> list[type[BaseModel]]:
     """The section classes an annotation can hold, through Optional, Union and Annotated."""

@@ -170,10 +170,10 @@ def test_cli_train_fails_fast_without_touching_disk(tmp_path):
     assert not out.exists()
 
 
-def test_readme_recipe_reference_is_current():
-    """The README's recipe reference is rendered from the schema's help strings; regenerate it with
+def test_recipe_reference_page_is_current():
+    """docs/recipes.md's field reference is rendered from the schema's help strings; regenerate it with
     `python -m headwise.recipe.reference` when this fails."""
     from headwise.recipe.reference import render_recipe_reference
 
-    readme = (REPO / "README.md").read_text()
-    assert render_recipe_reference() in readme
+    page = (REPO / "docs" / "recipes.md").read_text()
+    assert render_recipe_reference() in page

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from pathlib import Path
 import re
+import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -34,7 +34,6 @@ from headwise.inference.load import check_model_path, load
 from headwise.models import load_config
 from headwise.recipe.schema import ModelSection
 from headwise.train.run_dir import FINAL_DIR, RECIPE_FILE, read_run_recipe
-
 
 logger = logging.getLogger(__name__)
 

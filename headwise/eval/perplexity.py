@@ -11,7 +11,6 @@ from tqdm.auto import tqdm
 from headwise.data_builders import corpus_text
 from headwise.eval import EvalError
 
-
 # Logits of one window are computed in slices of this many positions: a full 8K window of a 49K-token vocabulary
 # in fp32 would be 1.6 GB at once.
 LOSS_CHUNK_TOKENS = 1024

@@ -36,7 +36,7 @@ COLSUM_BLOCK_ELEMENTS = 1 << 26
 # Decode (T == 1, after the prompt) on CUDA, or anywhere under TRITON_INTERPRET=1: the fused Triton kernel
 # `headwise.kernels.decode_attention` (reads K and V once, split-K, column sums for H2O) instead of the
 # torch chain below. On by default: on an H200 it took a CUDA-graph decode step of a Llama-3-8B shape at
-# 32K from 10.3 (torch chain) to 8.6 ms (BENCHMARKS.md); HEADWISE_FUSED_DECODE=0 turns it off.
+# 32K from 10.3 (torch chain) to 8.6 ms (docs/benchmarks.md, "Decode speed per KV policy"); HEADWISE_FUSED_DECODE=0 turns it off.
 FUSED_DECODE = os.environ.get("HEADWISE_FUSED_DECODE", "1") == "1"
 
 _registered = False

@@ -35,7 +35,6 @@ from headwise.inference.config import parse_kv_policy
 from headwise.inference.stores import DynamicStore, EvictionRule
 
 
-
 class HeadwiseLayer(DynamicLayer):
     """One model layer: head groups `[(kv_head_index or None for all heads, store), ...]`."""
 

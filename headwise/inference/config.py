@@ -25,10 +25,18 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from headwise import __version__
 from headwise.errors import HeadwiseError
+from headwise.version import __version__
 from headwise.weight_files import weights_problem
 
 INFERENCE_CONFIG_NAME = "headwise_inference.json"

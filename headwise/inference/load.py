@@ -34,10 +34,14 @@ from headwise.inference.config import (  # noqa: F401 (KVPolicy re-exported)
 )
 from headwise.inference.prefill import DUO_PREFILL_CHUNK, cache_kwarg, prefill_in_chunks
 from headwise.inference.static_decode import StaticDecoder
-from headwise.models import load_model, load_tokenizer, resolve_dtype, resolve_model_source
+from headwise.models import (
+    load_model,
+    load_tokenizer,
+    resolve_dtype,
+    resolve_model_source,
+)
 from headwise.recipe.schema import ModelSection
 from headwise.train.run_dir import RECIPE_FILE, read_run_recipe
-
 
 # What `load(dtype=...)` accepts, as `--dtype` of the CLI: `auto` is bfloat16 on a GPU that has it, else float32.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -92,7 +96,6 @@ def check_device(device: str | None) -> str | None:
     return device
 
 
-
 @dataclass
 class LoadedModel:
     """A model, its tokenizer, the export's inference config (None for a plain model) and the KV policy."""
@@ -116,7 +119,7 @@ class LoadedModel:
         Several prompts run as one left-padded batch (every policy supports it). `static=True` decodes
         greedily with static shapes (`headwise.inference.static_decode`; a CUDA graph per step on GPU).
         `compile=True` (implies `static`) also fuses the step with torch.compile before capturing it: the
-        fastest decode (within 2x of the HBM bound on an H200, BENCHMARKS.md) at the price of a compilation
+        fastest decode (within 2x of the HBM bound on an H200, docs/benchmarks.md) at the price of a compilation
         of about a minute per prompt shape on a Llama-3-8B, so worth it for long generations.
         """
         single = isinstance(prompt, str)

@@ -7,13 +7,11 @@ import inspect
 
 import torch
 
-
 # Prompt tokens per prefill forward for `duo` policies (`LoadedModel.generate`): streaming heads hold at most
 # sink + recent + DUO_PREFILL_CHUNK tokens during prefill, and a streaming query sees at most recent + chunk
 # recent tokens (training: recent). 256 keeps that window within 2x DuoAttention's recent of 256; on a GPU at
 # long context a larger chunk (e.g. 4096) trades that fidelity for fewer forwards: pass `prefill_chunk=`.
 DUO_PREFILL_CHUNK = 256
-
 
 
 def cache_kwarg(model) -> str:
@@ -23,12 +21,10 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a (left-)padded prompt, as `generate` computes them (padding counts nothing)."""
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.masked_fill(attention_mask == 0, 1)
-
 
 
 @torch.inference_mode()

@@ -34,7 +34,12 @@ from headwise.errors import HeadwiseError
 from headwise.inference.attention import bind_cache
 from headwise.inference.cache import HeadwiseCache, HeadwiseLayer, make_cache
 from headwise.inference.config import parse_kv_policy
-from headwise.inference.prefill import DUO_PREFILL_CHUNK, cache_kwarg, prefill_in_chunks, prompt_positions
+from headwise.inference.prefill import (
+    DUO_PREFILL_CHUNK,
+    cache_kwarg,
+    prefill_in_chunks,
+    prompt_positions,
+)
 from headwise.inference.stores import DynamicStore
 
 
@@ -135,8 +140,6 @@ class StaticHeadwiseLayer(HeadwiseLayer):
                          value_states if idx is None else value_states.index_select(1, idx))
         self.pending = True
         return self.groups[0][1].keys, self.groups[0][1].values
-
-
 
 
 class StaticDecoder:

@@ -21,8 +21,21 @@ from typing import Any, Sequence
 
 import yaml
 
-from headwise import __version__
 from headwise.errors import HeadwiseError
+from headwise.inference.config import (
+    ADAPTER_CONFIG_NAME,
+    BaseModelRef,
+    InferenceConfig,
+    adapter_problem,
+    parse_kv_policy,
+)
+from headwise.models import (
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_model_source,
+)
+from headwise.patches.base import method_for
 from headwise.publish.export_target import (
     check_export_target,
     match_umask_permissions,
@@ -30,11 +43,15 @@ from headwise.publish.export_target import (
     new_sibling_dir,
     write_manifest,
 )
-from headwise.inference.config import ADAPTER_CONFIG_NAME, BaseModelRef, InferenceConfig, adapter_problem, parse_kv_policy
-from headwise.patches.base import method_for
 from headwise.publish.model_card import write_model_card
-from headwise.models import load_config, load_model, load_tokenizer, resolve_model_source
-from headwise.train.run_dir import FINAL_DIR, SUMMARY_FILE, RunDirError, checkpoint_problem, read_run_recipe
+from headwise.train.run_dir import (
+    FINAL_DIR,
+    SUMMARY_FILE,
+    RunDirError,
+    checkpoint_problem,
+    read_run_recipe,
+)
+from headwise.version import __version__
 from headwise.weight_files import weights_problem
 
 logger = logging.getLogger(__name__)

@@ -28,9 +28,9 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-from headwise import __version__
 from headwise.errors import HeadwiseError
 from headwise.inference.config import INFERENCE_CONFIG_NAME
+from headwise.version import __version__
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from headwise.errors import HeadwiseError
-from headwise.inference.config import INFERENCE_CONFIG_NAME, InferenceConfig, adapter_problem, check_weight_files
+from headwise.inference.config import (
+    INFERENCE_CONFIG_NAME,
+    InferenceConfig,
+    adapter_problem,
+    check_weight_files,
+)
 from headwise.models import resolve_model_source
 from headwise.recipe.schema import HubSection
 from headwise.train.run_dir import RECIPE_FILE, read_run_recipe

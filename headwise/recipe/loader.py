@@ -29,8 +29,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from headwise.errors import HeadwiseError
-from headwise.recipe.schema import Recipe
 from headwise.patches.base import section_models
+from headwise.recipe.schema import Recipe
 
 RECIPE_FILENAME = "recipe.yaml"
 # The first line of every resolved recipe headwise writes beside a run: how a run folder is told apart

@@ -1,18 +1,20 @@
 """The recipe reference, rendered from the schema's help strings (`headwise recipe fields`).
 
-The schema is the single source of truth: the README's recipe reference is this output, and a test
-checks the README is current.
+The schema is the single source of truth: the field reference of docs/recipes.md is this output, and a
+test checks the page is current.
 """
 
 from __future__ import annotations
 
+import re
 import typing
+from pathlib import Path
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from headwise.recipe.schema import Recipe
 from headwise.patches.base import section_models
+from headwise.recipe.schema import Recipe
 
 
 def _type_name(annotation: typing.Any) -> str:
@@ -61,11 +63,8 @@ def render_recipe_reference() -> str:
     return header + "\n" + "\n".join(_rows(Recipe, ""))
 
 
-def update_readme(path: str = "README.md") -> bool:
+def update_reference_page(path: str = "docs/recipes.md") -> bool:
     """Rewrite the block between the recipe-reference markers of `path`; True when it changed."""
-    import re
-    from pathlib import Path
-
     p = Path(path)
     text = p.read_text()
     new = re.sub(
@@ -79,4 +78,4 @@ def update_readme(path: str = "README.md") -> bool:
 
 
 if __name__ == "__main__":  # python -m headwise.recipe.reference  (from the repository root)
-    print("README.md updated" if update_readme() else "README.md already current")
+    print("docs/recipes.md updated" if update_reference_page() else "docs/recipes.md already current")

@@ -54,7 +54,6 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from headwise.errors import HeadwiseError
-from headwise.recipe.schema import Recipe
 from headwise.recipe.loader import (
     RESOLVED_HEADER,
     RecipeError,
@@ -64,6 +63,7 @@ from headwise.recipe.loader import (
     read_yaml_mapping,
     validate_mapping,
 )
+from headwise.recipe.schema import Recipe
 from headwise.weight_files import weights_problem
 
 logger = logging.getLogger(__name__)

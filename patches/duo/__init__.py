@@ -1,7 +1,7 @@
 """DuoAttention: learn which KV heads need the whole context (retrieval) and which do with sink + recent (streaming).
 
-What is trained (research/duo_h2o_kvpress.md §1.2-1.8)
-------------------------------------------------------
+What is trained (the DuoAttention paper, §3, and its released code)
+-------------------------------------------------------------------
 - One gate per (layer, KV head), a module `self_attn.duo_gate` holding an fp32 vector of
   `num_key_value_heads` values, initialised to `initial_gate` (1.0: training starts as full attention)
   and kept in [0, 1] by a clamp when read and a projection (in-place clamp) after every optimizer step.
@@ -34,11 +34,11 @@ breaks ties with random noise, so its cut inside a tie at 1.0 is random). A thre
 Which gate values are binarised: DuoAttention's final values by default. `method.average_last: f`
 uses instead the mean of the gates the run logged (`duo_gates.jsonl`, every `training.logging_steps`)
 over the last fraction `f` of training. This departs from the paper and its code. The reason is
-measured on SmolLM2 (BENCHMARKS.md, "Training-seed replicates"): lambda = 0.05 drives most gates to
+measured on SmolLM2 (docs/notes.md, "DuoAttention"): lambda = 0.05 drives most gates to
 zero, so a 50% cut falls among final values of 0.001-0.016, whose order changes with the training
 seed. The run then writes the mean to `full_attention_heads.tsv` and the final values to
 `full_attention_heads_last.tsv`, and the export averages up to the exported checkpoint. Measured
-over three training seeds (BENCHMARKS.md, "Gates averaged over the second half of training"), the
+over three training seeds (docs/notes.md, "DuoAttention"), the
 mean did not make the 50% cut more robust (one seed +1 hit, one -9), so it stays off by default.
 
 `headwise export RUN_DIR` of a Duo run writes no weights (the model is the unchanged base model,
@@ -56,7 +56,14 @@ deployment path is the `duo` KV cache (`headwise.inference.cache`), which `headw
 from headwise.patches.duo.attention import ATTENTION_NAME, duo_attention, register
 from headwise.patches.duo.binarize import binarize_gates, streaming_order
 from headwise.patches.duo.config import DuoHaystack, DuoMethod
-from headwise.patches.duo.gates import GATE_MODULE, DuoGate, DuoState, attention_modules, collect_gates, gate_modules
+from headwise.patches.duo.gates import (
+    GATE_MODULE,
+    DuoGate,
+    DuoState,
+    attention_modules,
+    collect_gates,
+    gate_modules,
+)
 from headwise.patches.duo.method import DuoAttention
 from headwise.patches.duo.pattern_files import (
     GATE_LOG,

@@ -6,13 +6,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-
 from headwise.kernels import LayoutSpec, sparse_attention
 from headwise.patches.duo.gates import GATE_MODULE, DuoState
-from headwise.patches.training_attention import check_training_call, eval_sdpa, register_training_attention
-
+from headwise.patches.training_attention import (
+    check_training_call,
+    eval_sdpa,
+    register_training_attention,
+)
 
 ATTENTION_NAME = "headwise_duo"  # neutral: no flash/sdpa/flex_attention in the name
+
 
 def _full_attention(query, key, value, scaling):
     """Dense causal attention (B, Hq, T, D) x (B, Hkv, T, D) -> (B, T, Hq, D), no gradient."""
@@ -20,6 +23,7 @@ def _full_attention(query, key, value, scaling):
         g = query.shape[1] // key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=g > 1)
     return out.transpose(1, 2).contiguous()
+
 
 def duo_attention(
     module: torch.nn.Module,
@@ -61,9 +65,11 @@ def duo_attention(
     out = gate * full.float() + (1.0 - gate) * stream.float()
     return out.to(query.dtype).contiguous(), None
 
+
 def register() -> None:
     """Register the attention function and its flash-style mask function (None or a (B, T) mask). Idempotent."""
     register_training_attention(ATTENTION_NAME, duo_attention)
+
 
 def _reset_per_forward(state: DuoState):
     def reset(model: torch.nn.Module) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from headwise.patches.base import HeadwiseError
 
 
@@ -20,11 +19,13 @@ def _as_grid(gates) -> torch.Tensor:
         raise HeadwiseError("gates contain NaN")
     return g.clamp(0.0, 1.0)
 
+
 def streaming_order(gates) -> list[tuple[int, int]]:
     """Every (layer, kv_head), ranked by `(gate, layer, kv_head)` ascending: the first become streaming heads."""
     g = _as_grid(gates)
     cells = [(float(g[l, h]), l, h) for l in range(g.shape[0]) for h in range(g.shape[1])]
     return [(l, h) for _, l, h in sorted(cells)]
+
 
 def binarize_gates(gates, *, streaming_fraction: float | None = None, threshold: float | None = None) -> list[list[int]]:
     """The retrieval mask (1 = retrieval / full KV, 0 = streaming), one row per layer.

@@ -7,14 +7,20 @@ import json
 from pathlib import Path
 
 import torch
-
 from headwise.patches.duo.gates import collect_gates, gate_modules
-from headwise.patches.duo.pattern_files import GATE_LOG, GATE_TSV, LAST_GATE_TSV, averaged_gates, write_gate_tsv
+from headwise.patches.duo.pattern_files import (
+    GATE_LOG,
+    GATE_TSV,
+    LAST_GATE_TSV,
+    averaged_gates,
+    write_gate_tsv,
+)
 from headwise.patches.duo.plots import plot_gate_heatmap
 
 
 def _gate_callback(run_dir: str, state_ref, average_last: float):
-    from transformers import TrainerCallback  # heavy: imported when a run builds its callbacks
+    # heavy: transformers is imported when a run builds its callbacks
+    from transformers import TrainerCallback
 
     class DuoGateCallback(TrainerCallback):
         """Projects the gates onto [0, 1] after every optimizer step, logs them, and writes the gate
@@ -59,6 +65,7 @@ def _gate_callback(run_dir: str, state_ref, average_last: float):
             plot_gate_heatmap(g, Path(run_dir) / "duo_gates.png", title=title)
 
     return DuoGateCallback()
+
 
 def _log_gates(run_dir: str, step: int, gates: torch.Tensor) -> None:
     """Append one line to the run's gate log, unless its last line already is this step's."""

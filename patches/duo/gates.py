@@ -5,12 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from headwise.patches.base import HeadwiseError
 from headwise.patches.duo.config import DuoMethod
 
-
 GATE_MODULE = "duo_gate"  # module name under each attention module (PEFT `trainable_modules` suffix)
+
 
 class DuoGate(torch.nn.Module):
     """The gates of one attention layer: one fp32 value per KV head (1 = full attention, 0 = streaming)."""
@@ -26,6 +25,7 @@ class DuoGate(torch.nn.Module):
     def project(self) -> None:
         self.gate.clamp_(0.0, 1.0)
 
+
 @dataclass
 class DuoState:
     """Shared by the attention modules of one model: the teacher/student switch and the teacher's outputs."""
@@ -36,13 +36,16 @@ class DuoState:
     stash: dict[int, torch.Tensor] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)  # distill / reg of the last step, for logging
 
+
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The attention modules (those with a `layer_idx` and `q_proj`), in layer order."""
     mods = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj")]
     return sorted(mods, key=lambda m: m.layer_idx)
 
+
 def gate_modules(model: torch.nn.Module) -> list[DuoGate]:
     return [getattr(m, GATE_MODULE) for m in attention_modules(model) if hasattr(m, GATE_MODULE)]
+
 
 def collect_gates(model: torch.nn.Module) -> torch.Tensor:
     """Clamped gates as a `(layers, kv_heads)` fp32 CPU tensor."""

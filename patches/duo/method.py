@@ -9,16 +9,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from headwise.data_builders.passkey import build_duo_training_set
 from headwise.patches.base import HeadwiseError, Method, register_method
 from headwise.patches.duo.attention import ATTENTION_NAME, _reset_per_forward, register
 from headwise.patches.duo.callback import _gate_callback
 from headwise.patches.duo.config import DuoMethod
-from headwise.patches.duo.gates import GATE_MODULE, DuoGate, DuoState, attention_modules, gate_modules
-from headwise.patches.duo.pattern_files import GATE_LOG, PATTERN_DIR, averaged_gates, duo_policy, gates_from_weights, write_pattern_dir
+from headwise.patches.duo.gates import (
+    GATE_MODULE,
+    DuoGate,
+    DuoState,
+    attention_modules,
+    gate_modules,
+)
+from headwise.patches.duo.pattern_files import (
+    GATE_LOG,
+    PATTERN_DIR,
+    averaged_gates,
+    duo_policy,
+    gates_from_weights,
+    write_pattern_dir,
+)
 from headwise.patches.duo.training_data import right_pad_collator
-from headwise.patches.training_attention import check_patchable, install_training_attention
+from headwise.patches.training_attention import (
+    check_patchable,
+    install_training_attention,
+    refuse_unimplemented_attention,
+)
 
 
 def _trunk(model: torch.nn.Module) -> torch.nn.Module:
@@ -29,6 +45,7 @@ def _trunk(model: torch.nn.Module) -> torch.nn.Module:
     if inner is None or inner is base:
         raise HeadwiseError(f"method duo: cannot find the decoder trunk of {type(base).__name__}")
     return inner
+
 
 @register_method
 class DuoAttention(Method):
@@ -43,14 +60,11 @@ class DuoAttention(Method):
         self.state = DuoState(config)
 
     def check_model_config(self, model_config: Any) -> None:
-        model_type = getattr(model_config, "model_type", "?")
-        if getattr(model_config, "use_sliding_window", False) and getattr(model_config, "sliding_window", None):
-            raise HeadwiseError(f"method duo: {model_type} uses sliding-window attention layers; disable use_sliding_window")
+        refuse_unimplemented_attention(model_config, "duo", softcap="the streaming kernel does")
         layer_types = getattr(model_config, "layer_types", None) or []
         if any(t != "full_attention" for t in layer_types):
+            model_type = getattr(model_config, "model_type", "?")
             raise HeadwiseError(f"method duo: {model_type} has non-full attention layers; the duo KV cache supports full attention only")
-        if getattr(model_config, "attn_logit_softcapping", None):
-            raise HeadwiseError(f"method duo: {model_type} uses attention logit soft-capping, which the streaming kernel does not implement")
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         check_patchable(model, "duo")

@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors import safe_open
-
 from headwise.patches.base import HeadwiseError
 from headwise.patches.duo.binarize import _as_grid, binarize_gates
 from headwise.patches.duo.gates import GATE_MODULE
-
+from safetensors import safe_open
 
 GATE_TSV = "full_attention_heads.tsv"  # DuoAttention's file name
 
@@ -26,6 +24,7 @@ PATTERN_DIR = "duo_attention"  # DuoAttention-compatible pattern folder inside a
 
 STANDARD_FRACTIONS = (0.25, 0.5, 0.75)
 
+
 def write_gate_tsv(gates, path: str | Path) -> Path:
     """DuoAttention's `full_attention_heads.tsv`: one row per layer, tab-separated gates (scientific notation)."""
     g = torch.as_tensor(gates, dtype=torch.float64).cpu()
@@ -34,12 +33,14 @@ def write_gate_tsv(gates, path: str | Path) -> Path:
     path.write_text("".join("\t".join(f"{float(v):.18e}" for v in row) + "\n" for row in g.tolist()))
     return path
 
+
 def read_gate_tsv(path: str | Path) -> torch.Tensor:
     """A DuoAttention gate file (ours or the original project's) as a `(layers, kv_heads)` tensor, clipped to [0, 1]."""
     rows = [line.split() for line in Path(path).read_text().splitlines() if line.strip()]
     if not rows or len({len(r) for r in rows}) != 1:
         raise HeadwiseError(f"{path}: expected one row per layer with the same number of tab-separated gates")
     return torch.tensor([[float(v) for v in r] for r in rows], dtype=torch.float64).clamp(0.0, 1.0)
+
 
 def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None = None,
                    expected_shape: tuple[int, int] | None = None) -> torch.Tensor:
@@ -91,10 +92,12 @@ def averaged_gates(log: str | Path, last_fraction: float, upto_step: int | None 
         grids.append(grid)
     return torch.stack(grids).mean(dim=0)
 
+
 def write_mask_tsv(mask: Sequence[Sequence[int]], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join("\t".join(str(int(v)) for v in row) + "\n" for row in mask))
     return path
+
 
 def write_pattern_dir(gates, directory: str | Path, *, sink: int, recent: int, extra: dict | None = None) -> Path:
     """A DuoAttention pattern folder: `full_attention_heads.tsv` + `config.json` (`sink_size`, `recent_size`)
@@ -106,6 +109,7 @@ def write_pattern_dir(gates, directory: str | Path, *, sink: int, recent: int, e
     for f in STANDARD_FRACTIONS:
         write_mask_tsv(binarize_gates(gates, streaming_fraction=f), directory / f"retrieval_heads_streaming={f:.2f}.tsv")
     return directory
+
 
 def duo_policy(source, *, streaming_fraction: float | None = 0.5, threshold: float | None = None,
                sink: int | None = None, recent: int | None = None):
@@ -128,6 +132,7 @@ def duo_policy(source, *, streaming_fraction: float | None = 0.5, threshold: flo
     mask = binarize_gates(gates, streaming_fraction=streaming_fraction, threshold=threshold)
     return {"type": "duo", "retrieval_heads": mask, "sink": sink if sink is not None else cfg.get("sink_size", 128),
             "recent": recent if recent is not None else cfg.get("recent_size", 256)}
+
 
 def gates_from_weights(weights_dir: str | Path) -> torch.Tensor:
     """The gates saved by a Duo training run (`*.duo_gate.gate` tensors of its safetensors), `(layers, kv_heads)`."""

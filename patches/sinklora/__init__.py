@@ -2,9 +2,8 @@
 
 Which reading of the papers this implements, and why
 ----------------------------------------------------
-SinkLoRA's released code contains none of SinkLoRA's own parts (see
-`research/sinklora_longlora.md` §0), so SF-Attn is rebuilt from the paper's prose, as the dossier's
-§2.4 reconstruction ("SF-Attn (reconstructed)"):
+SinkLoRA's released code contains none of SinkLoRA's own parts (its repository ships LongLoRA's
+code), so SF-Attn is rebuilt from the paper's prose (docs/methods/sinklora.md has the same reading):
 
 - Groups of `G` tokens (`G = ceil(T * group_ratio)` rounded up to the kernel block, or
   `group_size`); the lower half of the query heads uses groups `[0, G), [G, 2G), ...`, the upper
@@ -31,7 +30,12 @@ evaluate), switched by a forward pre-hook on the model, so `model.eval()` / `gen
 the stock model.
 """
 
-from headwise.patches.sinklora.attention import ATTENTION_NAME, layout_spec, register, sinklora_attention
+from headwise.patches.sinklora.attention import (
+    ATTENTION_NAME,
+    layout_spec,
+    register,
+    sinklora_attention,
+)
 from headwise.patches.sinklora.config import SinkLoRAMethod
 from headwise.patches.sinklora.method import SinkLoRA
 

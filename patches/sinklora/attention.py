@@ -10,15 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from headwise.data_builders import cu_seqlens_from_position_ids
 from headwise.kernels import LayoutSpec, sparse_attention
 from headwise.kernels.tensor_memo import LastTensorMemo
 from headwise.patches.sinklora.config import SinkLoRAMethod
-from headwise.patches.training_attention import check_training_call, eval_sdpa, register_training_attention
-
+from headwise.patches.training_attention import (
+    check_training_call,
+    eval_sdpa,
+    register_training_attention,
+)
 
 ATTENTION_NAME = "headwise_sinklora"
+
 
 def layout_spec(cfg: SinkLoRAMethod, n_heads: int, seq_len: int):
     """The kernel layout of this config for `n_heads` query heads and sample length `seq_len`."""
@@ -29,9 +32,11 @@ def layout_spec(cfg: SinkLoRAMethod, n_heads: int, seq_len: int):
         spec = LayoutSpec("shifted_groups", group_ratio=cfg.group_ratio, sink=cfg.sinks, shifted_heads=shifted)
     return spec.resolve(seq_len)
 
+
 # The host sync that decides "one sequence or several" runs once per position_ids tensor (every layer
 # of a forward, and the gradient-checkpointing recompute, gets the same one), not once per layer call.
 _PACKING_SEEN = LastTensorMemo()
+
 
 def _packed_boundaries(kwargs: dict[str, Any], batch: int, seq_len: int) -> torch.Tensor | None:
     """cu_seqlens over the flattened batch when the sample holds several sequences, else None."""
@@ -43,10 +48,12 @@ def _packed_boundaries(kwargs: dict[str, Any], batch: int, seq_len: int) -> torc
         return None
     return _PACKING_SEEN.get(pos, batch, lambda: _boundaries_from_positions(pos.reshape(-1, seq_len), batch))
 
+
 def _boundaries_from_positions(pos: torch.Tensor, batch: int) -> torch.Tensor | None:
     if pos.shape[0] == 1 and not bool((pos[0, 1:] == 0).any()):
         return None  # one sequence
     return cu_seqlens_from_position_ids(pos.expand(batch, -1))[0].to(pos.device)
+
 
 def sinklora_attention(
     module: torch.nn.Module,
@@ -77,6 +84,7 @@ def sinklora_attention(
         out = sparse_attention(flat(query), flat(key), flat(value), spec, scale=scaling, cu_seqlens=cu)
         return out.reshape(b, t, h, d), None
     return sparse_attention(query, key, value, spec, scale=scaling), None
+
 
 def register() -> None:
     """Register the attention function and its (flash-style, cheap) mask function. Idempotent."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
-
 from headwise.patches.base import Section
+from pydantic import Field, model_validator
 
 
 class SinkLoRAMethod(Section):

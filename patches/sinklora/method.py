@@ -5,11 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from headwise.patches.base import HeadwiseError, Method, register_method
 from headwise.patches.sinklora.attention import ATTENTION_NAME, register
 from headwise.patches.sinklora.config import SinkLoRAMethod
-from headwise.patches.training_attention import check_patchable, install_training_attention
+from headwise.patches.training_attention import (
+    check_patchable,
+    install_training_attention,
+    refuse_unimplemented_attention,
+)
 
 
 @register_method
@@ -21,11 +24,8 @@ class SinkLoRA(Method):
     config: SinkLoRAMethod
 
     def check_model_config(self, model_config: Any) -> None:
-        model_type = getattr(model_config, "model_type", "?")
-        if getattr(model_config, "use_sliding_window", False) and getattr(model_config, "sliding_window", None):
-            raise HeadwiseError(f"method sinklora: {model_type} uses sliding-window attention layers, which SF-Attn would override; disable use_sliding_window")
-        if getattr(model_config, "attn_logit_softcapping", None):
-            raise HeadwiseError(f"method sinklora: {model_type} uses attention logit soft-capping, which the sparse kernels do not implement")
+        refuse_unimplemented_attention(model_config, "sinklora", sliding_window=", which SF-Attn would override",
+                                       softcap="the sparse kernels do")
         if not getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_attention_heads") < 2:
             raise HeadwiseError("method sinklora needs at least 2 attention heads (half of them are shifted)")
 
