@@ -127,6 +127,42 @@ def test_overrides_beat_the_file_and_parse_yaml_values(tmp_path):
     assert r.training.output_dir == "runs/run"  # removed -> schema default
 
 
+DUO_MINIMAL = {"method": {"name": "duo"}, "peft": {"type": "none", "trainable_modules": ["duo_gate"]},
+               "export": {"format": "merged"}}
+
+
+@pytest.mark.parametrize("base", [{"model": {"name": "smollm2-135m"}}, {"base": "base/smollm2"}], ids=["no-base", "base-smollm2"])
+def test_duo_recipe_without_learning_rate_trains_at_duoattentions_rate(tmp_path, base):
+    """DuoAttention trains its O(1) gates at 0.02; the LoRA default (2e-4) would barely move them. Neither a
+    minimal recipe nor the shipped base preset sets a rate, so the method's default applies."""
+    path = write_recipe(tmp_path, {**base, **DUO_MINIMAL})
+    assert load_recipe(path).recipe.training.learning_rate == 0.02
+
+
+def test_a_learning_rate_the_user_sets_beats_the_methods_default(tmp_path):
+    in_file = write_recipe(tmp_path, {**GOOD, **DUO_MINIMAL, "training": {"learning_rate": 1e-3}}, "file.yaml")
+    assert load_recipe(in_file).recipe.training.learning_rate == 1e-3
+    # Set to the LoRA default explicitly: still the user's value, not replaced by Duo's.
+    on_command_line = write_recipe(tmp_path, {**GOOD, **DUO_MINIMAL}, "cli.yaml")
+    assert load_recipe(on_command_line, ["training.learning_rate=2e-4"]).recipe.training.learning_rate == 2e-4
+    write_recipe(tmp_path, {**GOOD, "training": {"learning_rate": 5e-3}}, "parent.yaml")
+    inherited = write_recipe(tmp_path, {"base": "parent.yaml", **DUO_MINIMAL}, "child.yaml")
+    assert load_recipe(inherited).recipe.training.learning_rate == 5e-3
+
+
+@pytest.mark.parametrize("method", [{"name": "full"}, {"name": "sinklora"}])
+def test_methods_without_their_own_rate_keep_the_lora_default(tmp_path, method):
+    path = write_recipe(tmp_path, {"base": "base/smollm2", "method": method})
+    assert load_recipe(path).recipe.training.learning_rate == 2e-4
+
+
+def test_cli_recipe_show_prints_the_duo_default(tmp_path):
+    path = write_recipe(tmp_path, {"model": {"name": "smollm2-135m"}, **DUO_MINIMAL})
+    shown = run_cli("recipe", "show", str(path))
+    assert shown.returncode == 0, shown.stderr
+    assert yaml.safe_load(shown.stdout)["training"]["learning_rate"] == 0.02
+
+
 def test_override_errors_say_command_line(tmp_path):
     path = write_recipe(tmp_path, GOOD)
     with pytest.raises(RecipeError, match=r"training\.max_stepz \(set on the command line by `training\.max_stepz=3`\): unknown key; did you mean `max_steps`"):

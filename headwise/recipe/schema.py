@@ -155,13 +155,23 @@ class PeftSection(Section):
 # -------------------------------------------------------------------------------------- training
 
 
+def _learning_rate_help() -> str:
+    """The help of `training.learning_rate`, naming the methods (from the registry) that bring their own default."""
+    own = [f"`{c.model_fields['name'].default}`: {c.default_learning_rate:g}" for c in method_configs()
+           if c.default_learning_rate is not None]
+    text = "Peak learning rate. The default 2e-4 suits LoRA"
+    if own:
+        text += f"; a recipe that sets none trains at its method's own default where it has one ({', '.join(own)})"
+    return text + "."
+
+
 class TrainingSection(Section):
     output_dir: str = Field("runs/run", description="Run directory: checkpoints, the resolved recipe, the final adapter.")
     max_steps: int = Field(-1, description="Optimizer steps; -1 trains `num_train_epochs` epochs.")
     num_train_epochs: float = Field(1.0, gt=0, description="Epochs when `max_steps` is -1.")
     per_device_train_batch_size: int = Field(1, gt=0, description="Micro-batch per device.")
     gradient_accumulation_steps: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(2e-4, gt=0, description=_learning_rate_help())
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"] = Field(
         "cosine", description="Learning-rate schedule."
     )
@@ -295,6 +305,9 @@ class Recipe(Section):
             raise ValueError("peft.type `none` trains only `peft.trainable_modules`, which is empty; list modules or use `lora`")
         if self.peft.type == "none" and self.export.format == "adapter":
             raise ValueError("peft.type `none` has no adapter to export; set export.format: merged")
+        method_rate = type(self.method).default_learning_rate
+        if method_rate is not None and "learning_rate" not in self.training.model_fields_set:
+            self.training.learning_rate = method_rate  # set by no file, base or override: the method's default
         method_rules = getattr(self.method, "check_recipe", None)  # a method's rules on other sections
         if method_rules is not None:
             method_rules(self)

@@ -29,16 +29,27 @@ from typing import Any
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.models import (
+    check_training_length,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
+from headwise.patches.base import Method, method_for
 from headwise.publish.export_target import match_umask_permissions
+from headwise.recipe.loader import LoadedRecipe
+from headwise.recipe.schema import DEEPSPEED_PRESETS, Recipe
 from headwise.train.data import build_training_data, check_data_sources
 from headwise.train.fused_lora import fuse_lora_forward
 from headwise.train.fused_ops import apply_liger_kernels, check_liger_kernels
 from headwise.train.losses import resolve_fused_loss
-from headwise.patches.base import Method, method_for
-from headwise.models import check_training_length, load_config, load_model, load_tokenizer
-from headwise.recipe.schema import DEEPSPEED_PRESETS, Recipe
-from headwise.recipe.loader import LoadedRecipe
-from headwise.train.run_dir import FINAL_DIR, SUMMARY_FILE, claim_run_dir, confirm_resume_checkpoint, is_main_process
+from headwise.train.run_dir import (
+    FINAL_DIR,
+    SUMMARY_FILE,
+    claim_run_dir,
+    confirm_resume_checkpoint,
+    is_main_process,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -255,7 +266,10 @@ def check_report_to(names: list[str]) -> None:
     Checked against transformers' integration table and its availability probes (which look for the
     package without importing it), so a typo or a missing tracker is one message before the model
     loads, not a ValueError or RuntimeError from inside the Trainer."""
-    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK, get_available_reporting_integrations
+    from transformers.integrations.integration_utils import (
+        INTEGRATION_TO_CALLBACK,
+        get_available_reporting_integrations,
+    )
 
     known = sorted(INTEGRATION_TO_CALLBACK)
     unknown = [n for n in names if n not in known and n not in ("all", "none")]

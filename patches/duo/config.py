@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
-
-from pydantic import Field, model_validator
+from typing import Any, ClassVar, Literal
 
 from headwise.data_builders.passkey import Filler, KeyFormat, LabelSpan
 from headwise.patches.base import Section
+from pydantic import Field, model_validator
 
 
 class DuoHaystack(Section):
@@ -35,8 +34,11 @@ class DuoHaystack(Section):
             raise ValueError(f"min_tokens ({self.min_tokens}) exceeds max_tokens ({self.max_tokens})")
         return self
 
+
 class DuoMethod(Section):
     """Recipe block `method: {name: duo, ...}`."""
+
+    default_learning_rate: ClassVar[float | None] = 0.02  # DuoAttention's AdamW rate for its gates (O(1) scalars)
 
     name: Literal["duo"] = Field("duo", description="`duo`: DuoAttention retrieval/streaming head gates (only the gates train).")
     sink: int = Field(128, ge=0, description="Sink tokens of the streaming attention (DuoAttention: 128).")
