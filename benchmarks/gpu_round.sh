@@ -10,14 +10,20 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2
 [ -n "${DIAG:-}" ] && timeout 120 python3 benchmarks/diag_kernels.py 2>&1 | tail -20
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-GPU_TESTS="tests/kernels tests/inference/test_static_decode.py tests/test_losses.py tests/test_fused_ops.py"
-timeout ${TEST_TIMEOUT:-240} python3 -m pytest $GPU_TESTS -v -n 8 -p no:cacheprovider -rf --tb=line > "$OUT/tests.log" 2>&1; tests_rc=$?
-grep -E "^(FAILED|E )|passed|failed" "$OUT/tests.log" | cut -c1-300 | tail -30
-# The run's summary (date, commit, counts) goes to benchmarks/results/gpu_tests/ and, so that it comes back from
-# the device, to $OUT/gpu_tests/: copy it into the repository's benchmarks/results/gpu_tests/ (COMMIT=<sha> names
-# the commit tested where the machine has no git checkout).
-python3 benchmarks/gpu_tests_summary.py "$OUT/tests.log" --exit-code "$tests_rc" ${COMMIT:+--commit "$COMMIT"} \
-    --command "python3 -m pytest $GPU_TESTS -v -n 8 (timeout ${TEST_TIMEOUT:-240} s)" \
-    --machine "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)" \
-    --copy-to "$OUT/gpu_tests"
+MACHINE="$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1) x $(nvidia-smi -L | wc -l)"
+# Two runs, each with its summary: every kernel test (on CUDA here), then the tests marked gpu elsewhere.
+gpu_tests() {  # <log name> <pytest args...>
+    local log="$OUT/$1.log"; shift
+    timeout ${TEST_TIMEOUT:-300} python3 -m pytest "$@" -v -n 8 -p no:cacheprovider -rf --tb=line > "$log" 2>&1
+    local rc=$?
+    grep -E "^(FAILED|ERROR|E )|passed|failed" "$log" | grep -v "PASSED" | cut -c1-300 | tail -20
+    # The summary (date, commit, counts) goes to benchmarks/results/gpu_tests/ and, so that it comes back from
+    # the device, to $OUT/gpu_tests/: copy it into the repository's benchmarks/results/gpu_tests/ (COMMIT=<sha>
+    # names the commit tested where the machine has no git checkout).
+    python3 benchmarks/gpu_tests_summary.py "$log" --exit-code "$rc" ${COMMIT:+--commit "$COMMIT"} \
+        --command "python3 -m pytest $* -v -n 8 (timeout ${TEST_TIMEOUT:-300} s)" --machine "$MACHINE" \
+        --copy-to "$OUT/gpu_tests"
+}
+gpu_tests tests_kernels tests/kernels
+gpu_tests tests_marked -m gpu tests/inference/test_static_decode.py tests/test_losses.py tests/test_fused_ops.py
 python3 benchmarks/bench_kernels.py --budget-s "$budget" --out "$OUT/kernels.jsonl" "$@" 2>&1 | tee "$OUT/bench.log" | grep -v "^  !" ; grep "^  !" "$OUT/bench.log" | head -20
