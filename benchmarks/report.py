@@ -306,7 +306,9 @@ KERNEL_COLUMNS = [(8192, "fwd+bwd"), (16384, "fwd+bwd"), (32768, "fwd+bwd"), (13
 
 
 def _vs_flex(c: Citer, layout: str, T: int, pas: str) -> tuple[str, list[Row]]:
-    rows = [r for r in _kernel_latest(c) if (r["layout"], r["T"], r["pass"]) == (layout, T, pas)
+    """Flex over ours from the latest run of each shape that timed FlexAttention (runs with --no-flex have none)."""
+    timed = latest((r for r in c.results.rows("kernels") if r.get("ms_flex") is not None), _kernel_key)
+    rows = [r for r in _kernel_order(timed) if (r["layout"], r["T"], r["pass"]) == (layout, T, pas)
             and r.get("qkv_memory", "bthd") == "bthd"]
     by_hkv = {r["Hkv"]: r for r in rows}
     cells = [_ratio(by_hkv[h].get("ms_flex"), fastest_auto_ms(by_hkv[h])) if h in by_hkv else "-" for h in (32, 8)]

@@ -34,12 +34,15 @@ def test_kernels_table_keeps_the_latest_row_per_shape():
     keys = {(r["layout"], r["T"], r["Hkv"], r["pass"], r.get("qkv_memory", "bthd")) for r in lines}
     rows = latest_rows(path)
     assert len(rows) == len(keys) < len(lines)  # the file holds repeated runs of some shapes
-    last_sf = [r for r in lines if (r["layout"], r["T"], r["Hkv"], r["pass"]) == ("sf", 8192, 32, "fwd+bwd")][-1]
-    assert last_sf in rows
+    last_sf = [r for r in lines if (r["layout"], r["T"], r["Hkv"], r["pass"]) == ("sf", 32768, 8, "fwd+bwd")][-1]
+    assert last_sf in rows and last_sf["ms_flex"] is not None
     table = markdown(rows).splitlines()
     assert len(table) == len(rows) + 2
-    sf_line = next(x for x in table if x.startswith("| sf | 8K | fwd+bwd | 32 |"))
+    sf_line = next(x for x in table if x.startswith("| sf | 32K | fwd+bwd | 8 |"))
     assert f"| {last_sf['ms_flex'] / last_sf['ms_headwise']:.2f}x |" in sf_line
+    no_flex = [r for r in rows if r["ms_flex"] is None]  # runs made with --no-flex: Flex cells are "-"
+    assert no_flex and all("| - | - | - |" in line for line in table if line.startswith(f"| {no_flex[0]['layout']} |")
+                           and f"| {no_flex[0]['Hkv']} |" in line and "12-03" in line)
 
 
 def test_merging_device_rows_records_the_machine_and_a_rerunnable_command(tmp_path):

@@ -77,13 +77,14 @@ def test_an_altered_figure_in_a_document_is_reported(tmp_path, capsys):
 
 
 def test_a_changed_measurement_is_reported_in_every_document_that_shows_it(tmp_path, capsys):
-    """The latest S2 32K fwd+bwd row of a copy of kernels.jsonl gets a slower FlexAttention time: the kernel
-    page's table and README's S2 and kernel status lines no longer agree, and nothing else is reported."""
+    """The latest S2 32K fwd+bwd row that timed FlexAttention, in a copy of kernels.jsonl, gets a slower Flex time:
+    the kernel page's Flex table and README's S2 and kernel status lines no longer agree, and nothing else is
+    reported (the per-shape table shows a later run of that shape, made without Flex)."""
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results)
     lines = (results / "kernels.jsonl").read_text().splitlines()
     last = max(i for i, line in enumerate(lines) if line.strip() and (lambda r: (r["layout"], r["T"], r["Hkv"], r["pass"])
-               == ("s2", 32768, 32, "fwd+bwd"))(json.loads(line)))
+               == ("s2", 32768, 32, "fwd+bwd") and r.get("ms_flex") is not None)(json.loads(line)))
     row = json.loads(lines[last])
     row["ms_flex"] *= 2
     lines[last] = json.dumps(row)
@@ -97,7 +98,6 @@ def test_a_changed_measurement_is_reported_in_every_document_that_shows_it(tmp_p
         "README.md: region 'status-s2'",
         "README.md: region 'status-kernels'",
         "docs/kernels.md: region 'kernels-vs-flex'",
-        "docs/benchmarks.md: region 'kernels-latest'",
     }
 
 
