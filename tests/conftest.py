@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from suite_rules import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks of this conftest)
+
 REPO = Path(__file__).resolve().parents[1]
 
 

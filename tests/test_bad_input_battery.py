@@ -14,7 +14,7 @@ get for bad input:
   folder or export is left behind).
 
 Some inputs have a right outcome other than a refusal, and the case says so: a resumed run skips a
-damaged checkpoint with a warning naming it and trains from the previous one (README, "Recipes"); an
+damaged checkpoint with a warning naming it and trains from the previous one (docs/recipes.md); an
 export may go ahead without a damaged optional file (the training summary, old eval results) when a
 warning names it. `recipe validate` reports one verdict per file on stdout (`ok ...` / `invalid ...`)
 and exits 2 when any is invalid.

@@ -15,13 +15,13 @@ import pytest
 import torch
 import yaml
 
+from suite_rules import missing_dependency, require_or_skip
 from tests.conftest import REPO, tiny_recipe, write_recipe
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("g++") is None, reason="DeepSpeed on CPU JIT-builds its comm op with g++"),
-]
-deepspeed = pytest.importorskip("deepspeed")
+pytestmark = pytest.mark.slow
+if shutil.which("g++") is None:
+    missing_dependency("g++ is not on PATH: DeepSpeed on CPU JIT-builds its comm op with it")
+deepspeed = require_or_skip("deepspeed", "pip install 'headwise[deepspeed]'")
 
 
 def _accelerate_config(tmp_path, stage: str, port: int):

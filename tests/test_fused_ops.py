@@ -12,6 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from headwise.errors import HeadwiseError
 from headwise.train.fused_ops import apply_liger_kernels, check_liger_kernels
+from suite_rules import require_or_skip
 from tests.conftest import run_cli, tiny_recipe, write_recipe
 
 HAS_LIGER = importlib.util.find_spec("liger_kernel") is not None
@@ -36,11 +37,12 @@ def test_liger_kernels_refuse_a_model_type_liger_cannot_patch():
             check_liger_kernels("llama", "cuda")
 
 
-@pytest.mark.skipif(not HAS_LIGER, reason="needs liger-kernel")
 def test_liger_kernels_stay_on_the_patched_model():
     """Liger rebinds module-level names; a model built afterwards (here on CPU, where Liger's kernels
     cannot run) must still get the family's own ops and compute what it did before."""
     from transformers.models.llama import modeling_llama
+
+    require_or_skip("liger_kernel", "pip install 'headwise[liger]'")
 
     names = ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb")
     before = {n: getattr(modeling_llama, n) for n in names}
@@ -65,6 +67,7 @@ def test_liger_kernels_stay_on_the_patched_model():
             setattr(modeling_llama, n, v)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_LIGER, reason="needs CUDA and liger-kernel")
 def test_liger_kernels_match_the_model_on_gpu():
     torch.manual_seed(0)

@@ -172,6 +172,7 @@ def test_liger_loss_hands_wrapped_or_partitioned_heads_to_the_chunked_loss():
     for head in (wrapped, partitioned):
         torch.testing.assert_close(liger_lm_loss(hidden, head, labels), chunked_lm_loss(hidden, head, labels))
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("liger_kernel") is None,
                     reason="needs CUDA and liger-kernel")
 def test_liger_loss_matches_chunked_loss_on_gpu():

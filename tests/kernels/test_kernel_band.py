@@ -61,12 +61,14 @@ def test_band_rejects_other_layouts():
         band_layout_attention(q, q, q, LayoutSpec("dense"), backend="torch")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 def test_band_probe_answers_without_raising_on_gpu():
     offset = band_left_offset(0)
     assert offset is None or offset in (0, -1, 1)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not BAND_WORKS, reason=NEEDS_BAND)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0].kind}-w{c[0].window or c[0].recent}-s{c[0].sink}-T{c[1]}-gqa{c[2] // c[3]}")
 def test_cudnn_band_matches_reference_on_gpu(case):
@@ -81,6 +83,7 @@ def test_cudnn_band_matches_reference_on_gpu(case):
         check_tolerance(f"cudnn band {spec} {name}", got[j], ref32[j], ref_lp[j], factor, floor)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not BAND_WORKS, reason=NEEDS_BAND)
 def test_sparse_attention_routes_band_layouts_to_cudnn_when_asked(monkeypatch):
     import headwise.kernels.dispatch as kernels
@@ -96,6 +99,7 @@ def test_sparse_attention_routes_band_layouts_to_cudnn_when_asked(monkeypatch):
     assert calls and (out.float() - ref).abs().max().item() < 3e-2
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not BAND_WORKS, reason=NEEDS_BAND)
 def test_sparse_attention_default_routes_sliding_window_to_cudnn_and_streaming_to_triton(monkeypatch):
     """The default (`BAND_IMPL="auto"`) takes the band for the sliding window only, where it was

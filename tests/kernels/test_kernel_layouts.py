@@ -64,7 +64,7 @@ def test_token_masks_are_causal_and_counted(spec):
 
 
 def test_token_rules_follow_design_table():
-    """Spot values of DESIGN.md's table, independent of the implementation's own formulas."""
+    """Spot values of the layout semantics table (docs/kernels.md), independent of the implementation's own formulas."""
     t = 64
     m = token_mask(LayoutSpec("shifted_groups", group_size=16, sink=2), t, head=3, n_heads=4)  # shifted
     assert m[7, 6] and m[8, 0] and m[8, 1] and not m[8, 7]  # [0, 8) is the first half-group; sinks stay visible

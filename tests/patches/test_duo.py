@@ -185,7 +185,7 @@ def test_gate_tsv_is_duoattention_format(tmp_path):
     assert float(lines[0].split("\t")[1]) == 0.859375
     torch.testing.assert_close(read_gate_tsv(path), gates.double())
     policy = duo_policy(path, streaming_fraction=0.5, sink=4, recent=8)
-    assert policy.retrieval_heads == [[1, 1, 0], [0, 1, 0]] and policy.sink == 4
+    assert policy == {"type": "duo", "retrieval_heads": [[1, 1, 0], [0, 1, 0]], "sink": 4, "recent": 8}
 
 
 # ---------------------------------------------------------------------------------------------- deployment

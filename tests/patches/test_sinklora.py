@@ -99,7 +99,7 @@ def test_packed_sequences_do_not_attend_across():
 def test_packing_is_decided_once_per_forward(monkeypatch):
     """The one-or-several-sequences check syncs with the device: once per forward, not once per layer,
     and a new position_ids tensor (a new packed sample) is looked at again."""
-    from headwise.patches import sinklora
+    from headwise.patches.sinklora import attention as sinklora
 
     calls = []
     real = sinklora._boundaries_from_positions
