@@ -30,7 +30,6 @@ take minutes). `full-hf` always runs a real SDPA prefill.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -41,7 +40,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_io import append_rows, utc_now  # noqa: E402
+from results_io import emit_row, utc_now  # noqa: E402
 
 LLAMA3_8B = dict(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_size=4096,
                  intermediate_size=14336, vocab_size=128256)
@@ -254,9 +253,7 @@ def main(argv=None) -> int:
                           prefill=("model" if name == "full-hf" else args.prefill), prefill_s=row["prefill_s"],
                           command=command, date=utc_now(), gpu=gpu,
                           torch=torch.__version__, transformers=transformers.__version__)
-            print(json.dumps(record), flush=True)
-            if out_path:
-                append_rows(out_path, [record])
+            emit_row(record, out_path)
     return 0
 
 

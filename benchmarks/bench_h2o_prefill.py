@@ -21,7 +21,6 @@ H2O path (a few operators per block of queries) far more than one SDPA call:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -34,7 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from results_io import append_rows, utc_now  # noqa: E402
+from results_io import emit_row, utc_now  # noqa: E402
 
 H2O_POLICY = {"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}
 
@@ -120,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                           loadavg=loadavg, device="cpu", command=command,
                           date=utc_now(), machine=machine, torch=torch.__version__,
                           transformers=transformers.__version__)
-            print(json.dumps(record), flush=True)
-            if out_path:
-                append_rows(out_path, [record])
+            emit_row(record, out_path)
     return 0
 
 

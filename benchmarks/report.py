@@ -715,29 +715,29 @@ def _duo_table(c: Citer, specs: Sequence[tuple[list[str], str, Sequence[str], st
     return "\n".join(lines)
 
 
+def _duo_spec(seed: str, eval_seed: str, policy: str, tags: Sequence[str], baseline: str | None = None) -> tuple:
+    """One row of a Duo table: (training seed, evaluation seed), policy, its evaluation tags, the tag of full
+    attention's baseline on the same samples (default: the first tag)."""
+    return [seed, eval_seed], policy, list(tags), baseline or tags[0]
+
+
 # Evaluation tags (duo_smollm2.py --tag) of the recipe's gates, `headwise train duo-smollm2-gpu` with the default
 # training seed (42) and seeds 7 and 11; full attention's baselines on the same samples.
 PRIMED = [
-    (["-", "0"], "full", ["duo_smollm2_gpu_primed", "duo_smollm2_gpu_primed_4k8k"], "duo_smollm2_pred-800_primed"),
-    (["default (42)", "0"], "streaming=0.50", ["duo_smollm2_pred-800_primed"], "duo_smollm2_pred-800_primed"),
-    (["7", "0"], "streaming=0.50", ["duo_smollm2_pred-800-seed7_primed"], "duo_smollm2_pred-800-seed7_primed"),
-    (["11", "0"], "streaming=0.50", ["duo_smollm2_pred-800-seed11_primed"], "duo_smollm2_pred-800-seed11_primed"),
-    (["-", "1"], "full", ["duo_smollm2_pred-800-seed11_primed_seed1"], "duo_smollm2_pred-800-seed11_primed_seed1"),
-    (["11", "1"], "streaming=0.50", ["duo_smollm2_pred-800-seed11_primed_seed1"], "duo_smollm2_pred-800-seed11_primed_seed1"),
+    _duo_spec("-", "0", "full", ["duo_smollm2_gpu_primed", "duo_smollm2_gpu_primed_4k8k"], "duo_smollm2_pred-800_primed"),
+    _duo_spec("default (42)", "0", "streaming=0.50", ["duo_smollm2_pred-800_primed"]),
+    _duo_spec("7", "0", "streaming=0.50", ["duo_smollm2_pred-800-seed7_primed"]),
+    _duo_spec("11", "0", "streaming=0.50", ["duo_smollm2_pred-800-seed11_primed"]),
+    _duo_spec("-", "1", "full", ["duo_smollm2_pred-800-seed11_primed_seed1"]),
+    _duo_spec("11", "1", "streaming=0.50", ["duo_smollm2_pred-800-seed11_primed_seed1"]),
 ]
-STRICT = [
-    (["-", "0"], "full", ["duo_smollm2_pred-800_seed0"], "duo_smollm2_pred-800_seed0"),
-    (["-", "1"], "full", ["duo_smollm2_pred-800_seed1"], "duo_smollm2_pred-800_seed1"),
-    (["default (42)", "0"], "streaming=0.25", ["duo_smollm2_pred-800_seed0"], "duo_smollm2_pred-800_seed0"),
-    (["default (42)", "1"], "streaming=0.25", ["duo_smollm2_pred-800_seed1"], "duo_smollm2_pred-800_seed1"),
-    (["default (42)", "0"], "streaming=0.50", ["duo_smollm2_pred-800_seed0"], "duo_smollm2_pred-800_seed0"),
-    (["default (42)", "1"], "streaming=0.50", ["duo_smollm2_pred-800_seed1"], "duo_smollm2_pred-800_seed1"),
-    (["default (42)", "0"], "streaming=0.75", ["duo_smollm2_pred-800_seed0"], "duo_smollm2_pred-800_seed0"),
-    (["default (42)", "1"], "streaming=0.75", ["duo_smollm2_pred-800_seed1"], "duo_smollm2_pred-800_seed1"),
-    (["7", "0"], "streaming=0.50", ["duo_smollm2_pred-800-seed7_seed0"], "duo_smollm2_pred-800-seed7_seed0"),
-    (["7", "1"], "streaming=0.50", ["duo_smollm2_pred-800-seed7_seed1"], "duo_smollm2_pred-800-seed7_seed1"),
-    (["11", "1"], "streaming=0.50", ["duo_smollm2_pred-800-seed11_seed1"], "duo_smollm2_pred-800-seed11_seed1"),
-]
+STRICT = (
+    [_duo_spec("-", e, "full", [f"duo_smollm2_pred-800_seed{e}"]) for e in "01"]
+    + [_duo_spec("default (42)", e, f"streaming={f}", [f"duo_smollm2_pred-800_seed{e}"])
+       for f in ("0.25", "0.50", "0.75") for e in "01"]
+    + [_duo_spec(seed, e, "streaming=0.50", [f"duo_smollm2_pred-800-seed{seed}_seed{e}"])
+       for seed, e in (("7", "0"), ("7", "1"), ("11", "1"))]
+)
 # `method.average_last: 0.5` (the gates' mean over the second half of training) against the final gates of
 # the same training seed, on the same evaluation seed.
 AVERAGED = [

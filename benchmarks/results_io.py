@@ -40,6 +40,14 @@ def append_rows(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> int:
     return n
 
 
+def emit_row(row: Mapping[str, Any], path: str | Path | None) -> None:
+    """Print a measured row as one JSON line and, when `path` is given, append it there as soon as it exists
+    (a run cut short keeps every row it finished)."""
+    print(json.dumps(row), flush=True)
+    if path:
+        append_rows(path, [row])
+
+
 # Options that only say where a run wrote its rows or when it stopped itself: not part of the measurement.
 RUN_LOCAL_OPTIONS = ("--out", "--budget-s")
 

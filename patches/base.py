@@ -70,8 +70,8 @@ class FullMethod(Section):
 class Method:
     """Default hooks: dense attention, nothing extra to train, save or log.
 
-    Subclasses set `name` (the recipe's `method.name`) and `config_class` (its recipe section, a
-    `Section` with a `name: Literal[...]` field).
+    Subclasses set `config_class`, their recipe section: a `Section` whose `name: Literal[...]` field is the
+    recipe's `method.name`; `register_method` copies it to `name`.
     """
 
     name: ClassVar[str] = "full"
@@ -133,7 +133,8 @@ METHODS: dict[str, type[Method]] = {"full": Method}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` the implementation of `method.name: <cls.name>` in recipes."""
+    """Class decorator: make `cls` the implementation of its config's `method.name` in recipes."""
+    cls.name = cls.config_class.model_fields["name"].default
     METHODS[cls.name] = cls
     return cls
 

@@ -9,6 +9,8 @@ model, so `model.eval()` / `generate` are exactly the stock model.
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import torch
@@ -72,6 +74,35 @@ def install_training_attention(
 
     model.register_forward_pre_hook(hook)
     return eval_impl
+
+
+TrainingForward = Callable[..., torch.Tensor]
+
+
+def training_attention(method: str) -> Callable[[TrainingForward], Callable[..., tuple[torch.Tensor, None]]]:
+    """Make a method's training computation a transformers attention function.
+
+    The decorated `forward(module, query, key, value, scaling, **kwargs)` takes q `(B, Hq, T, D)` after RoPE and
+    k/v `(B, Hkv, T, D)` (not repeated) and returns `(B, T, Hq, D)`. The attention function built around it has
+    transformers' signature `(module, query, key, value, attention_mask, *, scaling, dropout, **kwargs)`,
+    refuses what a training patch cannot take (`check_training_call`) and runs the model's own SDPA in eval
+    mode (`eval_sdpa`). `attention_mask` is the flash-style mask: None, or a `(B, T)` padding mask.
+    """
+
+    def wrap(forward: TrainingForward) -> Callable[..., tuple[torch.Tensor, None]]:
+        @functools.wraps(forward)
+        def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, *, scaling: float | None = None, dropout: float = 0.0,
+                      **kwargs: Any) -> tuple[torch.Tensor, None]:
+            if not module.training:
+                return eval_sdpa(method, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                 **kwargs)
+            check_training_call(method, query, key, attention_mask, dropout)
+            return forward(module, query, key, value, scaling, **kwargs), None
+
+        return attention
+
+    return wrap
 
 
 def eval_sdpa(method: str, module, query, key, value, attention_mask, *, scaling, dropout, **kwargs):

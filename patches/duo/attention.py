@@ -8,11 +8,7 @@ import torch
 import torch.nn.functional as F
 from headwise.kernels import LayoutSpec, sparse_attention
 from headwise.patches.duo.gates import GATE_MODULE, DuoState
-from headwise.patches.training_attention import (
-    check_training_call,
-    eval_sdpa,
-    register_training_attention,
-)
+from headwise.patches.training_attention import register_training_attention, training_attention
 
 ATTENTION_NAME = "headwise_duo"  # neutral: no flash/sdpa/flex_attention in the name
 
@@ -25,35 +21,20 @@ def _full_attention(query, key, value, scaling):
     return out.transpose(1, 2).contiguous()
 
 
-def duo_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` -> `(B, T, Hq, D)`.
-
-    Training: `gate * full + (1 - gate) * streaming` per KV group (see the module docstring).
-    Eval: the model's SDPA. `attention_mask` is the flash-style mask (None or a `(B, T)` padding mask).
-    """
-    if not module.training:
-        return eval_sdpa("duo", module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
+@training_attention("duo")
+def duo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scaling: float | None, **kwargs: Any) -> torch.Tensor:
+    """`gate * full + (1 - gate) * streaming` per KV group, q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` ->
+    `(B, T, Hq, D)` (see the package docstring); eval mode runs the model's SDPA (`training_attention`)."""
     state: DuoState = module.headwise_duo
     b, hq, t, d = query.shape
     hkv = key.shape[1]
-    check_training_call("duo", query, key, attention_mask, dropout)
     scale = scaling if scaling is not None else d**-0.5
 
     if state.mode == "teacher":
         full = _full_attention(query, key, value, scale)
         state.stash[module.layer_idx] = full
-        return full, None
+        return full
 
     full = state.stash.get(module.layer_idx) if state.use_stash else None
     if full is None or full.shape != (b, t, hq, d):
@@ -63,7 +44,7 @@ def duo_attention(
     gate = getattr(module, GATE_MODULE).values().to(query.device)
     gate = gate.repeat_interleave(hq // hkv).view(1, 1, hq, 1)  # a KV head's gate covers its query heads
     out = gate * full.float() + (1.0 - gate) * stream.float()
-    return out.to(query.dtype).contiguous(), None
+    return out.to(query.dtype).contiguous()
 
 
 def register() -> None:

@@ -51,7 +51,6 @@ def _trunk(model: torch.nn.Module) -> torch.nn.Module:
 class DuoAttention(Method):
     """Hooks of `method: duo` (see the module docstring)."""
 
-    name = "duo"
     config_class = DuoMethod
     config: DuoMethod
 

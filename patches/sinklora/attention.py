@@ -14,11 +14,7 @@ from headwise.data_builders import cu_seqlens_from_position_ids
 from headwise.kernels import LayoutSpec, sparse_attention
 from headwise.kernels.tensor_memo import LastTensorMemo
 from headwise.patches.sinklora.config import SinkLoRAMethod
-from headwise.patches.training_attention import (
-    check_training_call,
-    eval_sdpa,
-    register_training_attention,
-)
+from headwise.patches.training_attention import register_training_attention, training_attention
 
 ATTENTION_NAME = "headwise_sinklora"
 
@@ -55,35 +51,20 @@ def _boundaries_from_positions(pos: torch.Tensor, batch: int) -> torch.Tensor | 
     return cu_seqlens_from_position_ids(pos.expand(batch, -1))[0].to(pos.device)
 
 
-def sinklora_attention(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    *,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` -> `(B, T, Hq, D)`.
-
-    Training: SF-Attn through `headwise.kernels.sparse_attention`. Eval: the model's SDPA.
-    `attention_mask` is transformers' flash-style mask (None, or a 2D `(B, T)` padding mask).
-    """
-    if not module.training:
-        return eval_sdpa("sinklora", module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-
+@training_attention("sinklora")
+def sinklora_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       scaling: float | None, **kwargs: Any) -> torch.Tensor:
+    """SF-Attn through `headwise.kernels.sparse_attention`: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` ->
+    `(B, T, Hq, D)`; eval mode runs the model's SDPA (`training_attention`)."""
     cfg: SinkLoRAMethod = module.headwise_sinklora
     b, h, t, d = query.shape
-    check_training_call("sinklora", query, key, attention_mask, dropout)
     spec = layout_spec(cfg, h, t)
     cu = _packed_boundaries(kwargs, b, t)
     if cu is not None:
         flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], b * t, d)  # noqa: E731  (B,H,T,D)->(1,H,B*T,D)
         out = sparse_attention(flat(query), flat(key), flat(value), spec, scale=scaling, cu_seqlens=cu)
-        return out.reshape(b, t, h, d), None
-    return sparse_attention(query, key, value, spec, scale=scaling), None
+        return out.reshape(b, t, h, d)
+    return sparse_attention(query, key, value, spec, scale=scaling)
 
 
 def register() -> None:

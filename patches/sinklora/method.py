@@ -19,7 +19,6 @@ from headwise.patches.training_attention import (
 class SinkLoRA(Method):
     """Hooks of `method: sinklora` (see the module docstring for the algorithm)."""
 
-    name = "sinklora"
     config_class = SinkLoRAMethod
     config: SinkLoRAMethod
 
