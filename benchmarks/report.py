@@ -777,6 +777,16 @@ def duo_average_last(c: Citer) -> str:
     return "\n".join(lines)
 
 
+@region("quickstart-adapter", inline=True)
+def quickstart_adapter(c: Citer) -> str:
+    """The quickstart export's adapter file: its size and what fills it."""
+    r = latest([r for r in c.results.rows("export") if r["recipe"] == "quickstart"], lambda r: r["recipe"])[-1]
+    mb = lambda n: "%.0f MB" % (n / 1e6) if n >= 1e7 else "%.1f MB" % (n / 1e6)  # noqa: E731
+    return (f"{c.link(mb(r['file_bytes']), [r])} ({'/'.join(r['dtypes'])}): the trained embedding "
+            f"({mb(r['embedding_bytes'] / r['tied_copies'])}) saved {({2: 'twice'}).get(r['tied_copies'], str(r['tied_copies']) + ' times')}, as `embed_tokens` and as "
+            f"the tied `lm_head`, plus {mb(r['lora_bytes'])} of LoRA and {mb(r['other_bytes'])} of norms")
+
+
 @region("status-duo", inline=True)
 def status_duo(c: Citer) -> str:
     """Duo's headline: retrieval kept at 50% streaming heads, and decoding at 512K."""
