@@ -41,20 +41,6 @@ def check_patchable(model: torch.nn.Module, method: str) -> None:
         )
 
 
-def refuse_unimplemented_attention(model_config: Any, method: str, *, sliding_window: str = "",
-                                   softcap: str = "the kernels do") -> None:
-    """Refuse, before any weights load, a model whose own attention adds a rule this method's kernel does not
-    compose with: a sliding window (`sliding_window`: what the method would do to it, appended to the message) or
-    a logit softcap (`softcap`: which kernel lacks it). The message names the model type and the feature."""
-    model_type = getattr(model_config, "model_type", "?")
-    if getattr(model_config, "use_sliding_window", False) and getattr(model_config, "sliding_window", None):
-        raise HeadwiseError(
-            f"method {method}: {model_type} uses sliding-window attention layers{sliding_window}; disable use_sliding_window"
-        )
-    if getattr(model_config, "attn_logit_softcapping", None):
-        raise HeadwiseError(f"method {method}: {model_type} uses attention logit soft-capping, which {softcap} not implement")
-
-
 def install_training_attention(
     model: torch.nn.Module, name: str, on_forward: Callable[[torch.nn.Module], None] | None = None
 ) -> str:

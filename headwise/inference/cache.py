@@ -33,6 +33,7 @@ from headwise.errors import HeadwiseError
 from headwise.inference.attention import bind_cache, grouped_attention, register
 from headwise.inference.config import parse_kv_policy
 from headwise.inference.stores import DynamicStore, EvictionRule
+from headwise.patches.model_attention import attention_facts, refuse_unsupported_attention
 
 
 class HeadwiseLayer(DynamicLayer):
@@ -235,14 +236,10 @@ def use_headwise_attention(model) -> None:
 
 
 def check_model_supported(model) -> None:
-    config = text_config(model)
-    layer_types = getattr(config, "layer_types", None) or []
-    sliding = [i for i, t in enumerate(layer_types) if t != "full_attention"]
-    if sliding:
-        raise HeadwiseError(
-            f"kv_policy: the model has non-full attention layers ({', '.join(map(str, sliding[:8]))}...: "
-            f"{layer_types[sliding[0]]}); KV policies support full-attention layers only, use kv_policy full"
-        )
+    """Refuse a model whose attention adds a rule the headwise caches and their attention do not implement (a
+    sliding window, a logit softcap, learned sinks): they would keep and attend over other tokens than it does."""
+    refuse_unsupported_attention(attention_facts(model.config, model), "kv_policy",
+                                 "use kv_policy full (the model's own attention and cache)", fused_projections=True)
 
 
 def check_policy(model, policy) -> None:

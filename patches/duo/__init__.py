@@ -60,7 +60,6 @@ from headwise.patches.duo.gates import (
     GATE_MODULE,
     DuoGate,
     DuoState,
-    attention_modules,
     collect_gates,
     gate_modules,
 )
@@ -84,7 +83,7 @@ from headwise.patches.duo.training_data import right_pad_collator
 
 __all__ = [
     "ATTENTION_NAME", "GATE_LOG", "GATE_MODULE", "GATE_TSV", "LAST_GATE_TSV", "PATTERN_DIR", "STANDARD_FRACTIONS",
-    "DuoAttention", "DuoGate", "DuoHaystack", "DuoMethod", "DuoState", "attention_modules", "averaged_gates",
+    "DuoAttention", "DuoGate", "DuoHaystack", "DuoMethod", "DuoState", "averaged_gates",
     "binarize_gates", "collect_gates", "duo_attention", "duo_policy", "gate_modules", "gates_from_weights",
     "plot_gate_heatmap", "read_gate_tsv", "register", "right_pad_collator", "streaming_order", "write_gate_tsv",
     "write_mask_tsv", "write_pattern_dir",

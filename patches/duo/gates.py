@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from headwise.patches.base import HeadwiseError
 from headwise.patches.duo.config import DuoMethod
+from headwise.patches.model_attention import attention_modules
 
 GATE_MODULE = "duo_gate"  # module name under each attention module (PEFT `trainable_modules` suffix)
 
@@ -35,12 +36,6 @@ class DuoState:
     use_stash: bool = False
     stash: dict[int, torch.Tensor] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)  # distill / reg of the last step, for logging
-
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The attention modules (those with a `layer_idx` and `q_proj`), in layer order."""
-    mods = [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "q_proj")]
-    return sorted(mods, key=lambda m: m.layer_idx)
 
 
 def gate_modules(model: torch.nn.Module) -> list[DuoGate]:

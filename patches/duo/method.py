@@ -18,7 +18,6 @@ from headwise.patches.duo.gates import (
     GATE_MODULE,
     DuoGate,
     DuoState,
-    attention_modules,
     gate_modules,
 )
 from headwise.patches.duo.pattern_files import (
@@ -30,11 +29,10 @@ from headwise.patches.duo.pattern_files import (
     write_pattern_dir,
 )
 from headwise.patches.duo.training_data import right_pad_collator
-from headwise.patches.training_attention import (
-    check_patchable,
-    install_training_attention,
-    refuse_unimplemented_attention,
-)
+from headwise.patches.model_attention import attention_facts, attention_modules, refuse_unsupported_attention
+from headwise.patches.training_attention import check_patchable, install_training_attention
+
+WAY_OUT = "train it with `method: full` (the model's own attention) or use a model without it"
 
 
 def _trunk(model: torch.nn.Module) -> torch.nn.Module:
@@ -58,21 +56,18 @@ class DuoAttention(Method):
         super().__init__(config)
         self.state = DuoState(config)
 
-    def check_model_config(self, model_config: Any) -> None:
-        refuse_unimplemented_attention(model_config, "duo", softcap="the streaming kernel does")
-        layer_types = getattr(model_config, "layer_types", None) or []
-        if any(t != "full_attention" for t in layer_types):
-            model_type = getattr(model_config, "model_type", "?")
-            raise HeadwiseError(f"method duo: {model_type} has non-full attention layers; the duo KV cache supports full attention only")
+    def check_model_config(self, model_config: Any, model: torch.nn.Module | None = None) -> None:
+        refuse_unsupported_attention(attention_facts(model_config, model), "method duo", WAY_OUT)
 
     def prepare_model(self, model: torch.nn.Module) -> None:
+        self.check_model_config(model.config, model)  # the Python path checks as the recipe path does
         check_patchable(model, "duo")
         register()
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         n_kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         mods = attention_modules(model)
         if not mods:
-            raise HeadwiseError(f"method duo: {type(model).__name__} has no attention modules with q_proj and layer_idx")
+            raise HeadwiseError(f"method duo: {type(model).__name__} has no attention modules (modules with a layer_idx and an o_proj)")
         for m in mods:
             if not hasattr(m, GATE_MODULE):
                 device = m.q_proj.weight.device

@@ -1,0 +1,136 @@
+"""A model's own attention is read once (`attention_facts`), and every method and KV policy that does not
+implement a feature of it refuses the model (one message: model type, feature, way out) on the Python path and
+the recipe path alike, before anything is patched, trained or written.
+
+The expected facts below are written from the configs these tests build (window sizes, layer patterns, softcap
+values), not from the reader under test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from headwise.errors import HeadwiseError
+from headwise.patches.base import method_for
+from headwise.patches.duo.config import DuoMethod
+from headwise.patches.model_attention import attention_facts
+from headwise.patches.sinklora.config import SinkLoRAMethod
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+W = 16  # the sliding window every windowed family gets here
+
+# family -> (config class, extra config, expected windows per layer, softcap, learned sinks, projections)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}, (None, None), None, False, "separate"),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}, (None, None), None, False, "separate"),
+    "mistral": ("MistralConfig", {"sliding_window": None}, (None, None), None, False, "separate"),
+    "mistral-window": ("MistralConfig", {"sliding_window": W}, (W, W), None, False, "separate"),
+    "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": W, "max_window_layers": 1},
+                     (None, W), None, False, "separate"),
+    "gemma2": ("Gemma2Config", {"sliding_window": W, "head_dim": 16, "attn_logit_softcapping": 50.0,
+                                "layer_types": ["sliding_attention", "full_attention"]}, (W, None), 50.0, False,
+               "separate"),
+    "gemma3": ("Gemma3TextConfig", {"sliding_window": W, "head_dim": 16,
+                                    "layer_types": ["sliding_attention", "full_attention"]}, (W, None), None, False,
+               "separate"),
+    "gpt_oss": ("GptOssConfig", {"sliding_window": W, "head_dim": 16, "num_local_experts": 2,
+                                 "num_experts_per_tok": 1, "layer_types": ["sliding_attention", "full_attention"]},
+                (W, None), None, True, "separate"),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}, (None, None), None, False, "fused"),
+}
+EXACT = {"llama", "qwen3", "mistral"}  # families whose attention is plain causal softmax attention
+
+
+def _config(family: str):
+    cls_name, extra, *_ = FAMILIES[family]
+    return getattr(transformers, cls_name)(**{**TINY, **extra})
+
+
+def _model(family: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(_config(family))
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_facts_read_from_the_config_and_from_the_modules(family):
+    _, _, windows, softcap, sinks, projections = FAMILIES[family]
+    for facts in (attention_facts(_config(family)), attention_facts(_config(family), _model(family))):
+        assert facts.windows == windows
+        assert facts.softcap == softcap
+        assert facts.learned_sinks is sinks
+        assert facts.projections == projections
+        assert (facts.num_heads, facts.num_kv_heads, facts.num_layers) == (4, 2, 2)
+        assert (facts.unsupported() == []) is (family in EXACT)
+
+
+def test_a_plain_window_applies_to_every_layer_unless_switched_off():
+    """Mistral's `sliding_window` alone windows every layer; Qwen2's `use_sliding_window: false` turns it off."""
+    assert attention_facts(transformers.MistralConfig(**TINY, sliding_window=8)).windows == (8, 8)
+    qwen = transformers.Qwen2Config(**TINY, sliding_window=8, use_sliding_window=False)
+    assert attention_facts(qwen).windows == (None, None)
+
+
+METHODS = {"sinklora": SinkLoRAMethod(), "duo": DuoMethod()}
+FEATURE_WORDS = {"mistral-window": "sliding-window attention (16 tokens on every layer)",
+                 "qwen2-window": "sliding-window attention (16 tokens on layers 1)",
+                 "gemma2": "attention logit soft-capping (50)", "gemma3": "sliding-window attention",
+                 "gpt_oss": "learned attention-sink logits", "phi3": "a fused qkv_proj projection"}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_methods_patch_exact_families_and_refuse_the_rest_before_patching(method, family):
+    """The Python path (`prepare_model`, what a user calls without a recipe) and the recipe path's config check
+    give the same answer; a refused model is left as it was (its attention implementation unchanged)."""
+    hooks = method_for(METHODS[method])
+    model = _model(family)
+    before = model.config._attn_implementation
+    if family in EXACT:
+        hooks.check_model_config(model.config)
+        hooks.prepare_model(model)
+        assert model.config._attn_implementation != before  # patched
+        return
+    for check in (lambda: hooks.check_model_config(model.config), lambda: hooks.prepare_model(model)):
+        with pytest.raises(HeadwiseError) as refused:
+            check()
+        message = str(refused.value)
+        assert message.startswith(f"method {method}: {model.config.model_type} uses ")
+        assert FEATURE_WORDS[family] in message and "method: full" in message
+    assert model.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_kv_policies_refuse_what_they_do_not_implement(family):
+    """The headwise caches keep plain causal attention's tokens: a window, a softcap or learned sinks would make
+    them keep and attend over other tokens than the model does. Fused projections do not matter to a cache."""
+    from headwise.inference.cache import make_cache
+
+    model = _model(family)
+    if family in EXACT or family == "phi3":
+        assert make_cache(model, "streaming:sink=2,recent=8") is not None
+        return
+    with pytest.raises(HeadwiseError) as refused:
+        make_cache(model, "streaming:sink=2,recent=8")
+    assert str(refused.value).startswith(f"kv_policy: {model.config.model_type} uses ")
+    assert "use kv_policy full" in str(refused.value)
+
+
+@pytest.mark.slow
+def test_the_recipe_path_refuses_before_the_run_folder_is_touched(tmp_path):
+    """`headwise train` on a windowed Mistral: exit 2 with the message, and no run folder."""
+    from tests.conftest import run_cli, write_recipe
+
+    model_dir = tmp_path / "mistral"
+    _model("mistral-window").save_pretrained(model_dir)
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": {"name": "sinklora"},
+                                     "data": {"max_length": 64},
+                                     "training": {"output_dir": str(run), "max_steps": 1}})
+    out = run_cli("train", str(recipe))
+    assert out.returncode == 2, out.stderr
+    assert "method sinklora: mistral uses sliding-window attention" in out.stderr
+    assert not run.exists()
