@@ -41,9 +41,10 @@ def duo_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         full = _full_attention(query, key, value, scale)  # no teacher pass: the module's own, detached
     cfg = state.config
     stream = sparse_attention(query, key, value, LayoutSpec("streaming", sink=cfg.sink, recent=cfg.recent), scale=scale)
-    gate = getattr(module, GATE_MODULE).values().to(query.device)
+    mix = torch.promote_types(query.dtype, torch.float32)  # fp32 for 16-bit models, the model's dtype above it
+    gate = getattr(module, GATE_MODULE).values().to(query.device, mix)
     gate = gate.repeat_interleave(hq // hkv).view(1, 1, hq, 1)  # a KV head's gate covers its query heads
-    out = gate * full.float() + (1.0 - gate) * stream.float()
+    out = gate * full.to(mix) + (1.0 - gate) * stream.to(mix)
     return out.to(query.dtype).contiguous()
 
 

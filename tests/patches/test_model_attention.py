@@ -9,7 +9,6 @@ values), not from the reader under test.
 from __future__ import annotations
 
 import pytest
-import torch
 import transformers
 
 from headwise.errors import HeadwiseError
@@ -17,48 +16,12 @@ from headwise.patches.base import method_for
 from headwise.patches.duo.config import DuoMethod
 from headwise.patches.model_attention import attention_facts
 from headwise.patches.sinklora.config import SinkLoRAMethod
-
-TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
-W = 16  # the sliding window every windowed family gets here
-
-# family -> (config class, extra config, expected windows per layer, softcap, learned sinks, projections)
-FAMILIES = {
-    "llama": ("LlamaConfig", {}, (None, None), None, False, "separate"),
-    "qwen3": ("Qwen3Config", {"head_dim": 16}, (None, None), None, False, "separate"),
-    "mistral": ("MistralConfig", {"sliding_window": None}, (None, None), None, False, "separate"),
-    "mistral-window": ("MistralConfig", {"sliding_window": W}, (W, W), None, False, "separate"),
-    "qwen2-window": ("Qwen2Config", {"use_sliding_window": True, "sliding_window": W, "max_window_layers": 1},
-                     (None, W), None, False, "separate"),
-    "gemma2": ("Gemma2Config", {"sliding_window": W, "head_dim": 16, "attn_logit_softcapping": 50.0,
-                                "layer_types": ["sliding_attention", "full_attention"]}, (W, None), 50.0, False,
-               "separate"),
-    "gemma3": ("Gemma3TextConfig", {"sliding_window": W, "head_dim": 16,
-                                    "layer_types": ["sliding_attention", "full_attention"]}, (W, None), None, False,
-               "separate"),
-    "gpt_oss": ("GptOssConfig", {"sliding_window": W, "head_dim": 16, "num_local_experts": 2,
-                                 "num_experts_per_tok": 1, "layer_types": ["sliding_attention", "full_attention"]},
-                (W, None), None, True, "separate"),
-    "phi3": ("Phi3Config", {"pad_token_id": 0}, (None, None), None, False, "fused"),
-}
-EXACT = {"llama", "qwen3", "mistral"}  # families whose attention is plain causal softmax attention
-
-
-def _config(family: str):
-    cls_name, extra, *_ = FAMILIES[family]
-    return getattr(transformers, cls_name)(**{**TINY, **extra})
-
-
-def _model(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(family))
-    return model.eval()
-
+from model_families import EXACT, FAMILIES, TINY, family_config, family_model
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_facts_read_from_the_config_and_from_the_modules(family):
     _, _, windows, softcap, sinks, projections = FAMILIES[family]
-    for facts in (attention_facts(_config(family)), attention_facts(_config(family), _model(family))):
+    for facts in (attention_facts(family_config(family)), attention_facts(family_config(family), family_model(family))):
         assert facts.windows == windows
         assert facts.softcap == softcap
         assert facts.learned_sinks is sinks
@@ -87,7 +50,7 @@ def test_methods_patch_exact_families_and_refuse_the_rest_before_patching(method
     """The Python path (`prepare_model`, what a user calls without a recipe) and the recipe path's config check
     give the same answer; a refused model is left as it was (its attention implementation unchanged)."""
     hooks = method_for(METHODS[method])
-    model = _model(family)
+    model = family_model(family)
     before = model.config._attn_implementation
     if family in EXACT:
         hooks.check_model_config(model.config)
@@ -109,7 +72,7 @@ def test_kv_policies_refuse_what_they_do_not_implement(family):
     them keep and attend over other tokens than the model does. Fused projections do not matter to a cache."""
     from headwise.inference.cache import make_cache
 
-    model = _model(family)
+    model = family_model(family)
     if family in EXACT or family == "phi3":
         assert make_cache(model, "streaming:sink=2,recent=8") is not None
         return
@@ -125,7 +88,7 @@ def test_the_recipe_path_refuses_before_the_run_folder_is_touched(tmp_path):
     from tests.conftest import run_cli, write_recipe
 
     model_dir = tmp_path / "mistral"
-    _model("mistral-window").save_pretrained(model_dir)
+    family_model("mistral-window").save_pretrained(model_dir)
     run = tmp_path / "run"
     recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": {"name": "sinklora"},
                                      "data": {"max_length": 64},
