@@ -78,7 +78,7 @@ def _cmd_generate(args) -> int:
     from headwise.inference.load import load
 
     policy = parse_kv_policy(args.policy, field="--policy") if args.policy is not None else None
-    loaded = load(args.path, dtype=args.dtype, policy=policy)
+    loaded = load(args.path, dtype=args.dtype, policy=policy, attn_implementation=args.attn_implementation)
     print(loaded.generate(args.prompt, max_new_tokens=args.max_new_tokens, static=args.static, compile=args.compile))
     return 0
 
@@ -202,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=_positive_int_arg, default=32,
                    help="tokens to generate, 1 or more (default 32)")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    g.add_argument("--attn-implementation", choices=["sdpa", "eager"], default=None,
+                   help="the model's own attention (default: SDPA where transformers has it for the family, else eager)")
     g.add_argument(
         "--policy",
         help="KV-cache policy overriding the export's: JSON ('{\"type\": \"h2o\", \"heavy_ratio\": 0.1, \"recent_ratio\": 0.1}') "

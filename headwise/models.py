@@ -154,6 +154,15 @@ def load_tokenizer(cfg: ModelSection):
     return tok
 
 
+def default_attention(config: Any) -> str:
+    """The attention a plain model loads with when none is asked for: SDPA where transformers implements it for
+    the family, else eager (Gemma-2: SDPA cannot apply its logit softcap, so transformers refuses it)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # heavy: transformers
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if model_class is None or getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
 def load_model(cfg: ModelSection, *, training: bool = True, config=None, device_map: Any = None):
     """Load the causal LM. For training: `use_cache=False` (packed sequences would cross-contaminate
     through the cache-aware mask path otherwise) and the recipe's context extension applied."""

@@ -35,6 +35,8 @@ from headwise.inference.config import (  # noqa: F401 (KVPolicy re-exported)
 from headwise.inference.prefill import DUO_PREFILL_CHUNK, cache_kwarg, prefill_in_chunks
 from headwise.inference.static_decode import StaticDecoder
 from headwise.models import (
+    default_attention,
+    load_config,
     load_model,
     load_tokenizer,
     resolve_dtype,
@@ -45,6 +47,8 @@ from headwise.train.run_dir import RECIPE_FILE, read_run_recipe
 
 # What `load(dtype=...)` accepts, as `--dtype` of the CLI: `auto` is bfloat16 on a GPU that has it, else float32.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What `load(attn_implementation=...)` accepts, as `--attn-implementation` of the CLI (None: the family's default).
+ATTENTION_IMPLEMENTATIONS = (None, "sdpa", "eager")
 
 
 def check_prompts(prompt: Any) -> list[str]:
@@ -181,11 +185,11 @@ class LoadedModel:
         return self.tokenizer.decode(ids[:cut], skip_special_tokens=True)
 
 
-def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | None):
+def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | None, attn_implementation: str | None):
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch_dtype = resolve_dtype(dtype)
     if config.weights == "merged":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
     else:  # adapter, or base (the unchanged base model: DuoAttention exports)
         base = config.base_model
         src = resolve_model_source(base.name, base.gguf_file, base.revision)
@@ -201,7 +205,8 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
             problem = adapter_problem(path, model_config)
             if problem:
                 raise HeadwiseError(f"{problem}; re-export the run (`headwise export RUN_DIR --overwrite`)")
-        model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype,
+                                                     attn_implementation=attn_implementation, **kw)
         if config.weights == "adapter":
             from peft import PeftModel  # heavy: only for exports that hold an adapter
 
@@ -219,6 +224,7 @@ def load(
     policy: KVPolicy | dict | str | None = None,
     dtype: str = "auto",
     device: str | None = None,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a headwise export folder, or any causal LM (Hub id, local path, alias) with a KV policy.
 
@@ -226,11 +232,16 @@ def load(
     may be a policy model, a dict (`{"type": "h2o", "heavy_ratio": 0.1, "recent_ratio": 0.1}`), a JSON
     string or a shorthand (`h2o:heavy_ratio=0.1,recent_ratio=0.1`); errors name the field.
     `device` defaults to `cuda` when a GPU is visible (where `dtype="auto"` picks bfloat16), else the CPU.
+    `attn_implementation` (`sdpa`, `eager`) is the model's own attention; None: the family's default, SDPA where
+    transformers implements it for the family, else eager (Gemma-2, whose logit softcap SDPA cannot apply).
     A bad argument (path, dtype, device, policy) or a damaged export (its inference config, a weights file cut
     short) is a `HeadwiseError` naming it, raised before any weights load.
     """
     if dtype not in DTYPES:
         raise HeadwiseError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if attn_implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise HeadwiseError(f"attn_implementation {attn_implementation!r} is not one of "
+                            f"{', '.join(map(str, ATTENTION_IMPLEMENTATIONS))}")
     device = check_device(device)
     if device is None and torch.cuda.is_available():
         device = "cuda"
@@ -240,12 +251,13 @@ def load(
     if (path / INFERENCE_CONFIG_NAME).is_file():
         config = InferenceConfig.read(path)
         check_weight_files(path)
-        model, tokenizer = _load_export(path, config, dtype, device)
+        model, tokenizer = _load_export(path, config, dtype, device, attn_implementation)
         return _with_policy(model, tokenizer, config, policy_obj or config.kv_policy)
     _refuse_run_folder(path)
     if path.is_dir() and any(path.glob("adapter_config.json")):
         raise FileNotFoundError(f"{path} has an adapter but no {INFERENCE_CONFIG_NAME}; export it with `headwise export RUN_DIR`")
     section = ModelSection(name=str(path_or_id), dtype=dtype)
+    section.attn_implementation = attn_implementation or default_attention(load_config(section))
     model = load_model(section, training=False)
     if device:
         model.to(device)

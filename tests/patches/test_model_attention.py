@@ -9,6 +9,7 @@ values), not from the reader under test.
 from __future__ import annotations
 
 import pytest
+import torch
 import transformers
 
 from headwise.errors import HeadwiseError
@@ -97,3 +98,27 @@ def test_the_recipe_path_refuses_before_the_run_folder_is_touched(tmp_path):
     assert out.returncode == 2, out.stderr
     assert "method sinklora: mistral uses sliding-window attention" in out.stderr
     assert not run.exists()
+
+
+@pytest.mark.slow
+def test_a_family_without_sdpa_loads_with_its_own_attention(tmp_path):
+    """`headwise.load` of a saved Gemma-2 (logit softcap, which SDPA cannot apply, so transformers refuses SDPA
+    for it) opens with eager attention and generates what the stock model generates; a KV policy that would drop
+    the softcap is refused, and asking for SDPA is transformers' refusal, not a silent switch."""
+    import headwise
+    from tests.inference.inference_helpers import word_tokenizer
+
+    model = family_model("gemma2")
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    loaded = headwise.load(str(tmp_path), device="cpu")
+    assert loaded.model.config._attn_implementation == "eager"
+    ids = torch.tensor([[1, 5, 9, 14, 3]])
+    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(input_ids=ids).logits, stock(input_ids=ids).logits)
+    with pytest.raises(HeadwiseError, match="kv_policy: gemma2 uses .*soft-capping"):
+        headwise.load(str(tmp_path), device="cpu", policy="streaming:sink=2,recent=8")
+    with pytest.raises(ValueError, match="does not support an attention implementation"):
+        headwise.load(str(tmp_path), device="cpu", attn_implementation="sdpa")
