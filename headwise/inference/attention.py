@@ -141,9 +141,10 @@ def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, ne
     """
     B, H, G, T, D = q.shape
     L = k.shape[-2]
+    acc = torch.promote_types(q.dtype, torch.float32)  # logits in fp32, or the model's dtype above it
     if T > 1:  # prefill: exact fp32 logits (the ranking of heavy hitters depends on them), scaled once
-        rows_q = (q.float() * scaling).transpose(2, 3).reshape(B * H, T * G, D)
-        kt = k.float().reshape(B * H, L, D).transpose(1, 2)
+        rows_q = (q.to(acc) * scaling).transpose(2, 3).reshape(B * H, T * G, D)
+        kt = k.to(acc).reshape(B * H, L, D).transpose(1, 2)
     else:  # decode: memory-bound, read K once in its dtype (fp32 accumulation inside the GEMM)
         rows_q = q.reshape(B * H, G, D)
         kt = k.reshape(B * H, L, D).transpose(1, 2)
@@ -164,7 +165,7 @@ def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, ne
         keys = offset + stop if causal_tail else L
         logits = torch.bmm(rows_q[:, start * G : stop * G], kt[..., :keys])
         if T == 1:
-            logits = logits.float().mul_(scaling)
+            logits = logits.to(acc).mul_(scaling)
         blk = logits.view(B, H, c, G, keys)
         if prompt_mask is not None:  # transformers' causal mask of the first forward: nothing past `keys`
             blk.masked_fill_(~prompt_mask[:, :, start:stop, None, :keys].to(torch.bool), float("-inf"))
