@@ -154,6 +154,12 @@ def load_tokenizer(cfg: ModelSection):
     return tok
 
 
+# Every model headwise loads runs the model's own modules plus headwise's patches: transformers >= 5.25 would
+# otherwise swap layers for kernels fetched from the Hub by default (`use_kernels`), which needs the network and
+# the `kernels` package and changes the numerics under a method's patch. 5.17-5.24 default to False already.
+NO_HUB_KERNELS = {"use_kernels": False}
+
+
 def default_attention(config: Any) -> str:
     """The attention a plain model loads with when none is asked for: SDPA where transformers implements it for
     the family, else eager (Gemma-2: SDPA cannot apply its logit softcap, so transformers refuses it)."""
@@ -178,6 +184,7 @@ def load_model(cfg: ModelSection, *, training: bool = True, config=None, device_
         dtype=resolve_dtype(cfg.dtype),
         attn_implementation=cfg.attn_implementation,
         device_map=device_map,
+        **NO_HUB_KERNELS,
         **_from_pretrained_kwargs(src, cfg),
     )
     if src.gguf_file:

@@ -35,6 +35,7 @@ from headwise.inference.config import (  # noqa: F401 (KVPolicy re-exported)
 from headwise.inference.prefill import DUO_PREFILL_CHUNK, cache_kwarg, prefill_in_chunks
 from headwise.inference.static_decode import StaticDecoder
 from headwise.models import (
+    NO_HUB_KERNELS,
     default_attention,
     load_config,
     load_model,
@@ -189,7 +190,8 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch_dtype = resolve_dtype(dtype)
     if config.weights == "merged":
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     **NO_HUB_KERNELS)
     else:  # adapter, or base (the unchanged base model: DuoAttention exports)
         base = config.base_model
         src = resolve_model_source(base.name, base.gguf_file, base.revision)
@@ -206,7 +208,7 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
             if problem:
                 raise HeadwiseError(f"{problem}; re-export the run (`headwise export RUN_DIR --overwrite`)")
         model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype,
-                                                     attn_implementation=attn_implementation, **kw)
+                                                     attn_implementation=attn_implementation, **NO_HUB_KERNELS, **kw)
         if config.weights == "adapter":
             from peft import PeftModel  # heavy: only for exports that hold an adapter
 

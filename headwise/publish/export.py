@@ -30,6 +30,7 @@ from headwise.inference.config import (
     parse_kv_policy,
 )
 from headwise.models import (
+    NO_HUB_KERNELS,
     load_config,
     load_model,
     load_tokenizer,
@@ -233,6 +234,6 @@ def _save_merged(recipe, src: Path, dest: Path) -> None:
     else:  # peft.type none: the run saved full weights
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=model.dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(src), dtype=model.dtype, **NO_HUB_KERNELS)
     model.config.use_cache = True
     model.save_pretrained(str(dest), safe_serialization=True)
