@@ -6,8 +6,8 @@ through the same weights with a masked attention written here from the documente
 prompt rows are causal (eviction runs after the prompt); after each step a streaming head keeps the first `sink`
 tokens and the `recent` newest ones (the current token among them), so the next query, at position `q`, sees the
 keys `k < sink` or `q - k <= recent` (the kept window and itself; keys keep their absolute positions); a retrieval head of a `duo` policy sees every earlier key. A family whose attention adds a
-rule the caches lack is refused when the cache is built. H2O's kept set is checked against its own reference in
-tests/inference/test_h2o_cache.py.
+rule the caches lack is refused when the cache is built. H2O's kept sets and tokens are checked against an eager
+reference on every family the caches take in tests/inference/test_h2o_cache.py.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers for tests/inference: tiny random models (Llama, Qwen2, Mistral with GQA) and a word-level tokenizer, all offline."""
+"""Helpers for tests/inference: tiny random models (Llama, Qwen2, Qwen3, Mistral, Phi-3 with GQA) and a word-level tokenizer, all offline."""
 
 from __future__ import annotations
 
@@ -13,14 +13,16 @@ def tiny_model(arch: str = "llama", *, seed: int = 0, init: float = 0.2):
     `init` (initializer_range) is larger than the default so attention is peaked: the H2O top-k then has
     clear winners and kept sets compare exactly between implementations.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                              Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   vocab_size=VOCAB, max_position_embeddings=1024, initializer_range=init, bos_token_id=1, eos_token_id=2,
                   pad_token_id=0, attn_implementation="sdpa")
     cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-           "mistral": (MistralConfig, MistralForCausalLM)}[arch]
-    extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {}
+           "mistral": (MistralConfig, MistralForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+           "phi3": (Phi3Config, Phi3ForCausalLM)}[arch]
+    extra = {"sliding_window": None} if arch in ("mistral", "qwen2") else {"head_dim": 16} if arch == "qwen3" else {}
     torch.manual_seed(seed)
     model = cls[1](cls[0](**common, **extra)).eval()
     model.generation_config.eos_token_id = None  # random weights: generate a fixed number of tokens

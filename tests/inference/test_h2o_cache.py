@@ -108,7 +108,7 @@ def test_budget_covering_the_sequence_generates_exactly_full(arch):
         assert torch.equal(out, full), policy
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3"])  # every family the caches take
 def test_kept_set_is_recent_plus_top_accumulated_scores_from_eager_weights(arch):
     model = tiny_model(arch)
     ids = random_ids(1, 32, seed=3)
