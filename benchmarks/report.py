@@ -777,6 +777,30 @@ def duo_average_last(c: Citer) -> str:
     return "\n".join(lines)
 
 
+SUPPORT_CONSUMERS = ["method full", "method sinklora", "method duo", "kv_policy full", "kv_policy streaming",
+                     "kv_policy duo"]
+
+
+@region("family-support")
+def family_support(c: Citer) -> str:
+    """Per model family, what each method and KV policy does there: matches the fp64 reference of the test battery,
+    or refuses the model (the feature it lacks in the cell)."""
+    rows = latest(c.results.rows("support"), lambda r: (r["family"], r["consumer"]))
+    c.cite(rows)
+    by = {(r["family"], r["consumer"]): r for r in rows}
+    families = sorted({r["family"] for r in rows})
+    consumers = [k for k in SUPPORT_CONSUMERS if any(r["consumer"] == k for r in rows)]
+    consumers += sorted({r["consumer"] for r in rows} - set(consumers))
+    lines = ["| family | " + " | ".join(f"`{k}`" for k in consumers) + " |", "|---|" + "---|" * len(consumers)]
+    for fam in families:
+        cells = []
+        for k in consumers:
+            r = by.get((fam, k))
+            cells.append("-" if r is None else "matches" if r["verdict"] == "matches" else f"refused: {r['reason']}")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 @region("quickstart-adapter", inline=True)
 def quickstart_adapter(c: Citer) -> str:
     """The quickstart export's adapter file: its size and what fills it."""

@@ -59,7 +59,8 @@ class AttentionFacts:
         found = []
         if self.sliding_layers and not sliding_window:
             layers = self.sliding_layers
-            which = "every layer" if len(layers) == self.num_layers else f"layers {_layer_list(layers)}"
+            which = ("every layer" if len(layers) == self.num_layers else
+                     f"layer {layers[0]}" if len(layers) == 1 else f"layers {_layer_list(layers)}")
             found.append(f"sliding-window attention ({self.windows[layers[0]]} tokens on {which})")
         if self.softcap is not None and not softcap:
             found.append(f"attention logit soft-capping ({self.softcap:g})")

@@ -123,16 +123,18 @@ def _run(model, ids):
 
 @pytest.mark.parametrize("method", sorted(RULES))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_method_on_family(family, method):
+def test_method_on_family(family, method, battery_verdict):
     # fp64 throughout, except GPT-OSS, whose expert matmul (grouped_mm) takes 32 bits at most
     stock = family_model(family, dtype=torch.float32 if family == "gpt_oss" else torch.float64)
     ids = torch.randint(0, stock.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     hooks = method_for(_config_for(method))
     patched = copy.deepcopy(stock)
     exact = not attention_facts(stock.config, stock).unsupported() or method == "full"
+    facts = attention_facts(stock.config, stock)
     if not exact:
         with pytest.raises(HeadwiseError):
             hooks.prepare_model(patched)
+        battery_verdict(family, stock.config.model_type, f"method {method}", "refused", "; ".join(facts.unsupported()))
         return
     assert family in EXACT or method == "full"
     hooks.prepare_model(patched)
@@ -176,3 +178,4 @@ def test_method_on_family(family, method):
     stock.eval()
     with torch.no_grad():
         torch.testing.assert_close(patched(input_ids=ids).logits, stock(input_ids=ids).logits, rtol=1e-9, atol=1e-9)
+    battery_verdict(family, stock.config.model_type, f"method {method}", "matches")

@@ -79,15 +79,18 @@ def _ids(model) -> torch.Tensor:
 
 @pytest.mark.parametrize("policy_name", ["full", "streaming", "duo"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_policy_on_family(family, policy_name):
+def test_policy_on_family(family, policy_name, battery_verdict):
     model = family_model(family, dtype=torch.float32 if family == "gpt_oss" else torch.float64)
     facts = attention_facts(model.config, model)
     policy, streams = _policies(facts.num_layers, facts.num_kv_heads)[policy_name]
     if facts.unsupported(fused_projections=True):
-        if policy_name == "full":
-            return  # `full` is the model's own attention and cache: nothing to refuse (tests/inference covers it)
+        if policy_name == "full":  # `full` is the model's own attention and cache: nothing to refuse
+            battery_verdict(family, model.config.model_type, "kv_policy full", "matches")
+            return
         with pytest.raises(HeadwiseError, match=f"kv_policy: {model.config.model_type} uses "):
             make_cache(model, policy)
+        battery_verdict(family, model.config.model_type, f"kv_policy {policy_name}", "refused",
+                        "; ".join(facts.unsupported(fused_projections=True)))
         return
     assert family in EXACT or facts.projections == "fused"
     reference = family_model(family, dtype=torch.float64)
@@ -98,3 +101,4 @@ def test_policy_on_family(family, policy_name):
         got = _decode_logits(model, policy)
         want = reference(input_ids=_ids(model)[:, :T + N - 1]).logits[:, T - 1:]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    battery_verdict(family, model.config.model_type, f"kv_policy {policy_name}", "matches")

@@ -40,7 +40,7 @@ def test_a_plain_window_applies_to_every_layer_unless_switched_off():
 
 METHODS = {"sinklora": SinkLoRAMethod(), "duo": DuoMethod()}
 FEATURE_WORDS = {"mistral-window": "sliding-window attention (16 tokens on every layer)",
-                 "qwen2-window": "sliding-window attention (16 tokens on layers 1)",
+                 "qwen2-window": "sliding-window attention (16 tokens on layer 1)",
                  "gemma2": "attention logit soft-capping (50)", "gemma3": "sliding-window attention",
                  "gpt_oss": "learned attention-sink logits", "phi3": "a fused qkv_proj projection"}
 

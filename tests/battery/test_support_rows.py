@@ -1,0 +1,39 @@
+"""The support table's rows (benchmarks/results/support.jsonl, rendered into docs/kernels.md) are the battery's
+current verdicts: a change of what a method or policy accepts without re-running the battery into the results
+fails here. Regenerate with `HEADWISE_BATTERY_RESULTS=benchmarks/results/support.jsonl python -m pytest
+tests/battery` (rows are written only when the whole battery passes)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from headwise.patches import METHODS
+from headwise.patches.model_attention import attention_facts
+from model_families import FAMILIES, family_model
+
+ROWS = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "support.jsonl"
+POLICIES = ("full", "streaming", "duo")  # the policies tests/battery/test_policy_battery.py runs
+
+
+def _latest() -> dict[tuple[str, str], dict]:
+    latest = {}
+    for line in ROWS.read_text().splitlines():
+        row = json.loads(line)
+        latest[(row["family"], row["consumer"])] = row
+    return latest
+
+
+def test_every_case_has_its_current_verdict():
+    rows = _latest()
+    for family in FAMILIES:
+        model = family_model(family)
+        facts = attention_facts(model.config, model)
+        expected = {f"method {m}": (m == "full" or not facts.unsupported(), facts.unsupported()) for m in METHODS}
+        expected |= {f"kv_policy {p}": (p == "full" or not facts.unsupported(fused_projections=True),
+                                        facts.unsupported(fused_projections=True)) for p in POLICIES}
+        for consumer, (matches, dropped) in expected.items():
+            row = rows.get((family, consumer))
+            assert row is not None, f"no support row for {family} x {consumer}: re-run the battery into {ROWS.name}"
+            assert row["verdict"] == ("matches" if matches else "refused"), (family, consumer)
+            assert row["reason"] == ("" if matches else "; ".join(dropped)), (family, consumer)
