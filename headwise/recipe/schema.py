@@ -127,7 +127,8 @@ class PeftSection(Section):
     alpha: int = Field(16, gt=0, description="LoRA alpha (scale = alpha / r; usually 2 x r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout.")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules that get LoRA adapters (name suffixes or `all-linear`)."
+        ["q_proj", "k_proj", "v_proj", "o_proj"], description="Modules that get LoRA adapters (name suffixes or `all-linear`). Left at this default "
+        "on a family that fuses q/k/v into one `qkv_proj` (Phi-3), LoRA targets `qkv_proj` and `o_proj`."
     )
     trainable_modules: list[str] = Field(
         [],

@@ -36,6 +36,7 @@ from headwise.models import (
     load_tokenizer,
 )
 from headwise.patches.base import Method, method_for
+from headwise.patches.model_attention import attention_facts
 from headwise.publish.export_target import match_umask_permissions
 from headwise.recipe.loader import LoadedRecipe
 from headwise.recipe.schema import DEEPSPEED_PRESETS, Recipe
@@ -117,6 +118,17 @@ def _matches(name: str, suffixes: list[str]) -> bool:
     return any(name == w or name.endswith("." + w) for w in suffixes)
 
 
+FUSED_QKV_TARGETS = ["qkv_proj", "o_proj"]
+
+
+def lora_targets(model: torch.nn.Module, recipe: Recipe) -> list[str] | str:
+    """`peft.target_modules`; left at its default on a family that fuses q/k/v into one `qkv_proj` (Phi-3), the
+    default's counterpart there, `qkv_proj` and `o_proj` (the default names modules such a model does not have)."""
+    if "target_modules" not in recipe.peft.model_fields_set and attention_facts(model.config, model).projections == "fused":
+        return FUSED_QKV_TARGETS
+    return recipe.peft.target_modules
+
+
 def check_module_names(model: torch.nn.Module, recipe: Recipe, method: Method) -> None:
     """Every name in peft.target_modules / peft.trainable_modules must match a module of the model.
 
@@ -126,7 +138,7 @@ def check_module_names(model: torch.nn.Module, recipe: Recipe, method: Method) -
     names = [n for n, _ in model.named_modules() if n]
     wanted = {
         "peft.trainable_modules": recipe.peft.trainable_modules + method.modules_to_save(),
-        "peft.target_modules": recipe.peft.target_modules if recipe.peft.type == "lora" else [],
+        "peft.target_modules": lora_targets(model, recipe) if recipe.peft.type == "lora" else [],
     }
     for field_name, suffixes in wanted.items():
         if suffixes == "all-linear":
@@ -170,7 +182,7 @@ def wrap_peft(model: torch.nn.Module, recipe: Recipe, method: Method) -> torch.n
         r=peft_cfg.r,
         lora_alpha=peft_cfg.alpha,
         lora_dropout=peft_cfg.dropout,
-        target_modules=peft_cfg.target_modules,
+        target_modules=lora_targets(model, recipe),
         modules_to_save=save or None,
         task_type="CAUSAL_LM",
         **extra,

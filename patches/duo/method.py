@@ -57,7 +57,8 @@ class DuoAttention(Method):
         self.state = DuoState(config)
 
     def check_model_config(self, model_config: Any, model: torch.nn.Module | None = None) -> None:
-        refuse_unsupported_attention(attention_facts(model_config, model), "method duo", WAY_OUT)
+        refuse_unsupported_attention(attention_facts(model_config, model), "method duo", WAY_OUT,
+                                     fused_projections=True)  # the gates act on the attention output, after projection
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         self.check_model_config(model.config, model)  # the Python path checks as the recipe path does
@@ -70,7 +71,7 @@ class DuoAttention(Method):
             raise HeadwiseError(f"method duo: {type(model).__name__} has no attention modules (modules with a layer_idx and an o_proj)")
         for m in mods:
             if not hasattr(m, GATE_MODULE):
-                device = m.q_proj.weight.device
+                device = m.o_proj.weight.device
                 m.add_module(GATE_MODULE, DuoGate(n_kv, self.config.initial_gate, device=device))
             m.headwise_duo = self.state  # plain attribute (not a module): shared switch and teacher outputs
         install_training_attention(model, ATTENTION_NAME, on_forward=_reset_per_forward(self.state))

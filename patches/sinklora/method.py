@@ -22,7 +22,8 @@ class SinkLoRA(Method):
     config: SinkLoRAMethod
 
     def check_model_config(self, model_config: Any, model: torch.nn.Module | None = None) -> None:
-        refuse_unsupported_attention(attention_facts(model_config, model), "method sinklora", WAY_OUT)
+        refuse_unsupported_attention(attention_facts(model_config, model), "method sinklora", WAY_OUT,
+                                     fused_projections=True)  # the attention function sees q, k, v after projection
         if not getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_attention_heads") < 2:
             raise HeadwiseError("method sinklora needs at least 2 attention heads (half of them are shifted)")
 

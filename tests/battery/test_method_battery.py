@@ -129,14 +129,15 @@ def test_method_on_family(family, method, battery_verdict):
     ids = torch.randint(0, stock.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
     hooks = method_for(_config_for(method))
     patched = copy.deepcopy(stock)
-    exact = not attention_facts(stock.config, stock).unsupported() or method == "full"
+    exact = not attention_facts(stock.config, stock).unsupported(fused_projections=True) or method == "full"
     facts = attention_facts(stock.config, stock)
     if not exact:
         with pytest.raises(HeadwiseError):
             hooks.prepare_model(patched)
-        battery_verdict(family, stock.config.model_type, f"method {method}", "refused", "; ".join(facts.unsupported()))
+        battery_verdict(family, stock.config.model_type, f"method {method}", "refused",
+                        "; ".join(facts.unsupported(fused_projections=True)))
         return
-    assert family in EXACT or method == "full"
+    assert family in EXACT or facts.projections == "fused" or method == "full"
     hooks.prepare_model(patched)
     gates = _gates(patched)
     for layer, gate in gates.items():  # distinct gates per (layer, KV head), so the mix is checked, not 1.0
