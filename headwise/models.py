@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from headwise.errors import HeadwiseError
+from headwise.patches.model_attention import attention_facts
 from headwise.recipe.schema import ModelSection
 
 logger = logging.getLogger(__name__)
@@ -160,11 +161,25 @@ def load_tokenizer(cfg: ModelSection):
 NO_HUB_KERNELS = {"use_kernels": False}
 
 
+def check_attention_implementation(config: Any, cfg: ModelSection) -> None:
+    """Refuse SDPA for a model with a logit softcap, which SDPA cannot apply (transformers 5.17 accepts it for
+    Gemma-2 and drops the softcap; 5.24 refuses it with its own error)."""
+    softcap = attention_facts(config).softcap
+    if softcap is not None and cfg.attn_implementation == "sdpa":
+        raise ModelLoadError(
+            f"{cfg.name}: {getattr(config, 'model_type', '?')} uses attention logit soft-capping ({softcap:g}), which "
+            "SDPA cannot apply (some transformers versions drop it silently); set model.attn_implementation: eager"
+        )
+
+
 def default_attention(config: Any) -> str:
     """The attention a plain model loads with when none is asked for: SDPA where transformers implements it for
-    the family, else eager (Gemma-2: SDPA cannot apply its logit softcap, so transformers refuses it)."""
+    the family, else eager; eager for a model with a logit softcap, which SDPA cannot apply (transformers 5.24
+    refuses SDPA for Gemma-2, 5.17 still accepts it and drops the softcap)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING  # heavy: transformers
 
+    if attention_facts(config).softcap is not None:
+        return "eager"
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
     return "sdpa" if model_class is None or getattr(model_class, "_supports_sdpa", False) else "eager"
 
@@ -176,6 +191,7 @@ def load_model(cfg: ModelSection, *, training: bool = True, config=None, device_
 
     src = resolve_model_source(cfg.name, cfg.gguf_file, cfg.revision)
     config = config if config is not None else load_config(cfg)
+    check_attention_implementation(config, cfg)
     if training:
         config.use_cache = False
     model = AutoModelForCausalLM.from_pretrained(

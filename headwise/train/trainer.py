@@ -30,6 +30,7 @@ import torch
 
 from headwise.errors import HeadwiseError
 from headwise.models import (
+    check_attention_implementation,
     check_training_length,
     load_config,
     load_model,
@@ -426,6 +427,7 @@ def train(loaded: LoadedRecipe) -> TrainResult:
     model_config = load_config(recipe.model)
     check_training_length(model_config, recipe.model, recipe.data.max_length)
     method.check_model_config(model_config)
+    check_attention_implementation(model_config, recipe.model)
     skeleton = meta_model(model_config)
     with torch.device("meta"):
         method.prepare_model(skeleton)  # the method's extra modules count as names too

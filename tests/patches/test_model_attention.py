@@ -104,7 +104,8 @@ def test_the_recipe_path_refuses_before_the_run_folder_is_touched(tmp_path):
 def test_a_family_without_sdpa_loads_with_its_own_attention(tmp_path):
     """`headwise.load` of a saved Gemma-2 (logit softcap, which SDPA cannot apply, so transformers refuses SDPA
     for it) opens with eager attention and generates what the stock model generates; a KV policy that would drop
-    the softcap is refused, and asking for SDPA is transformers' refusal, not a silent switch."""
+    the softcap is refused, and asking for SDPA is refused by headwise on every transformers version (5.17 would
+    accept it and drop the softcap)."""
     import headwise
     from tests.inference.inference_helpers import word_tokenizer
 
@@ -120,7 +121,7 @@ def test_a_family_without_sdpa_loads_with_its_own_attention(tmp_path):
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, stock(input_ids=ids).logits)
     with pytest.raises(HeadwiseError, match="kv_policy: gemma2 uses .*soft-capping"):
         headwise.load(str(tmp_path), device="cpu", policy="streaming:sink=2,recent=8")
-    with pytest.raises(ValueError, match="does not support an attention implementation"):
+    with pytest.raises(HeadwiseError, match="soft-capping .*SDPA cannot apply.*attn_implementation: eager"):
         headwise.load(str(tmp_path), device="cpu", attn_implementation="sdpa")
 
 
@@ -149,3 +150,20 @@ def test_a_fused_qkv_family_trains_with_its_own_lora_targets(tmp_path):
     recipe["training"]["output_dir"] = str(tmp_path / "run2")
     with pytest.raises(HeadwiseError, match=r"peft.target_modules: \['q_proj'\] match no module"):
         train(load_recipe(write_recipe(tmp_path, recipe, name="explicit.yaml")))
+
+
+@pytest.mark.slow
+def test_the_recipe_path_refuses_sdpa_for_a_softcap_model_before_the_run_folder(tmp_path):
+    """`headwise train` of the full method on a Gemma-2 with the recipe's default attention (SDPA): refused with
+    the way out (eager) before the run folder exists, on every transformers version."""
+    from tests.conftest import run_cli, write_recipe
+
+    model_dir = tmp_path / "gemma2"
+    family_model("gemma2").save_pretrained(model_dir)
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "data": {"max_length": 64},
+                                     "training": {"output_dir": str(run), "max_steps": 1}})
+    out = run_cli("train", str(recipe))
+    assert out.returncode == 2, out.stderr
+    assert "gemma2 uses attention logit soft-capping (50)" in out.stderr and "attn_implementation: eager" in out.stderr
+    assert not run.exists()
