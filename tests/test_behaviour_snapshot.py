@@ -28,7 +28,9 @@ POLICY_VARIANTS = {
 }
 
 
-def _compare_or_write(name: str, text: str) -> None:
+def assert_matches_golden(name: str, text: str) -> None:
+    """`text` equals the golden file `name` (with HEADWISE_WRITE_GOLDEN=1: writes it instead, once, from the
+    reference code)."""
     path = GOLDEN / name
     if WRITE:
         path.write_text(text, encoding="utf-8")
@@ -45,7 +47,7 @@ def test_recipe_show_unchanged(name, capsys, monkeypatch):
 
     monkeypatch.chdir(REPO)
     assert main(["recipe", "show", name]) == 0
-    _compare_or_write(f"show_{name}.yaml", capsys.readouterr().out.replace(str(REPO), "<repo>"))
+    assert_matches_golden(f"show_{name}.yaml", capsys.readouterr().out.replace(str(REPO), "<repo>"))
 
 
 def _duo_gates_dir(tmp_path: Path, layers: int, kv_heads: int) -> Path:
@@ -81,7 +83,7 @@ def test_export_inference_config_unchanged(name, tmp_path):
     from headwise.recipe.loader import load_recipe
 
     recipe = load_recipe(name).recipe
-    _compare_or_write(f"inference_{name}.json", _inference_json(recipe, tmp_path))
+    assert_matches_golden(f"inference_{name}.json", _inference_json(recipe, tmp_path))
 
 
 @pytest.mark.slow
@@ -90,4 +92,4 @@ def test_export_kv_policy_variants_unchanged(variant, tmp_path):
     from headwise.recipe.loader import load_recipe
 
     recipe = load_recipe("full-smollm2", POLICY_VARIANTS[variant]).recipe
-    _compare_or_write(f"inference_full-smollm2_{variant}.json", _inference_json(recipe, tmp_path))
+    assert_matches_golden(f"inference_full-smollm2_{variant}.json", _inference_json(recipe, tmp_path))

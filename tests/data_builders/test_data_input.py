@@ -43,7 +43,7 @@ def _precheck(files: list[str], builder: str = "text", **fields) -> None:
     check_data_sources(DataSection(builder=builder, files=files, **fields))
 
 
-def _refused_everywhere(files: list[str], pattern: str, *, sft: bool = False) -> None:
+def assert_refused_everywhere(files: list[str], pattern: str, *, sft: bool = False) -> None:
     """The loader and the pre-load check both refuse ``files`` with a message matching ``pattern``."""
     if sft:
         calls = [lambda: load_sft_dataset(files=files), lambda: _precheck(files, "sft")]
@@ -95,13 +95,13 @@ def test_glob_for_sft_files_reads_sorted(tmp_path, monkeypatch):
 
 
 def test_glob_that_matches_nothing_names_pattern_and_folder(notes):
-    _refused_everywhere(["notes/*.parquet"], rf"pattern 'notes/\*\.parquet' matches no files: nothing in "
+    assert_refused_everywhere(["notes/*.parquet"], rf"pattern 'notes/\*\.parquet' matches no files: nothing in "
                                              rf"'{re.escape(str(notes / 'notes'))}' matches it.*current directory")
-    _refused_everywhere(["nowhere/*.jsonl"], rf"pattern 'nowhere/\*\.jsonl' matches no files: the folder "
+    assert_refused_everywhere(["nowhere/*.jsonl"], rf"pattern 'nowhere/\*\.jsonl' matches no files: the folder "
                                              rf"'{re.escape(str(notes / 'nowhere'))}' does not exist")
-    _refused_everywhere(["notes/*.jsonl", "more/*.txt"], r"pattern 'more/\*\.txt' matches no files")
-    _refused_everywhere(["notes/s*"], r"pattern 'notes/s\*' matches no files: it matches only folders \('notes/sub'\)")
-    _refused_everywhere(["notes/*"], r"pattern 'notes/\*' matches 'notes/README\.md', whose extension '\.md' is not "
+    assert_refused_everywhere(["notes/*.jsonl", "more/*.txt"], r"pattern 'more/\*\.txt' matches no files")
+    assert_refused_everywhere(["notes/s*"], r"pattern 'notes/s\*' matches no files: it matches only folders \('notes/sub'\)")
+    assert_refused_everywhere(["notes/*"], r"pattern 'notes/\*' matches 'notes/README\.md', whose extension '\.md' is not "
                                      r"supported.*narrow the pattern")
 
 
@@ -155,24 +155,24 @@ def test_cli_refuses_bad_data_before_touching_anything(tmp_path, tiny_model_dir,
 def test_random_bytes_txt_is_refused_with_offset(tmp_path):
     path = tmp_path / "random.txt"
     path.write_bytes("naïve ".encode() + b"\x9c" + os.urandom(4000))
-    _refused_everywhere([str(path)], r"'[^']*random\.txt' is not UTF-8 text: byte 0x9c at byte offset 7 .*iconv")
+    assert_refused_everywhere([str(path)], r"'[^']*random\.txt' is not UTF-8 text: byte 0x9c at byte offset 7 .*iconv")
 
 
 def test_utf16_and_nul_bytes_are_refused(tmp_path):
     bom = tmp_path / "bom16.txt"
     bom.write_text("Hello, world.", encoding="utf-16")  # with a byte-order mark
-    _refused_everywhere([str(bom)], r"bom16\.txt' is not UTF-8 text: byte 0xff at byte offset 0.*"
+    assert_refused_everywhere([str(bom)], r"bom16\.txt' is not UTF-8 text: byte 0xff at byte offset 0.*"
                                     r"UTF-16 byte-order mark")
     plain = tmp_path / "le16.txt"
     plain.write_bytes("Hello, world.".encode("utf-16-le"))  # ASCII in UTF-16 decodes as UTF-8, NULs between
-    _refused_everywhere([str(plain)], r"le16\.txt' does not look like text: it holds NUL bytes "
+    assert_refused_everywhere([str(plain)], r"le16\.txt' does not look like text: it holds NUL bytes "
                                       r"\(the first at byte offset 1\)")
 
 
 def test_control_characters_are_refused_above_the_share(tmp_path):
     noisy = tmp_path / "noisy.txt"
     noisy.write_text("ab\x07\x1b" * 100, encoding="utf-8")
-    _refused_everywhere([str(noisy)], r"noisy\.txt' does not look like text: 200 of 400 characters \(50%\) are control "
+    assert_refused_everywhere([str(noisy)], r"noisy\.txt' does not look like text: 200 of 400 characters \(50%\) are control "
                                       r"characters \(the first, '\\x07', at character 2\)")
     # Real text with tabs, form feeds, CRLF and a few terminal colour codes is fine, and a UTF-8 BOM is dropped.
     fine = tmp_path / "fine.txt"
@@ -200,13 +200,13 @@ def test_text_fields_in_rows_are_checked(tmp_path):
     import datasets
 
     nul = _jsonl(tmp_path / "nul.jsonl", [{"text": "fine"}, {"text": "bin\u0000ary"}])
-    _refused_everywhere([str(nul)], r"nul\.jsonl', row 1 \(line 2\), field 'text': the text holds a NUL character")
+    assert_refused_everywhere([str(nul)], r"nul\.jsonl', row 1 \(line 2\), field 'text': the text holds a NUL character")
     ctl = tmp_path / "ctl.parquet"
     datasets.Dataset.from_list([{"text": "\x01\x02\x03 x"}] * 3).to_parquet(str(ctl))
     with pytest.raises(DataError, match=r"ctl\.parquet' does not look like text: 9 of 15 characters"):
         load_documents(files=[str(ctl)])
     chat = _jsonl(tmp_path / "chat.jsonl", [{"prompt": "hi", "completion": "\u0000"}])
-    _refused_everywhere([str(chat)], r"chat\.jsonl', row 0 \(line 1\), completion\[0\]: the text holds a NUL", sft=True)
+    assert_refused_everywhere([str(chat)], r"chat\.jsonl', row 0 \(line 1\), completion\[0\]: the text holds a NUL", sft=True)
 
 
 # ------------------------------------------------------------------------------ table file errors
@@ -242,7 +242,7 @@ TEXT_CASES = {
 def test_bad_table_files_are_refused_in_words(tmp_path, name, content, pattern):
     path = tmp_path / name
     path.write_bytes(content)
-    _refused_everywhere([str(path)], pattern)
+    assert_refused_everywhere([str(path)], pattern)
 
 
 SFT_CASES = {
@@ -262,7 +262,7 @@ SFT_CASES = {
 def test_bad_sft_files_are_refused_in_words(tmp_path, name, content, pattern):
     path = tmp_path / name
     path.write_bytes(content)
-    _refused_everywhere([str(path)], pattern, sft=True)
+    assert_refused_everywhere([str(path)], pattern, sft=True)
 
 
 def test_good_json_shapes_still_load(tmp_path):
@@ -282,11 +282,11 @@ def test_truncated_and_empty_parquet(tmp_path):
     datasets.Dataset.from_list([{"text": f"row {i} " * 50} for i in range(200)]).to_parquet(str(whole))
     cut = tmp_path / "cut.parquet"
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    _refused_everywhere([str(cut)], r"cut\.parquet' is not a readable parquet file \(.*\); it is truncated")
-    _refused_everywhere([str(cut)], r"cut\.parquet' is not a readable parquet file", sft=True)
+    assert_refused_everywhere([str(cut)], r"cut\.parquet' is not a readable parquet file \(.*\); it is truncated")
+    assert_refused_everywhere([str(cut)], r"cut\.parquet' is not a readable parquet file", sft=True)
     empty = tmp_path / "norows.parquet"
     datasets.Dataset.from_dict({"text": []}).to_parquet(str(empty))
-    _refused_everywhere([str(empty)], r"norows\.parquet' has no rows")
+    assert_refused_everywhere([str(empty)], r"norows\.parquet' has no rows")
     with pytest.raises(DataError, match=r"whole\.parquet' has no field 'body'; fields found: \['text'\]"):
         _precheck([str(whole)], text_field="body")
     with pytest.raises(DataError, match=r"whole\.parquet': rows must have either 'messages'.*fields found: \['text'\]"):
@@ -299,7 +299,7 @@ def test_truncated_and_empty_parquet(tmp_path):
 def test_directory_is_refused(tmp_path):
     folder = tmp_path / "shards.jsonl"
     folder.mkdir()
-    _refused_everywhere([str(folder)], r"shards\.jsonl' is a folder; list the files inside it")
+    assert_refused_everywhere([str(folder)], r"shards\.jsonl' is a folder; list the files inside it")
 
 
 @contextlib.contextmanager
@@ -331,5 +331,5 @@ def test_unreadable_file_is_refused():
 
 def test_missing_file_names_the_current_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _refused_everywhere(["gone.jsonl"], rf"data\.files: gone\.jsonl does not exist \(relative paths are resolved "
+    assert_refused_everywhere(["gone.jsonl"], rf"data\.files: gone\.jsonl does not exist \(relative paths are resolved "
                                         rf"from the current directory {re.escape(str(tmp_path))}\)")
