@@ -92,3 +92,29 @@ def test_resume_loads_the_checkpoint_into_the_tied_training_model(trained):
     assert restored.keys() == expected.keys()
     for name, value in expected.items():
         torch.testing.assert_close(restored[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_peft_loader_needs_the_tied_copy_under_both_names(trained, tmp_path):
+    """Why the adapter holds the trained embedding twice: PEFT's own loader (the one a user of the Hub folder calls)
+    refuses an adapter whose tied `lm_head` copy is left out. The day it accepts one copy, this fails, and the export
+    should then save the matrix once."""
+    import shutil
+
+    from peft import PeftModel
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from headwise.publish.export import export_run
+
+    run_dir, recipe, _, _, _ = trained
+    export = export_run(run_dir, out_dir=tmp_path / "export")
+    one_copy = tmp_path / "one-copy"
+    shutil.copytree(export, one_copy)
+    weights = one_copy / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    dropped = {name: t for name, t in tensors.items() if "lm_head" not in name}
+    assert len(dropped) == len(tensors) - 1  # exactly the tied copy
+    save_file(dropped, str(weights), metadata={"format": "pt"})
+    base = AutoModelForCausalLM.from_pretrained(recipe.model.name)
+    with pytest.raises(KeyError, match="lm_head"):
+        PeftModel.from_pretrained(base, str(one_copy))
