@@ -46,11 +46,31 @@ def _layouts():
         "sf": LayoutSpec("shifted_groups", group_ratio=0.25, sink=4),
         "longlora": LayoutSpec("shifted_groups", group_ratio=0.25, sink=0),
         "s2": LayoutSpec("s2", block=64, local_blocks=16, vert_stride=8),
+        # the model's own rules composed with SF-Attn: Mistral-7B-v0.1's 4096-token window, Gemma-2's softcap 50
+        "sf+window": LayoutSpec("shifted_groups", group_ratio=0.25, sink=4, window=4096),
+        "sf+softcap": LayoutSpec("shifted_groups", group_ratio=0.25, sink=4, softcap=50.0),
     }
 
 
 def mask_mod_for(spec, n_heads, device):
-    """FlexAttention mask_mod with the same token rule as the layout semantics table (docs/kernels.md)."""
+    """FlexAttention mask_mod with the same token rule as the layout semantics table (docs/kernels.md), the
+    model's window (``spec.extra_window``) included."""
+    rule = _kind_mask_mod(spec, n_heads, device)
+    w = spec.extra_window
+    if not w:
+        return rule
+    return lambda b, h, q, k: rule(b, h, q, k) & (q - k < w)
+
+
+def score_mod_for(spec):
+    """FlexAttention score_mod of the layout's softcap (None without one)."""
+    if not spec.softcap:
+        return None
+    c = spec.softcap
+    return lambda score, b, h, q, k: c * torch.tanh(score / c)
+
+
+def _kind_mask_mod(spec, n_heads, device):
     kind = spec.kind
     hp = torch.tensor(spec.head_params(n_heads), device=device, dtype=torch.int64)
     if kind == "dense":
@@ -117,7 +137,8 @@ def make_fn(kind, q, k, v, do, spec, passes, extra=None):
         f = lambda: band_layout_attention(q, k, v, spec)  # noqa: E731
     elif kind == "flex":
         flex, bm = extra
-        f = lambda: flex(q, k, v, block_mask=bm, enable_gqa=hq != hkv)  # noqa: E731
+        score_mod = score_mod_for(spec)
+        f = lambda: flex(q, k, v, block_mask=bm, score_mod=score_mod, enable_gqa=hq != hkv)  # noqa: E731
     elif kind in ("cudnn", "fa2"):
         backend = SDPBackend.CUDNN_ATTENTION if kind == "cudnn" else SDPBackend.FLASH_ATTENTION
         kk, vv = (k, v) if hq == hkv else (k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1))
@@ -212,10 +233,11 @@ def main(argv=None):
             row["tile_density"] = round(tile_density(spec, t, h, device), 4)
             times = {}
             impl = attention_impl(spec, q, n_kv_heads=k.shape[1])
-            forms = ["block_sparse", "regrouped"] if spec.kind == "shifted_groups" else []
+            # the dense exact forms cannot take the model's own rules (LayoutSpec.composed): only ours runs those
+            forms = ["block_sparse", "regrouped"] if spec.kind == "shifted_groups" and not spec.composed else []
             if forms and cudnn_frontend_available():  # the regrouped form on cudnn-frontend graphs
                 forms.append("regrouped_fe")
-            if band_ready(q.device, spec):  # cuDNN's diagonal band (kernels/band_attention.py), when installed
+            if not spec.composed and band_ready(q.device, spec):  # cuDNN's diagonal band (kernels/band_attention.py), when installed
                 forms += ["block_sparse", "band"]
             # the dispatched form is what "headwise" times: each other candidate form is timed once more
             kinds = ["headwise"] + [f for f in forms if f != impl]

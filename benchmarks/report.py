@@ -346,6 +346,33 @@ def status_kernels(c: Citer) -> str:
     return ", ".join(f"{names[lay]} {_flex_figure(c, lay, 32768, 'fwd+bwd')}" for lay in LAYOUT_ORDER)
 
 
+def _latest_kernel_row(c: Citer, layout: str, T: int, hkv: int, pas: str, need: str = "ms_headwise") -> Row | None:
+    rows = [r for r in c.results.rows("kernels") if (r["layout"], r["T"], r["Hkv"], r["pass"]) == (layout, T, hkv, pas)
+            and r.get(need) is not None]
+    return rows[-1] if rows else None
+
+
+@region("kernels-model-rules")
+def kernels_model_rules(c: Citer) -> str:
+    """A model's own rules composed with SF-Attn on Mistral-7B's shape (32 heads, 8 KV heads, head_dim 128) at
+    32K: its 4096-token window against FlexAttention with the same mask, and the softcap's cost in our kernel."""
+    lines = ["| 32K, 8 KV heads | pass | ours, ms | compared with, ms | ratio |", "|---|---|---|---|---|"]
+    for pas in ("fwd+bwd", "fwd"):
+        win = _latest_kernel_row(c, "sf+window", 32768, 8, pas, need="ms_flex")
+        if win is not None:
+            c.cite([win])
+            lines.append(f"| SF-Attn ∩ 4096 window | {pas} | {_ms(win['ms_headwise'])} | FlexAttention "
+                         f"{_ms(win['ms_flex'])} | Flex / ours {_ratio(win['ms_flex'], win['ms_headwise'])} |")
+    for pas in ("fwd+bwd", "fwd"):
+        capped = _latest_kernel_row(c, "sf+softcap", 32768, 8, pas)
+        plain = _latest_kernel_row(c, "sf", 32768, 8, pas, need="ms_block_sparse")
+        if capped is not None and plain is not None:
+            c.cite([capped, plain])
+            lines.append(f"| SF-Attn with softcap 50 | {pas} | {_ms(capped['ms_headwise'])} | the same kernel without "
+                         f"{_ms(plain['ms_block_sparse'])} | cost {_ratio(capped['ms_headwise'], plain['ms_block_sparse'])} |")
+    return "\n".join(lines)
+
+
 @region("status-s2", inline=True)
 def status_s2(c: Citer) -> str:
     """The S2 layout against FlexAttention."""

@@ -8,6 +8,10 @@ Public API::
     out = sparse_attention(q, k, v, spec)            # q (B, Hq, T, D), k/v (B, Hkv, T, D)
     out, lse = sparse_attention(q, k, v, spec, return_lse=True)
 
+    # the model's own rules compose with every layout: a sliding window, a logit softcap, learned sinks
+    spec = LayoutSpec("shifted_groups", group_size=2048, sink=4, window=4096, softcap=50.0)
+    out = attention_with_learned_sinks(*sparse_attention(q, k, v, spec, return_lse=True), sinks)
+
     from headwise.kernels import decode_attention      # one query token per sequence (KV-cache decode)
     out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
 
@@ -26,6 +30,7 @@ from .band_attention import band_layout_attention
 from .dispatch import BAND_IMPL, SHIFTED_GROUPS_IMPL, attention_impl, sparse_attention
 from .input_checks import check_attention_inputs
 from .interpreter import interpret_mode
+from .learned_sinks import attention_with_learned_sinks
 from .layouts import (
     BlockLayout,
     LayoutSpec,
@@ -62,6 +67,7 @@ __all__ = [
     "BAND_IMPL",
     "attention_impl",
     "allowed_per_query",
+    "attention_with_learned_sinks",
     "BlockLayout",
     "KernelConfig",
     "LayoutSpec",

@@ -56,6 +56,10 @@ LN2 = tl.constexpr(0.6931471805599453)
 # = 0), instead of NaN from (-inf) - (-inf). Every valid row visits its diagonal tile (all layouts
 # allow k == q), which comes last in its row list, so the garbage never survives.
 NEG = tl.constexpr(-1.0e30)
+# KIND (a constexpr) = the layout's rule code (layouts.py, < 8) + 8 when the model's window applies on top
+# (q - k < P3) + 16 when scores are soft-capped (c * tanh(s / c): qk_scale carries scale / c, CAP = c * log2(e))
+# + 32 when that tanh may be the GPU's one-instruction approximation (16-bit inputs on CUDA, see `_tanh`).
+# Written as arithmetic on literals: the interpreter cannot mix a constexpr global into it.
 
 
 @dataclass(frozen=True)
@@ -149,33 +153,51 @@ def pick_config(head_dim: int, spec: LayoutSpec, device) -> KernelConfig:
 
 
 @triton.jit
-def _token_rule(q_pos, k_pos, hp, P0, P1, P2, KIND: tl.constexpr):
+def _token_rule(q_pos, k_pos, hp, P0, P1, P2, P3, KIND: tl.constexpr):
     """allowed(q, k) of docs/kernels.md's table; q_pos/k_pos broadcastable int tensors (sequence-relative),
-    hp the head's parameter (group offset or S2 stride offset). Kind codes from layouts.py."""
+    hp the head's parameter (group offset or S2 stride offset), P3 the model's window when KIND carries
+    a window (KIND's 8). Kind codes from layouts.py in KIND % 8."""
     ok = k_pos <= q_pos
-    if KIND == 1:  # sliding window: P0 = window
+    if (KIND // 8) % 2 == 1:
+        ok = ok & (q_pos - k_pos < P3)
+    if KIND % 8 == 1:  # sliding window: P0 = window
         ok = ok & (q_pos - k_pos < P0)
-    elif KIND == 2:  # streaming: P0 = sink, P1 = recent
+    elif KIND % 8 == 2:  # streaming: P0 = sink, P1 = recent
         ok = ok & ((k_pos < P0) | (q_pos - k_pos < P1))
-    elif KIND == 3:  # shifted groups: P0 = sink, P1 = G, hp = 0 or G/2
+    elif KIND % 8 == 3:  # shifted groups: P0 = sink, P1 = G, hp = 0 or G/2
         ok = ok & ((k_pos < P0) | ((q_pos + hp) // P1 == (k_pos + hp) // P1))
-    elif KIND == 4:  # S2: P0 = block, P1 = local blocks, P2 = vertical stride, hp = o_h
+    elif KIND % 8 == 4:  # S2: P0 = block, P1 = local blocks, P2 = vertical stride, hp = o_h
         kb = k_pos // P0
         ok = ok & (((q_pos // P0) - kb < P1) | ((kb + hp + 1) % P2 == 0))
     return ok
 
 
 @triton.jit
+def _tanh(x, KIND: tl.constexpr):
+    if KIND >= 32:
+        # PTX tanh.approx.f32 (one MUFU op, relative error below 2^-10.9): finer than the bf16/fp16 rounding of
+        # the probabilities that follow; the sigmoid form below costs an exp and a division per score, which
+        # measured 1.4x the uncapped kernel's time at 32K.
+        return tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                         pack=1)
+    else:
+        # fp32 inputs (the exact path) and the interpreter: tanh from the sigmoid, to fp32 rounding
+        return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, k_src, v_src, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt, qk_scale,
-              hp, P0, P1, P2, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              hp, P0, P1, P2, P3, CAP, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
               KIND: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     """One key tile of the online softmax; ``k_src``/``v_src`` point at the KV head's first token."""
     offs_k = kb * BLOCK_N + offs_n
     k_ok = _in_seq(offs_k, seqlen, EVEN)
     kt = tl.load(k_src + offs_k[None, :] * skt + offs_d[:, None], mask=k_ok[None, :] & d_ok[:, None], other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if (KIND // 16) % 2 == 1:
+        qk = CAP * _tanh(qk, KIND)
     if MASKED:
-        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & k_ok[None, :]
+        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, P3, KIND) & k_ok[None, :]
         qk = tl.where(ok, qk, NEG)
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     p = tl.math.exp2(qk - m_new[:, None])
@@ -223,7 +245,7 @@ def _sequence(CU, bs, n_seq):
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
                 qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sob, sot, soh, slb, slh,
-                n_seq, n_qblocks, P0, P1, P2,
+                n_seq, n_qblocks, P0, P1, P2, P3, CAP,
                 GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -253,11 +275,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
     for e in range(r0, r0 + nf):
         kb = tl.load(ROW_IDX + e)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC, EVEN)
+                                  skt, svt, qk_scale, hp, P0, P1, P2, P3, CAP, BLOCK_N, False, KIND, DOT_PREC, EVEN)
     for e in range(r0 + nf, r1):
         kb = tl.load(ROW_IDX + e)
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen,
-                                  skt, svt, qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC, EVEN)
+                                  skt, svt, qk_scale, hp, P0, P1, P2, P3, CAP, BLOCK_N, True, KIND, DOT_PREC, EVEN)
     acc = acc / l_i[:, None]
     tl.store(O + b * sob + (start + offs_m[:, None]) * sot + h * soh + offs_d[None, :],
              acc.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
@@ -286,7 +308,7 @@ def _bwd_preprocess_kernel(O, DO, DLSE, DELTA, sob, sot, soh, sdob, sdot, sdoh, 
 
 @triton.jit
 def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
-                 qk_scale, hp, P0, P1, P2, BLOCK_N: tl.constexpr,
+                 qk_scale, hp, P0, P1, P2, P3, CAP, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     offs_k = kb * BLOCK_N + offs_n
     k_ok = _in_seq(offs_k, seqlen, EVEN)
@@ -294,12 +316,17 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, off
     kt = tl.load(k_base + offs_k[None, :] * skt + offs_d[:, None], mask=kv_mask, other=0.0)
     vt = tl.load(v_base + offs_k[None, :] * svt + offs_d[:, None], mask=kv_mask, other=0.0)
     qk = tl.dot(q, kt, input_precision=DOT_PREC) * qk_scale
+    if (KIND // 16) % 2 == 1:
+        th = _tanh(qk, KIND)
+        qk = CAP * th
     p = tl.math.exp2(qk - lse2[:, None])
     if MASKED:
-        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, KIND) & k_ok[None, :]
+        ok = _token_rule(offs_m[:, None], offs_k[None, :], hp, P0, P1, P2, P3, KIND) & k_ok[None, :]
         p = tl.where(ok, p, 0.0)
     dp = tl.dot(do, vt, input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
+    if (KIND // 16) % 2 == 1:
+        ds = ds * (1.0 - th * th)  # d(c tanh(s / c)) / ds
     dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PREC)
     return dq
 
@@ -307,7 +334,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, off
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NFULL,
                    qk_scale, sm_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh,
-                   sdqb, sdqh, sdqt, slb, slh, n_seq, n_qblocks, P0, P1, P2,
+                   sdqb, sdqh, sdqt, slb, slh, n_seq, n_qblocks, P0, P1, P2, P3, CAP,
                    GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr, EVEN: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -339,11 +366,11 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
     for e in range(r0, r0 + nf):
         kb = tl.load(ROW_IDX + e)
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
-                          qk_scale, hp, P0, P1, P2, BLOCK_N, False, KIND, DOT_PREC, EVEN)
+                          qk_scale, hp, P0, P1, P2, P3, CAP, BLOCK_N, False, KIND, DOT_PREC, EVEN)
     for e in range(r0 + nf, r1):
         kb = tl.load(ROW_IDX + e)
         dq = _bwd_dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, offs_m, offs_n, offs_d, d_ok, seqlen, skt, svt,
-                          qk_scale, hp, P0, P1, P2, BLOCK_N, True, KIND, DOT_PREC, EVEN)
+                          qk_scale, hp, P0, P1, P2, P3, CAP, BLOCK_N, True, KIND, DOT_PREC, EVEN)
     dq = dq * sm_scale
     tl.store(DQ + b * sdqb + h * sdqh + (start + offs_m[:, None]) * sdqt + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=qd_mask)
@@ -351,7 +378,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, CU, HP, ROW_PTR, ROW_IDX, ROW_NF
 
 @triton.jit
 def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm, offs_d, d_ok,
-                   seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
+                   seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, P3, CAP, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
                    MASKED: tl.constexpr, KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr,
                    EVEN: tl.constexpr):
     offs_m = qb * BLOCK_M + offs_mm
@@ -362,13 +389,18 @@ def _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs
     lse2 = tl.load(lse_base + offs_m, mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(delta_base + offs_m, mask=m_ok, other=0.0)
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale  # (BLOCK_N, BLOCK_M)
+    if (KIND // 16) % 2 == 1:
+        thT = _tanh(qkT, KIND)
+        qkT = CAP * thT
     pT = tl.math.exp2(qkT - lse2[None, :])
     if MASKED:
-        ok = _token_rule(offs_m[None, :], offs_n[:, None], hp, P0, P1, P2, KIND) & m_ok[None, :]
+        ok = _token_rule(offs_m[None, :], offs_n[:, None], hp, P0, P1, P2, P3, KIND) & m_ok[None, :]
         pT = tl.where(ok, pT, 0.0)
     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dsT = pT * (dpT - delta[None, :])
+    if (KIND // 16) % 2 == 1:
+        dsT = dsT * (1.0 - thT * thT)
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
     if DQ_MODE != 0:
         _add_dq(DQ_ACC, dq_row, qb, tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PREC),
@@ -408,18 +440,18 @@ def _load_kv_tile(K, V, b, kvh, start, pid_n, seqlen, skb, skh, skt, svb, svh, s
 
 @triton.jit
 def _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, e0, e1, offs_n, offs_mm,
-                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
+                 offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, P3, CAP, DQ_ACC, dq_row, BLOCK_M: tl.constexpr,
                  KIND: tl.constexpr, DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr, EVEN: tl.constexpr):
     """Entries [e0, e1) of a column that starts at c0 with nf unmasked (full) entries first."""
     for e in range(e0, tl.minimum(e1, c0 + nf)):
         qb = tl.load(COL_IDX + e)
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
-                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row,
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, P3, CAP, DQ_ACC, dq_row,
                                 BLOCK_M, False, KIND, DOT_PREC, DQ_MODE, EVEN)
     for e in range(tl.maximum(e0, c0 + nf), e1):
         qb = tl.load(COL_IDX + e)
         dk, dv = _bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, lse_base, delta_base, qb, offs_n, offs_mm,
-                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, DQ_ACC, dq_row,
+                                offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, P3, CAP, DQ_ACC, dq_row,
                                 BLOCK_M, True, KIND, DOT_PREC, DQ_MODE, EVEN)
     return dk, dv
 
@@ -443,7 +475,7 @@ def _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N: tl.constexpr
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, TILE_SLOT,
                      PART_K, PART_V, qk_scale, sm_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
-                     sdob, sdot, sdoh, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2,
+                     sdob, sdot, sdoh, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt, slb, slh, n_seq, n_kblocks, P0, P1, P2, P3, CAP,
                      split, n_bs, GQA, KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr,
                      HAS_SPLIT: tl.constexpr, DQ_MODE: tl.constexpr, EVEN: tl.constexpr):
@@ -477,7 +509,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
         if HAS_SPLIT:
             c1 = tl.minimum(c1, c0 + split)
         dk, dv = _dkdv_column(dk, dv, k, v, q_base, do_base, lse_base, delta_base, COL_IDX, c0, nf, c0, c1,
-                              offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2,
+                              offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, hp, P0, P1, P2, P3, CAP,
                               DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE, EVEN)
     if HAS_SPLIT:
         slot = tl.load(TILE_SLOT + kvh * n_kblocks + pid_n)
@@ -494,7 +526,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, C
 @triton.jit
 def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL_IDX, COL_NFULL, ITEMS, PART_K,
                            PART_V, qk_scale, T_all, H_all, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot,
-                           sdoh, slb, slh, n_seq, n_kblocks, P0, P1, P2, n_bs, GQA, KIND: tl.constexpr,
+                           sdoh, slb, slh, n_seq, n_kblocks, P0, P1, P2, P3, CAP, n_bs, GQA, KIND: tl.constexpr,
                            HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            DOT_PREC: tl.constexpr, DQ_MODE: tl.constexpr, EVEN: tl.constexpr):
@@ -521,7 +553,7 @@ def _bwd_dkdv_items_kernel(Q, K, V, DO, LSE, DELTA, DQ_ACC, CU, HP, COL_PTR, COL
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dk, dv = _dkdv_column(dk, dv, k, v, Q + b * sqb + h * sqh + start * sqt, DO + b * sdob + h * sdoh + start * sdot,
                           LSE + b * slb + h * slh + start, DELTA + b * slb + h * slh + start, COL_IDX, c0, nf, e0, e1,
-                          offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2,
+                          offs_n, offs_mm, offs_d, d_ok, seqlen, sqt, sdot, qk_scale, tl.load(HP + h), P0, P1, P2, P3, CAP,
                           DQ_ACC, (b * H_all + h) * T_all + start, BLOCK_M, KIND, DOT_PREC, DQ_MODE, EVEN)
     _store_partial(PART_K, PART_V, slot, bs, n_bs, dk, dv, BLOCK_N, BLOCK_D)
 
@@ -665,19 +697,32 @@ def _fwd(q, k, v, spec, scale, cu, n_seq, max_len, cfg):
     lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
     o = torch.empty((b, t, hq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, hq, t), dtype=torch.float32, device=q.device)
-    p0, p1, p2, _ = spec.scalar_params()
+    p0, p1, p2, p3 = spec.scalar_params()
+    qk_scale, cap, kind = _score_params(spec, scale, q.dtype)
     grid = (triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)
     _fwd_kernel[grid](
         q, k, v, o, lse, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
-        scale * _LOG2E, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        qk_scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2), lse.stride(0), lse.stride(1),
-        n_seq, lay.n_qblocks, p0, p1, p2,
-        GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        n_seq, lay.n_qblocks, p0, p1, p2, p3, cap,
+        GQA=hq // hkv, KIND=kind, HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
         BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, DOT_PREC=_dot_prec(q.dtype),
         EVEN=_even(n_seq, max_len, t, cfg.fwd_m, cfg.fwd_n, cfg),
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages,
     )
     return o, lse
+
+
+def _score_params(spec: LayoutSpec, scale: float, dtype: torch.dtype) -> tuple[float, float, int]:
+    """(qk_scale, CAP, KIND) of a launch: scores in log2 units, ``q.k * scale * log2(e)``; with a softcap
+    ``c`` the kernel computes ``CAP * tanh(q.k * qk_scale)`` with ``qk_scale = scale / c`` and ``CAP = c *
+    log2(e)``, the same capped score in log2 units."""
+    kind = spec.code | (8 if spec.extra_window else 0) | (16 if spec.softcap else 0)
+    if spec.softcap and dtype != torch.float32 and not interpret_mode():
+        kind |= 32
+    if spec.softcap:
+        return scale / spec.softcap, spec.softcap * _LOG2E, kind
+    return scale * _LOG2E, 0.0, kind
 
 
 def _even(n_seq: int, max_len: int, t: int, bm: int, bn: int, cfg: KernelConfig) -> bool:
@@ -710,8 +755,9 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
     # took 0.26 ms of a 1.3 ms streaming forward + backward on the H200.
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    p0, p1, p2, _ = spec.scalar_params()
-    common = dict(GQA=hq // hkv, KIND=spec.code, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
+    p0, p1, p2, p3 = spec.scalar_params()
+    qk_scale, cap, kind = _score_params(spec, scale, q.dtype)
+    common = dict(GQA=hq // hkv, KIND=kind, HEAD_DIM=d, BLOCK_D=block_d, DOT_PREC=_dot_prec(q.dtype))
     dq_mode = _dq_mode(cfg)
     if dq_mode == 0:
         dq = torch.empty_like(q)
@@ -719,9 +765,9 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         lay = _layout_for(spec, max_len, hq, cfg.fwd_m, cfg.fwd_n, q.device)
         _bwd_dq_kernel[(triton.cdiv(max_len, cfg.fwd_m), hq, b * n_seq)](
             q, k, v, do, dq, lse, delta, cu, lay.head_param, lay.row_ptr, lay.row_idx, lay.row_nfull,
-            scale * _LOG2E, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            qk_scale, scale, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2,
+            dq.stride(0), dq.stride(1), dq.stride(2), lse.stride(0), lse.stride(1), n_seq, lay.n_qblocks, p0, p1, p2, p3, cap,
             BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
             EVEN=_even(n_seq, max_len, t, cfg.fwd_m, cfg.fwd_n, cfg), **common,
         )
@@ -743,11 +789,11 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         tile_slot = plan.tile_slot
     _bwd_dkdv_kernel[(triton.cdiv(max_len, cfg.bwd_n), hkv, n_bs)](
         q, k, v, do, dk, dv, lse, delta, dq_acc, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
-        tile_slot, part_k, part_v, scale * _LOG2E, scale, t, hq, q.stride(0), q.stride(1), q.stride(2),
+        tile_slot, part_k, part_v, qk_scale, scale, t, hq, q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         do.stride(0), do.stride(1), do.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, cfg.col_split, n_bs,
+        lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, p3, cap, cfg.col_split, n_bs,
         BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
         HAS_SPLIT=plan is not None, **common,
     )
@@ -755,10 +801,10 @@ def _bwd(do, q, k, v, o, lse, dlse, spec, scale, cu, n_seq, max_len, cfg):
         if plan.items.shape[0]:
             _bwd_dkdv_items_kernel[(plan.items.shape[0], n_bs)](
                 q, k, v, do, lse, delta, dq_acc, cu, lay.head_param, lay.col_ptr, lay.col_idx, lay.col_nfull,
-                plan.items, part_k, part_v, scale * _LOG2E, t, hq, q.stride(0), q.stride(1), q.stride(2),
+                plan.items, part_k, part_v, qk_scale, t, hq, q.stride(0), q.stride(1), q.stride(2),
                 k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                 do.stride(0), do.stride(1), do.stride(2),
-                lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, n_bs,
+                lse.stride(0), lse.stride(1), n_seq, lay.n_kblocks, p0, p1, p2, p3, cap, n_bs,
                 BLOCK_M=cfg.bwd_m, BLOCK_N=cfg.bwd_n, num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages, **common,
             )
         _bwd_dkdv_reduce_kernel[(plan.red_tile.shape[0], n_bs)](

@@ -86,11 +86,13 @@ def attention_impl(spec: LayoutSpec, q: torch.Tensor, cu_seqlens: Optional[torch
     dtype and sizes are read) with `n_kv_heads` KV heads (None: as many as query heads): "reference"
     (CPU without the Triton interpreter), "regrouped" or "regrouped_fe" (shifted groups, see
     `SHIFTED_GROUPS_IMPL`), "band" (see `BAND_IMPL`) or "block_sparse" (the Triton kernel). The dense
-    exact forms take 16-bit CUDA inputs without packing (`cu_seqlens`) or a returned log-sum-exp;
-    everything else runs Triton."""
+    exact forms take 16-bit CUDA inputs without packing (`cu_seqlens`), a returned log-sum-exp or the model's
+    own rules on top of the layout (`LayoutSpec.composed`: a window on another kind, a softcap); everything else
+    runs Triton."""
     if not (q.is_cuda or interpret_mode()):
         return "reference"
-    dense_form_ok = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens is None and not return_lse
+    dense_form_ok = (q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and cu_seqlens is None
+                     and not return_lse and not spec.composed)
     if dense_form_ok and spec.kind == "shifted_groups" and _use_regrouped(spec, q, n_kv_heads):
         return "regrouped_fe" if SHIFTED_GROUPS_IMPL == "regrouped_fe" else "regrouped"
     if dense_form_ok and _use_band(spec) and band_attention.band_ready(q.device, spec):

@@ -81,6 +81,16 @@ class LayoutSpec:
       ``(kb + o_h + 1) % vert_stride == 0``, ``o_h = h % vert_stride`` (vLLM / Phi-3-small
       convention; ``head_offset_base`` shifts every head's offset, ``-1`` reproduces dkernel's
       default offset 0 for head 0). ``same_for_all_heads`` gives every head head 0's pattern.
+
+    The model's own attention composes with every kind (DESIGN.md, "Layout semantics"):
+
+    - ``window > 0`` on any kind adds ``q - k < window`` (a sliding-window layer of the model: the
+      intersection of both rules; for ``sliding_window`` it is the layout itself);
+    - ``softcap > 0`` replaces the score ``s = scale * q.k`` by ``softcap * tanh(s / softcap)`` before the
+      softmax (Gemma-2's logit soft-capping).
+
+    Learned sink logits are not a mask rule: ``kernels/learned_sinks.py`` folds them in from the
+    log-sum-exp.
     """
 
     kind: str = "dense"
@@ -95,8 +105,13 @@ class LayoutSpec:
     vert_stride: int = 8
     head_offset_base: int = 0
     same_for_all_heads: bool = False
+    softcap: float = 0.0
 
     def __post_init__(self):
+        if self.window < 0:
+            raise ValueError(f"window must be >= 0 (0: no window), got {self.window}")
+        if not (self.softcap >= 0 and math.isfinite(self.softcap)):
+            raise ValueError(f"softcap must be a finite number >= 0 (0: no cap), got {self.softcap}")
         if self.kind not in _KIND_CODES:
             raise ValueError(f"unknown layout kind {self.kind!r}; one of {sorted(_KIND_CODES)}")
         if self.kind == "sliding_window" and self.window < 1:
@@ -118,6 +133,18 @@ class LayoutSpec:
     @property
     def code(self) -> int:
         return _KIND_CODES[self.kind]
+
+    @property
+    def extra_window(self) -> int:
+        """The window the kernels apply on top of the kind's own rule (0: none). A ``sliding_window``
+        layout's window is its own rule, not an extra one."""
+        return 0 if self.kind == "sliding_window" else self.window
+
+    @property
+    def composed(self) -> bool:
+        """Whether the model's own rules (a window on another kind, a softcap) apply: only the
+        block-sparse Triton kernel and the reference implement them."""
+        return self.extra_window > 0 or self.softcap > 0
 
     def resolve(self, seq_len: int) -> "LayoutSpec":
         """Fix length-dependent parameters (``group_ratio`` -> ``group_size``) for ``seq_len``."""
@@ -144,18 +171,20 @@ class LayoutSpec:
         return [0] * n_heads
 
     def scalar_params(self) -> tuple:
-        """Four ints handed to the kernel's token rule (meaning per kind, unused ones 0)."""
+        """Four ints handed to the kernel's token rule: three with a meaning per kind (unused ones 0), then
+        the model's window on top of the kind's rule (``extra_window``, 0 for none)."""
+        w = self.extra_window
         if self.kind == "sliding_window":
-            return (self.window, 0, 0, 0)
+            return (self.window, 0, 0, w)
         if self.kind == "streaming":
-            return (self.sink, self.recent, 0, 0)
+            return (self.sink, self.recent, 0, w)
         if self.kind == "shifted_groups":
             if self.group_size <= 0:
                 raise ValueError("resolve() the spec for a sequence length first")
-            return (self.sink, self.group_size, 0, 0)
+            return (self.sink, self.group_size, 0, w)
         if self.kind == "s2":
-            return (self.block, self.local_blocks, self.vert_stride, 0)
-        return (0, 0, 0, 0)
+            return (self.block, self.local_blocks, self.vert_stride, w)
+        return (0, 0, 0, w)
 
     def density(self, seq_len: int, n_heads: int) -> float:
         """Allowed (query, key) pairs over the causal pairs ``T (T + 1) / 2``, exact, averaged over
@@ -238,6 +267,14 @@ class BlockLayout:
 
 
 def _classify(spec: LayoutSpec, hp: int, q0, q1, k0, k1):
+    any_, full = _classify_kind(spec, hp, q0, q1, k0, k1)
+    w = spec.extra_window
+    if w:  # the model's window: some / every q - k of the tile in [0, w - 1]
+        any_, full = any_ & (q0 - k1 <= w - 1), full & (q1 - k0 <= w - 1)
+    return any_, full
+
+
+def _classify_kind(spec: LayoutSpec, hp: int, q0, q1, k0, k1):
     any_causal = k0 <= q1
     all_causal = k1 <= q0
     kind = spec.kind
@@ -439,6 +476,13 @@ def allowed_per_query(spec, seq_len: int, head: int, n_heads: int) -> torch.Tens
     """
     spec = (spec.spec if isinstance(spec, BlockLayout) else spec).resolve(seq_len)
     q = torch.arange(seq_len, dtype=torch.int64)
+    if spec.extra_window:
+        # No closed form per kind: count the allowed keys along each of the window's w diagonals (w passes
+        # over T queries, never a (T, T) mask).
+        counts = torch.zeros(seq_len, dtype=torch.int64)
+        for d in range(min(spec.extra_window, seq_len)):
+            counts += token_rule(spec, q, q - d, head, n_heads) & (q >= d)
+        return counts
     kind = spec.kind
     if kind == "dense":
         return q + 1
@@ -462,4 +506,37 @@ def allowed_per_query(spec, seq_len: int, head: int, n_heads: int) -> torch.Tens
         # key blocks kb in [0, first_local - 1] with (kb + o + 1) % v == 0, each fully visible
         n = torch.div(first_local + o, v, rounding_mode="floor") - (o // v)
         return local + n * b
+    raise AssertionError(kind)
+
+
+def token_rule(spec: LayoutSpec, q: torch.Tensor, k: torch.Tensor, head, n_heads: int) -> torch.Tensor:
+    """Boolean ``allowed(q, k)`` of ``spec`` (resolved) for broadcastable position tensors ``q``, ``k``,
+    the window included.
+
+    ``head`` is one head index, or an int64 tensor of head indices broadcastable against ``q`` and
+    ``k`` (e.g. ``(H, 1, 1)``) to evaluate many heads at once.
+    """
+    allowed = k <= q
+    if spec.window:
+        allowed = allowed & (q - k < spec.window)
+    kind = spec.kind
+    if kind in ("dense", "sliding_window"):
+        return allowed
+    if kind == "streaming":
+        return allowed & ((k < spec.sink) | (q - k < spec.recent))
+    head_t = torch.as_tensor(head, device=q.device)
+    if kind == "shifted_groups":
+        g = spec.group_size
+        if g <= 0:
+            raise ValueError("resolve() the spec for a sequence length first")
+        shifted = torch.tensor(sorted(spec.shifted(n_heads)), dtype=head_t.dtype, device=q.device)
+        off = torch.isin(head_t, shifted).to(q.dtype) * (g // 2)
+        same = torch.div(q + off, g, rounding_mode="floor") == torch.div(k + off, g, rounding_mode="floor")
+        return allowed & ((k < spec.sink) | same)
+    if kind == "s2":
+        v = spec.vert_stride
+        o = torch.full_like(head_t, spec.head_offset_base % v) if spec.same_for_all_heads else (head_t + spec.head_offset_base) % v
+        qb = torch.div(q, spec.block, rounding_mode="floor")
+        kb = torch.div(k, spec.block, rounding_mode="floor")
+        return allowed & ((qb - kb < spec.local_blocks) | ((kb + o + 1) % v == 0))
     raise AssertionError(kind)

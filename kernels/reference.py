@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from .input_checks import check_attention_inputs
-from .layouts import BlockLayout, LayoutSpec
+from .layouts import BlockLayout, LayoutSpec, token_rule
 
 # Query rows per chunk of the score matrix: 1024 x 32K fp32 scores per head = 128 MB per head-batch;
 # small enough for CPU runs, large enough that the matmuls stay efficient.
@@ -23,38 +23,6 @@ Q_CHUNK = 1024
 
 def _as_spec(layout) -> LayoutSpec:
     return layout.spec if isinstance(layout, BlockLayout) else layout
-
-
-def token_rule(spec: LayoutSpec, q: torch.Tensor, k: torch.Tensor, head, n_heads: int) -> torch.Tensor:
-    """Boolean ``allowed(q, k)`` for broadcastable position tensors ``q``, ``k``.
-
-    ``head`` is one head index, or an int64 tensor of head indices broadcastable against ``q`` and
-    ``k`` (e.g. ``(H, 1, 1)``) to evaluate many heads at once.
-    """
-    allowed = k <= q
-    kind = spec.kind
-    if kind == "dense":
-        return allowed
-    if kind == "sliding_window":
-        return allowed & (q - k < spec.window)
-    if kind == "streaming":
-        return allowed & ((k < spec.sink) | (q - k < spec.recent))
-    head_t = torch.as_tensor(head, device=q.device)
-    if kind == "shifted_groups":
-        g = spec.group_size
-        if g <= 0:
-            raise ValueError("resolve() the spec for a sequence length first")
-        shifted = torch.tensor(sorted(spec.shifted(n_heads)), dtype=head_t.dtype, device=q.device)
-        off = torch.isin(head_t, shifted).to(q.dtype) * (g // 2)
-        same = torch.div(q + off, g, rounding_mode="floor") == torch.div(k + off, g, rounding_mode="floor")
-        return allowed & ((k < spec.sink) | same)
-    if kind == "s2":
-        v = spec.vert_stride
-        o = torch.full_like(head_t, spec.head_offset_base % v) if spec.same_for_all_heads else (head_t + spec.head_offset_base) % v
-        qb = torch.div(q, spec.block, rounding_mode="floor")
-        kb = torch.div(k, spec.block, rounding_mode="floor")
-        return allowed & ((qb - kb < spec.local_blocks) | ((kb + o + 1) % v == 0))
-    raise AssertionError(kind)
 
 
 def token_mask(spec, seq_len: int, head: int, n_heads: int, device="cpu") -> torch.Tensor:
@@ -89,6 +57,8 @@ def _attend_one(q, k, v, spec, scale, n_heads):
         qpos = torch.arange(s, e, device=q.device).view(1, -1, 1)
         # keys past the chunk's last query are never allowed (causal): skip them.
         scores = torch.matmul(q[:, s:e], kx[:, :e].transpose(1, 2)).to(acc) * scale
+        if spec.softcap:
+            scores = spec.softcap * torch.tanh(scores / spec.softcap)
         mask = token_rule(spec, qpos, kpos[..., :e], heads, n_heads)
         scores = scores.masked_fill(~mask, float("-inf"))
         m = scores.amax(-1, keepdim=True)
