@@ -67,6 +67,10 @@ class FullMethod(Section):
     name: Literal["full"] = Field("full", description="`full`: dense attention (the baseline).")
 
 
+# The features of a model's attention beyond plain causal softmax attention (patches/model_attention.py).
+ATTENTION_FEATURES = ("sliding_window", "softcap", "learned_sinks", "fused_projections")
+
+
 class Method:
     """Default hooks: dense attention, nothing extra to train, save or log.
 
@@ -76,6 +80,9 @@ class Method:
 
     name: ClassVar[str] = "full"
     config_class: ClassVar[type[Section]] = FullMethod
+    # What of a model's own attention the method computes exactly (the keyword flags of
+    # `AttentionFacts.unsupported`); a model using any other feature is refused. `full` is the model's own.
+    attention_features: ClassVar[tuple[str, ...]] = ATTENTION_FEATURES
 
     def __init__(self, config: Any) -> None:
         self.config = config
@@ -122,6 +129,11 @@ class Method:
         (DuoAttention: only a head pattern is learned); None: the recipe's `export.format`."""
         return None
 
+    def exported_kv_policy(self) -> str | None:
+        """The type of the KV policy `export_artifacts` returns (checked against the model before training), or
+        None when the export writes the recipe's `export.kv_policy`."""
+        return None
+
     def export_artifacts(self, weights_dir: Any, out_dir: Any) -> dict[str, Any] | None:
         """Write method files into the export folder; return a KV policy mapping for headwise_inference.json
         (`{"type": ..., ...}`, validated by the core), or None (the recipe's `export.kv_policy`). The
@@ -133,7 +145,14 @@ METHODS: dict[str, type[Method]] = {"full": Method}
 
 
 def register_method(cls: type[Method]) -> type[Method]:
-    """Class decorator: make `cls` the implementation of its config's `method.name` in recipes."""
+    """Class decorator: make `cls` the implementation of its config's `method.name` in recipes. A method says
+    which features of a model's own attention it computes (`attention_features`): inheriting `full`'s "all of
+    them" by omission would make a new method silently wrong on the models it does not handle."""
+    if "attention_features" not in cls.__dict__:
+        raise TypeError(f"{cls.__name__} must declare attention_features (a subset of {ATTENTION_FEATURES})")
+    unknown = set(cls.attention_features) - set(ATTENTION_FEATURES)
+    if unknown:
+        raise TypeError(f"{cls.__name__}.attention_features: unknown {sorted(unknown)}; known: {ATTENTION_FEATURES}")
     cls.name = cls.config_class.model_fields["name"].default
     METHODS[cls.name] = cls
     return cls

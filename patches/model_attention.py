@@ -35,6 +35,15 @@ FUSED_QKV_FAMILIES = ("phi3",)
 
 
 @dataclass(frozen=True)
+class LayerRules:
+    """What one layer's attention adds to causal softmax attention: the rules a training patch composes with."""
+
+    window: int | None  # keys with q - k < window only
+    softcap: float | None  # scores c * tanh(s / c)
+    learned_sinks: bool  # the module's `sinks` logits join the softmax denominator
+
+
+@dataclass(frozen=True)
 class AttentionFacts:
     """What a model's attention computes besides plain causal softmax attention."""
 
@@ -47,6 +56,9 @@ class AttentionFacts:
     softcap: float | None
     learned_sinks: bool
     projections: Literal["separate", "fused"]
+
+    def layer_rules(self, layer: int) -> LayerRules:
+        return LayerRules(self.windows[layer], self.softcap, self.learned_sinks)
 
     @property
     def sliding_layers(self) -> list[int]:

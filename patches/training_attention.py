@@ -3,19 +3,28 @@
 A training patch registers one attention function under a neutral name, paired with transformers'
 flash-style mask function (None, or a `(B, T)` padding mask: never a T x T tensor at long context;
 without a registered mask function transformers silently drops padding masks). The model runs the
-patch's attention in training and its own SDPA in eval mode, switched by a forward pre-hook on the
+patch's attention in training and its own attention in eval mode, switched by a forward pre-hook on the
 model, so `model.eval()` / `generate` are exactly the stock model.
+
+A patch's layout composes with the layer's own attention (DESIGN.md, "Layout semantics"): `attend` runs it
+intersected with the layer's sliding window, on soft-capped scores and with the layer's learned sink logits,
+as `install_training_attention` read them from the model (`AttentionFacts`). Every call checks that what
+transformers hands the attention function (`sliding_window`, `softcap`, `s_aux`) is what was read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-
 from typing import Any, Callable
 
 import torch
+from headwise.kernels import LayoutSpec, attention_with_learned_sinks, sparse_attention
 from headwise.kernels.tensor_memo import LastTensorMemo
 from headwise.patches.base import HeadwiseError
+from headwise.patches.model_attention import LayerRules, attention_facts, attention_modules
+
+RULES_ATTRIBUTE = "headwise_layer_rules"  # the LayerRules of an attention module
 
 # The padding mask each layer gets, checked once per mask tensor (reading it on the host syncs the GPU).
 _PADDING_CHECKED = LastTensorMemo()
@@ -51,6 +60,9 @@ def install_training_attention(
     eval_impl = model.config._attn_implementation or "sdpa"
     if eval_impl == name:
         eval_impl = "sdpa"
+    facts = attention_facts(model.config, model)
+    for m in attention_modules(model):
+        setattr(m, RULES_ATTRIBUTE, facts.layer_rules(m.layer_idx))
     model.config._attn_implementation = name
 
     def hook(module: torch.nn.Module, args: Any, kwargs: Any = None):
@@ -84,6 +96,7 @@ def training_attention(method: str) -> Callable[[TrainingForward], Callable[...,
                 return eval_sdpa(method, module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                  **kwargs)
             check_training_call(method, query, key, attention_mask, dropout)
+            check_layer_rules(method, module, kwargs)
             return forward(module, query, key, value, scaling, **kwargs), None
 
         return attention
@@ -119,3 +132,48 @@ def _refuse_left_padding(method: str, attention_mask: torch.Tensor) -> None:
     # padding would let real tokens attend to pads.
     if bool((valid[:, :1] == 0).any() & valid.any(dim=1).all()):
         raise HeadwiseError(f"{method} training needs right padding or packed samples; the batch is left-padded")
+
+
+def check_layer_rules(method: str, module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """What the model hands its attention function agrees with the rules read at patch time: a model whose config
+    reader missed a window, a softcap or sinks is refused here instead of trained on something else."""
+    rules: LayerRules | None = getattr(module, RULES_ATTRIBUTE, None)
+    if rules is None:
+        raise HeadwiseError(f"{method} attention: layer {getattr(module, 'layer_idx', '?')} was not prepared by the "
+                            "method's prepare_model")
+    given = {"sliding_window": (kwargs.get("sliding_window"), rules.window),
+             "softcap": (kwargs.get("softcap"), rules.softcap),
+             "learned sinks (s_aux)": (kwargs.get("s_aux") is not None, rules.learned_sinks)}
+    for what, (passed, read) in given.items():
+        if passed not in (None, False) and passed != read:
+            raise HeadwiseError(f"{method} attention: layer {module.layer_idx} is called with {what} = {passed}, but "
+                                f"the model's config says {read}; refusing to train something else than the model")
+
+
+def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spec: LayoutSpec,
+           scaling: float | None, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """A method's layout composed with the layer's own attention: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` ->
+    `(B, T, Hq, D)`.
+
+    The layer's sliding window intersects the layout (`LayoutSpec.window`), its softcap caps the scores
+    (`LayoutSpec.softcap`), its learned sink logits (`module.sinks`) join every query's softmax denominator
+    (`attention_with_learned_sinks`, with their gradient)."""
+    rules: LayerRules = getattr(module, RULES_ATTRIBUTE)
+    spec = compose_layer_rules(spec, rules)
+    if not rules.learned_sinks:
+        return sparse_attention(query, key, value, spec, scale=scaling, cu_seqlens=cu_seqlens)
+    out, lse = sparse_attention(query, key, value, spec, scale=scaling, cu_seqlens=cu_seqlens, return_lse=True)
+    return attention_with_learned_sinks(out, lse, module.sinks)
+
+
+def compose_layer_rules(spec: LayoutSpec, rules: LayerRules) -> LayoutSpec:
+    """`spec` with the layer's window (the tighter of two windows) and softcap added. Dense causal attention in a
+    window is the `sliding_window` layout, which has faster exact forms (kernels/dispatch.py)."""
+    if spec.kind == "dense" and rules.window is not None:
+        spec = LayoutSpec("sliding_window", window=rules.window)
+    changes: dict[str, Any] = {}
+    if rules.window is not None:
+        changes["window"] = min(spec.window, rules.window) if spec.window else rules.window
+    if rules.softcap is not None:
+        changes["softcap"] = float(rules.softcap)
+    return dataclasses.replace(spec, **changes) if changes else spec

@@ -242,6 +242,14 @@ def check_model_supported(model) -> None:
                                  "use kv_policy full (the model's own attention and cache)", fused_projections=True)
 
 
+def check_config_supported(config, policy_type: str, way_out: str) -> None:
+    """`check_model_supported` from the config alone, for a run that will export a `policy_type` policy: refused
+    before any weights load or the run folder is touched (`full` runs on the model's own cache: always fine)."""
+    if policy_type != "full":
+        refuse_unsupported_attention(attention_facts(config), f"kv_policy {policy_type}", way_out,
+                                     fused_projections=True)
+
+
 def check_policy(model, policy) -> None:
     """Raise a HeadwiseError naming the field when `policy` cannot run on `model`."""
     check_model_supported(model)

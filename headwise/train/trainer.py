@@ -36,6 +36,7 @@ from headwise.models import (
     load_model,
     load_tokenizer,
 )
+from headwise.inference.cache import check_config_supported
 from headwise.patches.base import Method, method_for
 from headwise.patches.model_attention import attention_facts
 from headwise.publish.export_target import match_umask_permissions
@@ -150,6 +151,17 @@ def check_module_names(model: torch.nn.Module, recipe: Recipe, method: Method) -
             raise HeadwiseError(
                 f"{field_name}: {missing} match no module of this model; its module names end in {leaves}"
             )
+
+
+def check_exported_kv_policy(model_config: Any, recipe: Recipe, method: Method) -> None:
+    """The KV policy the export will write must run on this model: a run whose export `headwise.load` would refuse
+    is refused now, before training."""
+    exported = method.exported_kv_policy()
+    if exported is not None:
+        check_config_supported(model_config, exported, f"method {method.name} exports a {exported} KV policy, whose "
+                               "caches cannot serve this model: train it with another method")
+    else:
+        check_config_supported(model_config, recipe.export.kv_policy.type, "set export.kv_policy: full")
 
 
 def meta_model(model_config) -> torch.nn.Module:
@@ -427,6 +439,7 @@ def train(loaded: LoadedRecipe) -> TrainResult:
     model_config = load_config(recipe.model)
     check_training_length(model_config, recipe.model, recipe.data.max_length)
     method.check_model_config(model_config)
+    check_exported_kv_policy(model_config, recipe, method)
     check_attention_implementation(model_config, recipe.model)
     skeleton = meta_model(model_config)
     with torch.device("meta"):

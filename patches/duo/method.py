@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from headwise.data_builders.passkey import build_duo_training_set
-from headwise.patches.base import HeadwiseError, Method, register_method
+from headwise.patches.base import ATTENTION_FEATURES, HeadwiseError, Method, register_method
 from headwise.patches.duo.attention import ATTENTION_NAME, _reset_per_forward, register
 from headwise.patches.duo.callback import _gate_callback
 from headwise.patches.duo.config import DuoMethod
@@ -50,6 +50,8 @@ class DuoAttention(Method):
     """Hooks of `method: duo` (see the module docstring)."""
 
     config_class = DuoMethod
+    # the gates act after the projections; both terms are the layer's own attention (`attend`)
+    attention_features = ATTENTION_FEATURES
     config: DuoMethod
 
     def __init__(self, config: DuoMethod) -> None:
@@ -58,7 +60,7 @@ class DuoAttention(Method):
 
     def check_model_config(self, model_config: Any, model: torch.nn.Module | None = None) -> None:
         refuse_unsupported_attention(attention_facts(model_config, model), "method duo", WAY_OUT,
-                                     fused_projections=True)  # the gates act on the attention output, after projection
+                                     **dict.fromkeys(self.attention_features, True))
 
     def prepare_model(self, model: torch.nn.Module) -> None:
         self.check_model_config(model.config, model)  # the Python path checks as the recipe path does
@@ -132,6 +134,9 @@ class DuoAttention(Method):
 
     def export_weights(self) -> str | None:
         return "base"  # the model is the unchanged base model; only the head pattern is new
+
+    def exported_kv_policy(self) -> str | None:
+        return "duo"
 
     def export_artifacts(self, weights_dir: Path, out_dir: Path):
         """Write the DuoAttention pattern folder; return the `duo` KV policy for headwise_inference.json

@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 from headwise.data_builders import cu_seqlens_from_position_ids
-from headwise.kernels import LayoutSpec, sparse_attention
+from headwise.kernels import LayoutSpec
 from headwise.kernels.tensor_memo import LastTensorMemo
 from headwise.patches.sinklora.config import SinkLoRAMethod
-from headwise.patches.training_attention import register_training_attention, training_attention
+from headwise.patches.training_attention import attend, register_training_attention, training_attention
 
 ATTENTION_NAME = "headwise_sinklora"
 
@@ -55,16 +55,17 @@ def _boundaries_from_positions(pos: torch.Tensor, batch: int) -> torch.Tensor | 
 def sinklora_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        scaling: float | None, **kwargs: Any) -> torch.Tensor:
     """SF-Attn through `headwise.kernels.sparse_attention`: q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)` ->
-    `(B, T, Hq, D)`; eval mode runs the model's SDPA (`training_attention`)."""
+    `(B, T, Hq, D)`, composed with the layer's own window, softcap and learned sinks (`attend`); eval mode runs
+    the model's own attention (`training_attention`)."""
     cfg: SinkLoRAMethod = module.headwise_sinklora
     b, h, t, d = query.shape
     spec = layout_spec(cfg, h, t)
     cu = _packed_boundaries(kwargs, b, t)
     if cu is not None:
         flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], b * t, d)  # noqa: E731  (B,H,T,D)->(1,H,B*T,D)
-        out = sparse_attention(flat(query), flat(key), flat(value), spec, scale=scaling, cu_seqlens=cu)
+        out = attend(module, flat(query), flat(key), flat(value), spec, scaling, cu_seqlens=cu)
         return out.reshape(b, t, h, d)
-    return sparse_attention(query, key, value, spec, scale=scaling)
+    return attend(module, query, key, value, spec, scaling)
 
 
 def register() -> None:

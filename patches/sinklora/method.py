@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from headwise.patches.base import HeadwiseError, Method, register_method
+from headwise.patches.base import ATTENTION_FEATURES, HeadwiseError, Method, register_method
 from headwise.patches.sinklora.attention import ATTENTION_NAME, register
 from headwise.patches.sinklora.config import SinkLoRAMethod
 from headwise.patches.model_attention import attention_facts, attention_modules, refuse_unsupported_attention
@@ -19,11 +19,13 @@ class SinkLoRA(Method):
     """Hooks of `method: sinklora` (see the module docstring for the algorithm)."""
 
     config_class = SinkLoRAMethod
+    # SF-Attn acts on q, k, v after the projections; window, softcap and sinks compose in `attend`
+    attention_features = ATTENTION_FEATURES
     config: SinkLoRAMethod
 
     def check_model_config(self, model_config: Any, model: torch.nn.Module | None = None) -> None:
         refuse_unsupported_attention(attention_facts(model_config, model), "method sinklora", WAY_OUT,
-                                     fused_projections=True)  # the attention function sees q, k, v after projection
+                                     **dict.fromkeys(self.attention_features, True))
         if not getattr(model_config, "num_attention_heads", 0) or getattr(model_config, "num_attention_heads") < 2:
             raise HeadwiseError("method sinklora needs at least 2 attention heads (half of them are shifted)")
 

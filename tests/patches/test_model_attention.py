@@ -1,5 +1,5 @@
-"""A model's own attention is read once (`attention_facts`), and every method and KV policy that does not
-implement a feature of it refuses the model (one message: model type, feature, way out) on the Python path and
+"""A model's own attention is read once (`attention_facts`); every method composes with the features it declares
+(`Method.attention_features`), and every method and KV policy that does not implement a feature refuses the model (one message: model type, feature, way out) on the Python path and
 the recipe path alike, before anything is patched, trained or written.
 
 The expected facts below are written from the configs these tests build (window sizes, layer patterns, softcap
@@ -13,10 +13,11 @@ import torch
 import transformers
 
 from headwise.errors import HeadwiseError
-from headwise.patches.base import method_for
+from headwise.patches.base import Method, method_for, register_method
 from headwise.patches.duo.config import DuoMethod
-from headwise.patches.model_attention import attention_facts
+from headwise.patches.model_attention import LayerRules, attention_facts, attention_modules
 from headwise.patches.sinklora.config import SinkLoRAMethod
+from headwise.patches.sinklora.method import SinkLoRA
 from model_families import EXACT, FAMILIES, TINY, family_config, family_model
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -47,24 +48,67 @@ FEATURE_WORDS = {"mistral-window": "sliding-window attention (16 tokens on every
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_methods_patch_exact_families_and_refuse_the_rest_before_patching(method, family):
-    """The Python path (`prepare_model`, what a user calls without a recipe) and the recipe path's config check
-    give the same answer; a refused model is left as it was (its attention implementation unchanged)."""
+def test_methods_patch_every_family(method, family):
+    """SinkLoRA and Duo compose with every feature of the families here (the battery checks the numbers): both
+    paths accept the model and each attention module carries its layer's rules as the family's config states
+    them."""
     hooks = method_for(METHODS[method])
     model = family_model(family)
+    hooks.check_model_config(model.config)
+    hooks.prepare_model(model)
+    assert model.config._attn_implementation == f"headwise_{method}"
+    _, _, windows, softcap, sinks, _ = FAMILIES[family]
+    for m in attention_modules(model):
+        assert m.headwise_layer_rules == LayerRules(windows[m.layer_idx], softcap, sinks)
+
+
+class WindowlessSinkLoRA(SinkLoRA):
+    """SinkLoRA as a method that implements none of a model's extra rules would declare it (not registered)."""
+
+    attention_features = ("fused_projections",)
+
+
+@pytest.mark.parametrize("family", sorted(FEATURE_WORDS))
+def test_a_method_refuses_what_it_does_not_declare_before_patching(family):
+    """The Python path (`prepare_model`, what a user calls without a recipe) and the recipe path's config check
+    give the same answer; a refused model is left as it was (its attention implementation unchanged)."""
+    hooks = WindowlessSinkLoRA(SinkLoRAMethod())
+    model = family_model(family)
     before = model.config._attn_implementation
-    if family in EXACT or family == "phi3":  # the methods act after the projections: a fused qkv_proj is fine
-        hooks.check_model_config(model.config)
-        hooks.prepare_model(model)
-        assert model.config._attn_implementation != before  # patched
-        return
     for check in (lambda: hooks.check_model_config(model.config), lambda: hooks.prepare_model(model)):
         with pytest.raises(HeadwiseError) as refused:
             check()
         message = str(refused.value)
-        assert message.startswith(f"method {method}: {model.config.model_type} uses ")
+        assert message.startswith(f"method sinklora: {model.config.model_type} uses ")
         assert FEATURE_WORDS[family] in message and "method: full" in message
     assert model.config._attn_implementation == before
+
+
+def test_a_method_must_declare_its_attention_features():
+    """Registering a method that inherits `full`'s "every feature" by omission fails at import time."""
+    class Undeclared(Method):
+        config_class = SinkLoRAMethod
+
+    with pytest.raises(TypeError, match="must declare attention_features"):
+        register_method(Undeclared)
+
+    class Misspelt(Method):
+        config_class = SinkLoRAMethod
+        attention_features = ("sliding_windows",)
+
+    with pytest.raises(TypeError, match="unknown"):
+        register_method(Misspelt)
+
+
+def test_a_model_whose_call_disagrees_with_its_config_is_refused():
+    """The attention function compares what transformers hands it with the rules read at patch time: a layer
+    called with a window its config did not state (a reader gap) is refused, not trained on something else."""
+    model = family_model("mistral-window")
+    method_for(SinkLoRAMethod(group_size=8)).prepare_model(model)
+    model.config.sliding_window = 8  # Mistral passes config.sliding_window to its attention on every call
+    model.train()
+    with pytest.raises(HeadwiseError, match="called with sliding_window = 8, but the model's config says 16"):
+        model(input_ids=torch.zeros(1, 16, dtype=torch.long), use_cache=False)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -84,20 +128,35 @@ def test_kv_policies_refuse_what_they_do_not_implement(family):
 
 
 @pytest.mark.slow
-def test_the_recipe_path_refuses_before_the_run_folder_is_touched(tmp_path):
-    """`headwise train` on a windowed Mistral: exit 2 with the message, and no run folder."""
+def test_the_recipe_path_trains_a_windowed_model_and_refuses_a_duo_export_before_the_run_folder(tmp_path):
+    """`headwise train` on a windowed Mistral: SinkLoRA trains (its layout composes with the window); Duo, whose
+    export is a duo KV policy that the headwise caches cannot apply to a window, exits 2 with the message before
+    the run folder exists, and so does a recipe asking for a streaming export policy."""
     from tests.conftest import run_cli, write_recipe
+    from tests.inference.inference_helpers import word_tokenizer
 
     model_dir = tmp_path / "mistral"
     family_model("mistral-window").save_pretrained(model_dir)
-    run = tmp_path / "run"
-    recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": {"name": "sinklora"},
-                                     "data": {"max_length": 64},
-                                     "training": {"output_dir": str(run), "max_steps": 1}})
+    word_tokenizer().save_pretrained(model_dir)
+    data = {"builder": "corpus", "max_length": 32, "num_samples": 2, "limit_documents": 2}
+    run = tmp_path / "sinklora"
+    recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": {"name": "sinklora", "group_size": 8},
+                                     "data": data, "training": {"output_dir": str(run), "max_steps": 1}})
     out = run_cli("train", str(recipe))
-    assert out.returncode == 2, out.stderr
-    assert "method sinklora: mistral uses sliding-window attention" in out.stderr
-    assert not run.exists()
+    assert out.returncode == 0, out.stderr
+    refused = {"duo": ({"name": "duo"}, {}, "kv_policy duo: mistral uses sliding-window attention",
+                       "train it with another method"),
+               "streaming": ({"name": "sinklora", "group_size": 8}, {"kv_policy": {"type": "streaming", "recent": 8}},
+                             "kv_policy streaming: mistral uses sliding-window attention", "export.kv_policy: full")}
+    for name, (method, export, message, way_out) in refused.items():
+        run = tmp_path / name
+        recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": method, "data": data,
+                                         "export": export, "training": {"output_dir": str(run), "max_steps": 1}},
+                              name=f"{name}.yaml")
+        out = run_cli("train", str(recipe))
+        assert out.returncode == 2, out.stderr
+        assert message in out.stderr and way_out in out.stderr
+        assert not run.exists()
 
 
 @pytest.mark.slow
