@@ -97,6 +97,7 @@ def grouped_attention(
     prompt_mask: torch.Tensor | None = None,
     need_colsums: bool = False,
     block_queries: int | None = None,
+    window: tuple[int, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of grouped queries over one head group's kept keys.
 
@@ -108,6 +109,8 @@ def grouped_attention(
     given it replaces key_valid/causal_tail (None with causal_tail: plain causal).
     block_queries: query positions per block of the torch path (None: COLSUM_BLOCK_QUERIES, fewer where
     a block's logits would pass COLSUM_BLOCK_ELEMENTS); any block size gives the same result.
+    window: `(w, key_pos (B, H, L), query_pos (B, T))` for several queries on a sliding-window layer: query `q`
+    sees only slots at positions `k > q - w` (the model's window, per query).
     Returns out (B, H, G, T, D) and, with need_colsums, the column sums (B, H, L) in fp32.
     T == 1 without prompt_mask on CUDA (or under TRITON_INTERPRET=1) runs the fused Triton kernel
     (`headwise.kernels.decode_attention`; switch: FUSED_DECODE); everything else the torch code below.
@@ -121,14 +124,16 @@ def grouped_attention(
 
         out, colsums = decode_attention_op(q[:, :, :, 0], k, v, key_valid, scaling, need_colsums)
         return out.unsqueeze(3), (colsums if need_colsums else None)
-    if not need_colsums and (prompt_mask is not None or (key_valid is None and causal_tail)):
+    if not need_colsums and window is None and (prompt_mask is not None or (key_valid is None and causal_tail)):
         return _sdpa(q, k, v, scaling, causal_tail, prompt_mask), None
     if block_queries is None:
         block_queries = max(1, min(COLSUM_BLOCK_QUERIES, COLSUM_BLOCK_ELEMENTS // max(1, B * H * G * L)))
-    return _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries)
+    return _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries,
+                              window)
 
 
-def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries):
+def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries,
+                       window=None):
     """The torch path of `grouped_attention`: queries in blocks of `block_queries` positions, each block
     against the keys it can see, an exact row softmax, the output and the column sums added block by block.
 
@@ -174,6 +179,10 @@ def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, ne
                 blk[..., keys - c :].masked_fill_(future[:c, :, :c], float("-inf"))
             if invalid is not None:
                 blk.masked_fill_(invalid[..., :keys], float("-inf"))
+            if window is not None:  # (B, H, c, 1, keys): slots at or before each query's window edge
+                w, key_pos, query_pos = window
+                edge = query_pos[:, None, start:stop, None, None] - w
+                blk.masked_fill_(key_pos[:, :, None, None, :keys] <= edge, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if may_empty_rows:
             probs.nan_to_num_(nan=0.0)

@@ -42,10 +42,11 @@ class HeadwiseLayer(DynamicLayer):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, groups: list[tuple[torch.Tensor | None, Any]], num_kv_heads: int):
+    def __init__(self, groups: list[tuple[torch.Tensor | None, Any]], num_kv_heads: int, window: int | None = None):
         super().__init__()
         self.groups = groups
         self.num_kv_heads = num_kv_heads
+        self.window = window  # the model's sliding window on this layer
         self.cumulative_length = 0
         self._prev_length = 0
         self.pending = False
@@ -84,11 +85,15 @@ class HeadwiseLayer(DynamicLayer):
         out = None if len(self.groups) == 1 else query.new_empty(B, self.num_kv_heads, G, T, D)
         for idx, store in self.groups:
             qi = qg if idx is None else qg.index_select(1, idx)
+            # Several new tokens after the prompt (chunked prefill) on a windowed layer: each query has its own
+            # window edge. One token or the prompt need none: the stores invalidate what leaves the window after
+            # each step, and the prompt's mask is transformers' sliding-window mask.
+            window = None if first or T == 1 or self.window is None else (self.window, store.key_pos(pos_new), pos_new)
             o, colsums = grouped_attention(
                 qi, store.keys, store.values, scaling=scaling,
                 key_valid=None if first else store.key_valid(valid_new),
                 causal_tail=True if first else store.causal_tail,
-                prompt_mask=prompt_mask, need_colsums=store.needs_scores,
+                prompt_mask=prompt_mask, need_colsums=store.needs_scores, window=window,
             )
             store.finish(colsums, valid_new, pos_new)
             if out is None:
@@ -170,13 +175,15 @@ def _bool_mask(mask):
 # ---- building a cache from a policy ----------------------------------------------------------------
 
 
-def _rule(policy) -> EvictionRule:
+def _rule(policy, window: int | None = None) -> EvictionRule:
     if policy is None or policy.type == "full":
-        return EvictionRule("full")
+        return EvictionRule("full", window=window)
     if policy.type == "streaming":
-        return EvictionRule("streaming", sink=policy.sink, recent=policy.recent, recent_ratio=policy.recent_ratio)
+        return EvictionRule("streaming", sink=policy.sink, recent=policy.recent, recent_ratio=policy.recent_ratio,
+                            window=window)
     if policy.type == "h2o":
-        return EvictionRule("h2o", heavy=policy.heavy, recent=policy.recent, heavy_ratio=policy.heavy_ratio, recent_ratio=policy.recent_ratio)
+        return EvictionRule("h2o", heavy=policy.heavy, recent=policy.recent, heavy_ratio=policy.heavy_ratio,
+                            recent_ratio=policy.recent_ratio, window=window)
     raise HeadwiseError(f"kv_policy.type: {policy.type!r} has no eviction rule")
 
 
@@ -193,10 +200,13 @@ def model_shape(model) -> tuple[int, int]:
     return config.num_hidden_layers, n_kv
 
 
-def build_layers(policy, num_layers: int, num_kv_heads: int) -> list[HeadwiseLayer]:
-    """One `HeadwiseLayer` per model layer for a (validated) non-full policy."""
+def build_layers(policy, num_layers: int, num_kv_heads: int,
+                 windows: tuple[int | None, ...] | None = None) -> list[HeadwiseLayer]:
+    """One `HeadwiseLayer` per model layer for a (validated) non-full policy; `windows`: the model's sliding window
+    per layer (None: none anywhere), which every store of the layer intersects with its rule."""
+    windows = windows or (None,) * num_layers
     if policy.type in ("full", "streaming", "h2o"):
-        return [HeadwiseLayer([(None, DynamicStore(_rule(policy)))], num_kv_heads) for _ in range(num_layers)]
+        return [HeadwiseLayer([(None, DynamicStore(_rule(policy, w)))], num_kv_heads, w) for w in windows]
     if policy.type != "duo":
         raise HeadwiseError(f"kv_policy.type: {policy.type!r} does not use a headwise cache")
     mask = policy.retrieval_heads
@@ -206,18 +216,18 @@ def build_layers(policy, num_layers: int, num_kv_heads: int) -> list[HeadwiseLay
             f"{num_layers} layers x {num_kv_heads} KV heads"
         )
     layers = []
-    for row in mask:
+    for row, window in zip(mask, windows):
         retrieval = [h for h, r in enumerate(row) if r]
         stream = [h for h, r in enumerate(row) if not r]
         groups = []
         for heads, rule in (
-            (retrieval, lambda: _rule(policy.retrieval_policy)),
-            (stream, lambda: EvictionRule("streaming", sink=policy.sink, recent=policy.recent)),
+            (retrieval, lambda: _rule(policy.retrieval_policy, window)),
+            (stream, lambda: EvictionRule("streaming", sink=policy.sink, recent=policy.recent, window=window)),
         ):
             if heads:
                 idx = None if len(heads) == num_kv_heads else torch.tensor(heads, dtype=torch.long)
                 groups.append((idx, DynamicStore(rule())))
-        layers.append(HeadwiseLayer(groups, num_kv_heads))
+        layers.append(HeadwiseLayer(groups, num_kv_heads, window))
     return layers
 
 
@@ -235,25 +245,29 @@ def use_headwise_attention(model) -> None:
         base.config._attn_implementation = name
 
 
+# What of a model's attention the caches compose with: its sliding windows (every store keeps the intersection of
+# its rule and the window); a softcap or learned sinks would need them in the decode attention too.
+CACHE_FEATURES = {"sliding_window": True, "fused_projections": True}
+
+
 def check_model_supported(model) -> None:
     """Refuse a model whose attention adds a rule the headwise caches and their attention do not implement (a
-    sliding window, a logit softcap, learned sinks): they would keep and attend over other tokens than it does."""
+    logit softcap, learned sinks): they would attend over other scores than it does."""
     refuse_unsupported_attention(attention_facts(model.config, model), "kv_policy",
-                                 "use kv_policy full (the model's own attention and cache)", fused_projections=True)
+                                 "use kv_policy full (the model's own attention and cache)", **CACHE_FEATURES)
 
 
 def check_config_supported(config, policy_type: str, way_out: str) -> None:
     """`check_model_supported` from the config alone, for a run that will export a `policy_type` policy: refused
     before any weights load or the run folder is touched (`full` runs on the model's own cache: always fine)."""
     if policy_type != "full":
-        refuse_unsupported_attention(attention_facts(config), f"kv_policy {policy_type}", way_out,
-                                     fused_projections=True)
+        refuse_unsupported_attention(attention_facts(config), f"kv_policy {policy_type}", way_out, **CACHE_FEATURES)
 
 
 def check_policy(model, policy) -> None:
     """Raise a HeadwiseError naming the field when `policy` cannot run on `model`."""
     check_model_supported(model)
-    build_layers(policy, *model_shape(model))
+    build_layers(policy, *model_shape(model), attention_facts(model.config, model).windows)
 
 
 def make_cache(model, policy, *, always: bool = False) -> HeadwiseCache | None:
@@ -267,6 +281,6 @@ def make_cache(model, policy, *, always: bool = False) -> HeadwiseCache | None:
         return None
     check_model_supported(model)
     n_layers, n_kv = model_shape(model)
-    cache = HeadwiseCache(build_layers(policy, n_layers, n_kv), policy)
+    cache = HeadwiseCache(build_layers(policy, n_layers, n_kv, attention_facts(model.config, model).windows), policy)
     use_headwise_attention(model)
     return bind_cache(model, cache)

@@ -106,7 +106,9 @@ class SlotStore:
         if colsums is not None:
             self.score.add_(colsums)
         if self.bounded:
-            pri = self.rule.priority(self.score, self.pos, self.valid, pos_new[:, None, :])
+            current = pos_new[:, None, :]
+            self.valid &= self.rule.attendable(self.pos, current)  # at most one slot per step leaves the window
+            pri = self.rule.priority(self.score, self.pos, self.valid, current)
             self.free.copy_(pri.argmin(dim=-1))
             self.valid[self._at_free()] = self._false
         else:
@@ -123,7 +125,7 @@ class StaticHeadwiseLayer(HeadwiseLayer):
 
     def __init__(self, layer: HeadwiseLayer, max_new_tokens: int):
         groups = [(idx, SlotStore(store, max_new_tokens)) for idx, store in layer.groups]
-        super().__init__(groups, layer.num_kv_heads)
+        super().__init__(groups, layer.num_kv_heads, layer.window)
         self.device = layer.device
         self.is_initialized = True
         self.cumulative_length = self._prev_length = layer.cumulative_length  # fixed: positions come from position_ids

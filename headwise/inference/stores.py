@@ -11,6 +11,12 @@ evicts). Eviction is one rule for every budgeted policy: give each slot a priori
 `budget` slots of highest priority; padding has priority -inf, protected tokens (the recent window,
 sinks) +inf, the rest their H2O score or, for streaming, their position (oldest goes first).
 
+On a layer with a sliding window `w` (the model's own, `EvictionRule.window`), a slot the next query cannot
+see (`q - k >= w`) is no longer valid: it is masked at once and evicted first, so every policy keeps the
+intersection of its rule and the window; `full` becomes a window cache of `w - 1` tokens. A streaming slot
+outside sink + recent is likewise invalid (it matters once a sink leaves the window: the budget would
+otherwise keep an older token in its place).
+
 Two implementations share the rule:
 - `DynamicStore` concatenates and compacts with `topk` + `gather` (the readable reference; used by
   `generate` and at prefill).
@@ -41,6 +47,7 @@ class EvictionRule:
     recent: int | None = None
     heavy_ratio: float | None = None
     recent_ratio: float | None = None
+    window: int | None = None  # the model's sliding window on this layer (None: full attention)
 
     @property
     def needs_scores(self) -> bool:
@@ -61,11 +68,24 @@ class EvictionRule:
     def budget(self) -> int | None:
         """Slots kept between steps (None: unbounded)."""
         if self.kind == "full":
-            return None
+            return None if self.window is None else max(1, self.window - 1)
         return self.recent + (self.heavy if self.kind == "h2o" else self.sink)
+
+    def attendable(self, pos: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+        """Which slots the next query (at `current + 1`) may attend to under the rule and the model's window;
+        the others stop being valid. `current` (B, 1, 1) or broadcastable: the newest position per row."""
+        ok = torch.ones_like(pos, dtype=torch.bool)
+        if self.window is not None:
+            ok = pos > current + 1 - self.window  # q - k < w for q = current + 1
+        if self.kind == "streaming" and self.recent is not None:
+            ok = ok & ((pos < self.sink) | (pos > current - self.recent))
+        return ok
 
     def priority(self, score: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
         """Priority of every slot; the lowest go first. `current` (B, 1, 1): the newest position per row."""
+        if self.kind == "full":  # budgeted only by the window: the valid slots are the window, oldest first
+            base = pos.to(torch.float32)
+            return torch.where(valid, base, torch.full_like(base, NEG_INF))
         recent = pos > current - self.recent
         if self.kind == "streaming":
             protected = recent | (pos < self.sink)
@@ -117,6 +137,11 @@ class DynamicStore:
         B, H = self.valid.shape[:2]
         return torch.cat([self.valid, valid_new[:, None, :].expand(B, H, -1)], dim=-1)
 
+    def key_pos(self, pos_new: torch.Tensor) -> torch.Tensor:
+        """(B, H, L) absolute position of every slot attention sees; `pos_new` (B, q) for the new tokens."""
+        B, H = self.pos.shape[:2]
+        return torch.cat([self.pos, pos_new[:, None, :].expand(B, H, -1)], dim=-1)
+
     def finish(self, colsums: torch.Tensor | None, valid_new: torch.Tensor, pos_new: torch.Tensor) -> None:
         B, H = self.valid.shape[:2]
         q = self.n_new
@@ -129,9 +154,10 @@ class DynamicStore:
             self.score = self.score + colsums.to(torch.float32)
         if first:
             self.rule.resolve(q)
+        current = self.pos.amax(dim=-1, keepdim=True)
+        self.valid = self.valid & self.rule.attendable(self.pos, current)
         budget = self.rule.budget
         if budget is not None and len(self) > budget:
-            current = self.pos.amax(dim=-1, keepdim=True)
             pri = self.rule.priority(self.score, self.pos, self.valid, current)
             keep = pri.topk(budget, dim=-1).indices.sort(dim=-1).values  # chronological order
             self.keys = self.keys.gather(2, keep[..., None].expand(-1, -1, -1, self.keys.shape[-1]))

@@ -5,9 +5,15 @@ continuation is fed one token at a time; the logits at every step must equal one
 through the same weights with a masked attention written here from the documented rules (docs/inference.md):
 prompt rows are causal (eviction runs after the prompt); after each step a streaming head keeps the first `sink`
 tokens and the `recent` newest ones (the current token among them), so the next query, at position `q`, sees the
-keys `k < sink` or `q - k <= recent` (the kept window and itself; keys keep their absolute positions); a retrieval head of a `duo` policy sees every earlier key. A family whose attention adds a
-rule the caches lack is refused when the cache is built. H2O's kept sets and tokens are checked against an eager
-reference on every family the caches take in tests/inference/test_h2o_cache.py.
+keys `k < sink` or `q - k <= recent` (the kept window and itself; keys keep their absolute positions); a retrieval
+head of a `duo` policy sees every earlier key. On a layer with a sliding window `w` (as tests/model_families.py
+states it per family and layer, not as headwise's reader finds it) every head's rule, prompt rows included, is
+intersected with `q - k < w`. The prompt and continuation are long enough that the window bites in the prompt
+(its first tokens leave the window) and in the decode (the streaming sinks leave it one step at a time).
+
+A family whose attention adds a rule the caches lack (a logit softcap, learned sinks) is refused when the cache is
+built; its `full` policy is the model's own cache, checked against the model's whole-sequence forward. H2O's kept
+sets and tokens are checked against an eager reference in tests/inference/test_h2o_cache.py.
 """
 
 from __future__ import annotations
@@ -21,28 +27,37 @@ from headwise.errors import HeadwiseError
 from headwise.inference.cache import make_cache
 from headwise.inference.prefill import cache_kwarg
 from headwise.patches.model_attention import attention_facts, attention_modules
-from model_families import EXACT, FAMILIES, family_model
+from model_families import FAMILIES, WINDOW, family_model
 
-T, N = 12, 6  # prompt tokens, continuation tokens fed one at a time
-SINK, RECENT = 2, 5
+# Prompt tokens and continuation tokens fed one at a time. With the window of 16: prompt queries 16 and 17 lose
+# keys 0 and 1; the decode queries 18 and 19 lose sinks 2 and 3, so a streaming head's sinks leave the window
+# during the decode, and full or retrieval heads lose a prompt token at every step.
+T, N = 18, 8
+SINK, RECENT = 4, 5
+assert SINK + RECENT < WINDOW < T < WINDOW + SINK <= T + N - 1
 REFERENCE = "headwise_policy_battery_reference"
 
 
-def _streaming_allowed(length: int) -> torch.Tensor:
+def _allowed(length: int, streams: bool, window: int | None) -> torch.Tensor:
+    """(length, length) bool: which keys each query of one head sees under the policy's rule and the window."""
     q = torch.arange(length).view(-1, 1)
     k = torch.arange(length).view(1, -1)
-    decode = (k < SINK) | (q - k <= RECENT)
-    return (k <= q) & ((q < T) | decode)
+    allowed = k <= q
+    if streams:  # prompt rows are causal, decode rows see the sinks and the recent tokens
+        allowed = allowed & ((q < T) | (k < SINK) | (q - k <= RECENT))
+    if window is not None:
+        allowed = allowed & (q - k < window)
+    return allowed
 
 
 def _reference_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
-    """Masked fp64 softmax attention; `module.battery_streaming` holds, per KV head, whether it streams."""
-    b, hq, length, _ = query.shape
+    """Masked fp64 softmax attention; `module.battery_streaming` holds, per KV head, whether it streams, and
+    `module.battery_window` the layer's sliding window (None: none)."""
+    _, hq, length, _ = query.shape
     g = hq // key.shape[1]
     k, v = key.repeat_interleave(g, dim=1).double(), value.repeat_interleave(g, dim=1).double()
-    causal = torch.ones(length, length, dtype=torch.bool).tril()
-    streaming = _streaming_allowed(length)
-    allowed = torch.stack([streaming if module.battery_streaming[h // g] else causal for h in range(hq)])
+    allowed = torch.stack([_allowed(length, bool(module.battery_streaming[h // g]), module.battery_window)
+                           for h in range(hq)])
     scores = (query.double() @ k.transpose(-1, -2)) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
     out = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
@@ -63,13 +78,29 @@ def _policies(n_layers: int, n_kv: int) -> dict[str, tuple[dict, list[list[int]]
     }
 
 
-def _decode_logits(model, policy) -> torch.Tensor:
+def _reference_model(family: str, streams: list[list[int]], *, windowed: bool = True):
+    """The family's fp64 model with the battery's attention: per layer, which KV heads stream, and the layer's
+    window from tests/model_families.py (dropped when not `windowed`)."""
+    windows = FAMILIES[family][2]
+    reference = family_model(family, dtype=torch.float64)
+    reference.config._attn_implementation = REFERENCE
+    for m in attention_modules(reference):
+        m.battery_streaming = streams[m.layer_idx]
+        m.battery_window = windows[m.layer_idx] if windowed else None
+    return reference
+
+
+def _decode_logits(model, cache) -> torch.Tensor:
+    """Last-position logits after the prompt and after each continuation token but the last; `cache` None: the
+    model's own cache."""
     ids = _ids(model)
-    cache = make_cache(model, policy, always=True)
     key = cache_kwarg(model)
-    rows = [model(input_ids=ids[:, :T], use_cache=True, **{key: cache}).logits[:, -1]]
+    out = model(input_ids=ids[:, :T], use_cache=True, **{key: cache})
+    rows = [out.logits[:, -1]]
     for i in range(T, T + N - 1):
-        rows.append(model(input_ids=ids[:, i:i + 1], use_cache=True, **{key: cache}).logits[:, -1])
+        out = model(input_ids=ids[:, i:i + 1], use_cache=True, **{key: cache if cache is not None else
+                                                                  out.past_key_values})
+        rows.append(out.logits[:, -1])
     return torch.stack(rows, dim=1)
 
 
@@ -77,28 +108,62 @@ def _ids(model) -> torch.Tensor:
     return torch.randint(3, model.config.vocab_size, (1, T + N), generator=torch.Generator().manual_seed(0))
 
 
+def _family_dtype(family: str) -> torch.dtype:
+    """fp64 throughout, except GPT-OSS, whose expert matmul (grouped_mm) takes 32 bits at most."""
+    return torch.float32 if family == "gpt_oss" else torch.float64
+
+
+# the families whose attention the reference writes: causal softmax attention, with or without a sliding window
+PLAIN_OR_WINDOWED = sorted(f for f, (_, _, _, softcap, learned_sinks, _) in FAMILIES.items()
+                           if softcap is None and not learned_sinks)
+
+
+@pytest.mark.parametrize("family", PLAIN_OR_WINDOWED)
+def test_reference_with_no_head_streaming_is_the_model(family):
+    """With every head causal, the reference (windows as tests/model_families.py states them) gives the stock
+    model's logits: the battery's reference is the family's attention. On a windowed family the window changes
+    the logits of this sequence (without it the reference is not the model), so the battery's cases can fail on
+    a cache that drops it."""
+    stock = family_model(family, dtype=torch.float64)
+    facts = attention_facts(stock.config, stock)
+    no_streaming = _policies(facts.num_layers, facts.num_kv_heads)["full"][1]
+    ids = _ids(stock)[:, :T + N - 1]
+    with torch.no_grad():
+        want = stock(input_ids=ids).logits
+        got = _reference_model(family, no_streaming)(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+        if any(w is not None for w in FAMILIES[family][2]):
+            unwindowed = _reference_model(family, no_streaming, windowed=False)(input_ids=ids).logits
+            assert (unwindowed - want).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("policy_name", ["full", "streaming", "duo"])
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_policy_on_family(family, policy_name, battery_verdict):
-    model = family_model(family, dtype=torch.float32 if family == "gpt_oss" else torch.float64)
+    model = family_model(family, dtype=_family_dtype(family))
     facts = attention_facts(model.config, model)
     policy, streams = _policies(facts.num_layers, facts.num_kv_heads)[policy_name]
-    if facts.unsupported(fused_projections=True):
+    dropped = facts.unsupported(sliding_window=True, fused_projections=True)
+    if dropped:
+        assert family not in PLAIN_OR_WINDOWED
         if policy_name == "full":  # `full` is the model's own attention and cache: nothing to refuse
+            assert make_cache(model, policy) is None
+            with torch.no_grad():
+                got = _decode_logits(model, None)
+                want = model(input_ids=_ids(model)[:, :T + N - 1]).logits[:, T - 1:]
+            # Gemma-2's eager attention takes its softmax in fp32, GPT-OSS runs in fp32: decode and one forward
+            # agree to fp32 rounding
+            torch.testing.assert_close(got, want, rtol=1.3e-6, atol=1e-5 * max(1.0, want.abs().max().item()))
             battery_verdict(family, model.config.model_type, "kv_policy full", "matches")
             return
         with pytest.raises(HeadwiseError, match=f"kv_policy: {model.config.model_type} uses "):
             make_cache(model, policy)
-        battery_verdict(family, model.config.model_type, f"kv_policy {policy_name}", "refused",
-                        "; ".join(facts.unsupported(fused_projections=True)))
+        battery_verdict(family, model.config.model_type, f"kv_policy {policy_name}", "refused", "; ".join(dropped))
         return
-    assert family in EXACT or facts.projections == "fused"
-    reference = family_model(family, dtype=torch.float64)
-    reference.config._attn_implementation = REFERENCE
-    for m in attention_modules(reference):
-        m.battery_streaming = streams[m.layer_idx]
+    assert family in PLAIN_OR_WINDOWED
+    reference = _reference_model(family, streams)
     with torch.no_grad():
-        got = _decode_logits(model, policy)
+        got = _decode_logits(model, make_cache(model, policy, always=True))
         want = reference(input_ids=_ids(model)[:, :T + N - 1]).logits[:, T - 1:]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     battery_verdict(family, model.config.model_type, f"kv_policy {policy_name}", "matches")

@@ -27,15 +27,26 @@ def _register_reference():
             extra = torch.cat([extra, torch.zeros(*extra.shape[:2], new, dtype=torch.bool)], dim=-1)
             add = torch.zeros(extra.shape, dtype=query.dtype).masked_fill(extra, float("-inf"))[:, :, None, :]
             attention_mask = add if attention_mask is None else attention_mask + add
+        window = getattr(module, "_ref_window", None)  # the layer's sliding window: a query sees q - k < window
+        if window is not None:  # the cache holds every key, at its position; the queries are the newest tokens
+            k_pos = torch.arange(key.shape[-2])
+            q_pos = k_pos[key.shape[-2] - query.shape[-2]:]
+            outside = q_pos.view(-1, 1) - k_pos.view(1, -1) >= window
+            add = torch.zeros(outside.shape, dtype=query.dtype).masked_fill(outside, float("-inf"))
+            attention_mask = add if attention_mask is None else attention_mask + add
         return eager_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(_REF, masked_eager)
     AttentionMaskInterface.register(_REF, eager_mask)
 
 
-def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int):
+def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int,
+                  windows: tuple[int | None, ...] | None = None):
     """Greedy H2O by masking a full cache; scores from HF's eager attention weights (`output_attentions`).
 
+    `windows`: the model's sliding window per layer (None: none). On a windowed layer every query sees only
+    `q - k < w`, and a key the next query cannot see is evicted at once: the heavy slots go to the highest
+    accumulated scores among the keys still in the window.
     Returns the tokens and, per step (prefill first), per layer, the kept positions per KV head (batch 1).
     """
     from transformers import DynamicCache
@@ -44,9 +55,11 @@ def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int)
     model.set_attn_implementation(_REF)
     attn = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     groups = attn[0].num_key_value_groups
+    windows = windows or (None,) * len(attn)
     for m in attn:
         m._ref_evicted = None
-    cache = DynamicCache(config=model.config)
+        m._ref_window = windows[m.layer_idx]
+    cache = DynamicCache()  # every layer keeps every key (a sliding layer would drop what the masks index)
     scores = [None] * len(attn)
     kept_log, tokens = [], []
     x = ids
@@ -61,12 +74,15 @@ def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int)
                 T = s.shape[-1]
                 evicted = torch.zeros_like(s, dtype=torch.bool) if m._ref_evicted is None else torch.cat(
                     [m._ref_evicted[:, ::groups], torch.zeros(*s.shape[:2], T - m._ref_evicted.shape[-1], dtype=torch.bool)], -1)
+                if m._ref_window is not None:  # the next query, at position T, sees k > T - window
+                    evicted = evicted | (torch.arange(T) <= T - m._ref_window)
                 cand = s.masked_fill(evicted, float("-inf"))
                 cand[..., T - recent:] = float("-inf")  # the recent window is always kept
                 if T > heavy + recent:
                     top = cand[..., : T - recent].topk(heavy, dim=-1).indices
                     keep = torch.zeros_like(evicted)
                     keep.scatter_(-1, top, True)
+                    keep &= cand.isfinite()  # fewer candidates than heavy slots: no evicted key comes back
                     keep[..., T - recent:] = True
                     evicted = ~keep
                 s = s.masked_fill(evicted, 0.0)
@@ -80,6 +96,7 @@ def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int)
         model.set_attn_implementation("sdpa")
         for m in attn:
             m._ref_evicted = None
+            m._ref_window = None
     return tokens, kept_log
 
 
@@ -108,12 +125,22 @@ def test_budget_covering_the_sequence_generates_exactly_full(arch):
         assert torch.equal(out, full), policy
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral", "phi3"])  # every family the caches take
+# tests/model_families.py: a window of 16 on every layer, on layer 1, on layer 0
+WINDOWED = ("mistral-window", "qwen2-window", "gemma3")
+CACHED_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", *WINDOWED]  # every family the caches take
+
+
+@pytest.mark.parametrize("arch", CACHED_FAMILIES)
 def test_kept_set_is_recent_plus_top_accumulated_scores_from_eager_weights(arch):
-    model = tiny_model(arch)
+    """A 32-token prompt and 12 steps: on a windowed family the window (16) bites in the prompt's column sums
+    and at every step, where heavy hitters leave it."""
+    from model_families import FAMILIES, family_model
+
+    model = family_model(arch) if arch in WINDOWED else tiny_model(arch)
+    windows = FAMILIES[arch][2] if arch in WINDOWED else None
     ids = random_ids(1, 32, seed=3)
     heavy, recent, steps = 6, 4, 12
-    ref_tokens, ref_kept = reference_h2o(model, ids, heavy, recent, steps)
+    ref_tokens, ref_kept = reference_h2o(model, ids, heavy, recent, steps, windows)
     tokens, kept, sizes, _ = run_headwise(model, ids, {"type": "h2o", "heavy": heavy, "recent": recent}, steps)
     assert kept[0] == ref_kept[0]  # after the prompt: recent 4 + top-6 of the prompt's column sums
     assert kept == ref_kept  # and after every decode step (scores accumulated over generated tokens)

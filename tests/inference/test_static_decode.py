@@ -40,6 +40,51 @@ def test_static_decode_equals_generate(llama, policy):
                 assert decoder.cache.kept_positions(layer, group) == cache.kept_positions(layer, group)
 
 
+@pytest.mark.parametrize("policy", POLICIES, ids=lambda p: p["type"] + str(len(str(p))))
+def test_windowed_model_decodes_as_generate(policy):
+    """A Mistral whose 16-token sliding window bites in the prompt and in every decode step: the static decoder's
+    fixed slots (`full` becomes a window cache of 15 tokens) give the tokens and kept sets of the dynamic cache,
+    and for `full` the tokens of transformers' own cache and attention, which apply the window themselves."""
+    from model_families import family_model
+
+    model = family_model("mistral-window")
+    model.generation_config.eos_token_id = None
+    ids = random_ids(2, 36, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    ids[1, :7] = 0
+    cache = make_cache(model, policy)
+    kw = {cache_kwarg(model): cache} if cache is not None else {}
+    dynamic = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, **kw)[:, 36:]
+    decoder = StaticDecoder(model, policy, max_new_tokens=16, mode="eager")
+    assert torch.equal(decoder.generate(ids, mask), dynamic)
+    if cache is not None:
+        for layer in range(2):
+            for group in range(len(cache.layers[layer].groups)):
+                kept = cache.kept_positions(layer, group)
+                assert decoder.cache.kept_positions(layer, group) == kept
+                assert all(max(row) - min(row) < 16 for heads in kept for row in heads if row)  # inside the window
+
+
+def test_chunked_prefill_applies_the_window_per_query():
+    """Prompt chunks after the first run several queries over the cache at once: on a windowed layer each query
+    has its own window edge. With every head a retrieval head, a duo cache prefilled 5 tokens at a time gives the
+    stock model's logits (transformers' own sliding-window attention over the whole sequence)."""
+    from headwise.inference.prefill import prefill_in_chunks
+    from model_families import family_model
+
+    model = family_model("mistral-window", dtype=torch.float64)
+    ids = random_ids(1, 37, seed=3)
+    mask = torch.ones_like(ids)
+    cache = make_cache(model, {"type": "duo", "retrieval_heads": [[1, 1], [1, 1]], "sink": 2, "recent": 4})
+    done = prefill_in_chunks(model, cache, ids, mask, chunk=5)
+    with torch.no_grad():
+        rest = model(input_ids=ids[:, done:], attention_mask=mask, position_ids=torch.arange(done, 37)[None],
+                     use_cache=True, **{cache_kwarg(model): cache}).logits
+        stock = model(input_ids=ids).logits[:, done:]
+    torch.testing.assert_close(rest, stock, rtol=1e-9, atol=1e-9)
+
+
 def test_duo_static_prefill_is_chunked_like_generate(llama):
     """A `duo` prompt longer than the prefill chunk is prefilled chunk by chunk (as LoadedModel.generate
     does), so the static decoder generates what transformers' generate does after the same chunked

@@ -113,12 +113,14 @@ def test_a_model_whose_call_disagrees_with_its_config_is_refused():
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_kv_policies_refuse_what_they_do_not_implement(family):
-    """The headwise caches keep plain causal attention's tokens: a window, a softcap or learned sinks would make
-    them keep and attend over other tokens than the model does. Fused projections do not matter to a cache."""
+    """The headwise caches compose with a sliding window (they keep the intersection of their rule and the window)
+    but not with a softcap or learned sinks, which would make them attend over other scores than the model does.
+    Fused projections do not matter to a cache."""
     from headwise.inference.cache import make_cache
 
     model = family_model(family)
-    if family in EXACT or family == "phi3":
+    _, _, _, softcap, sinks, _ = FAMILIES[family]
+    if softcap is None and not sinks:
         assert make_cache(model, "streaming:sink=2,recent=8") is not None
         return
     with pytest.raises(HeadwiseError) as refused:
@@ -128,35 +130,35 @@ def test_kv_policies_refuse_what_they_do_not_implement(family):
 
 
 @pytest.mark.slow
-def test_the_recipe_path_trains_a_windowed_model_and_refuses_a_duo_export_before_the_run_folder(tmp_path):
-    """`headwise train` on a windowed Mistral: SinkLoRA trains (its layout composes with the window); Duo, whose
-    export is a duo KV policy that the headwise caches cannot apply to a window, exits 2 with the message before
-    the run folder exists, and so does a recipe asking for a streaming export policy."""
+def test_the_recipe_path_trains_a_windowed_model_and_refuses_an_export_policy_before_the_run_folder(tmp_path):
+    """`headwise train` on a windowed Mistral trains SinkLoRA (its layout composes with the window). On a Gemma-2
+    (logit softcap, which the KV caches do not apply), Duo, whose export is a duo KV policy, and a recipe asking
+    for a streaming export policy exit 2 with the message before the run folder exists."""
     from tests.conftest import run_cli, write_recipe
     from tests.inference.inference_helpers import word_tokenizer
 
-    model_dir = tmp_path / "mistral"
-    family_model("mistral-window").save_pretrained(model_dir)
-    word_tokenizer().save_pretrained(model_dir)
     data = {"builder": "corpus", "max_length": 32, "num_samples": 2, "limit_documents": 2}
+    for family in ("mistral-window", "gemma2"):
+        family_model(family).save_pretrained(tmp_path / family)
+        word_tokenizer().save_pretrained(tmp_path / family)
     run = tmp_path / "sinklora"
-    recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": {"name": "sinklora", "group_size": 8},
+    recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "mistral-window")},
+                                     "method": {"name": "sinklora", "group_size": 8},
                                      "data": data, "training": {"output_dir": str(run), "max_steps": 1}})
     out = run_cli("train", str(recipe))
     assert out.returncode == 0, out.stderr
-    refused = {"duo": ({"name": "duo"}, {}, "kv_policy duo: mistral uses sliding-window attention",
-                       "train it with another method"),
+    refused = {"duo": ({"name": "duo"}, {}, "train it with another method"),
                "streaming": ({"name": "sinklora", "group_size": 8}, {"kv_policy": {"type": "streaming", "recent": 8}},
-                             "kv_policy streaming: mistral uses sliding-window attention", "export.kv_policy: full")}
-    for name, (method, export, message, way_out) in refused.items():
+                             "export.kv_policy: full")}
+    for name, (method, export, way_out) in refused.items():
         run = tmp_path / name
-        recipe = write_recipe(tmp_path, {"model": {"name": str(model_dir)}, "method": method, "data": data,
-                                         "export": export, "training": {"output_dir": str(run), "max_steps": 1}},
-                              name=f"{name}.yaml")
+        recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "gemma2"), "attn_implementation": "eager"},
+                                         "method": method, "data": data, "export": export,
+                                         "training": {"output_dir": str(run), "max_steps": 1}}, name=f"{name}.yaml")
         out = run_cli("train", str(recipe))
         assert out.returncode == 2, out.stderr
-        assert message in out.stderr and way_out in out.stderr
-        assert not run.exists()
+        assert f"kv_policy {name}: gemma2 uses" in out.stderr and "soft-capping (50)" in out.stderr
+        assert way_out in out.stderr and not run.exists()
 
 
 @pytest.mark.slow
