@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from headwise.errors import HeadwiseError
+
 ATTENTION_NAME = "headwise_kv"  # no flash/sdpa/flex_attention in the name: transformers special-cases those
 # Query positions per block of the torch path (column sums, masked prefill; see `_blocked_attention`). A
 # block's fp32 logits are (B, H, G * block, keys): 256 queries of SmolLM2-135M (9 query heads) at 4K tokens
@@ -78,12 +80,35 @@ def bound_layer(module):
 def headwise_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     layer = bound_layer(module)
     if layer is None or not layer.pending:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return layer.attend(query, attention_mask, scaling, kwargs.get("position_ids")), None
+    # Gemma-2's logit softcap and GPT-OSS's learned sinks, as the model hands them to its attention function
+    return layer.attend(query, attention_mask, scaling, kwargs.get("position_ids"), softcap=kwargs.get("softcap"),
+                        sinks=kwargs.get("s_aux")), None
+
+
+def _without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
+    """A forward outside a headwise cache: SDPA, or, for a softcap or learned sinks (which SDPA cannot apply), the
+    family's own eager attention from its modeling module (every transformers family defines one)."""
+    if kwargs.get("softcap") is None and kwargs.get("s_aux") is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    import importlib  # the family's modeling module, known only from the module's class
+
+    eager = getattr(importlib.import_module(type(module).__module__), "eager_attention_forward", None)
+    if eager is None:
+        raise HeadwiseError(f"{type(module).__name__} has a logit softcap or learned sinks but no eager attention "
+                            "function to run them outside a headwise cache")
+    if attention_mask is None and query.shape[2] > 1:
+        # the SDPA mask function skips a plain causal mask (SDPA then runs is_causal); eager needs it spelled out
+        t, s = query.shape[2], key.shape[2]
+        attention_mask = torch.ones(t, s, dtype=torch.bool, device=query.device).tril(s - t)[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:  # our mask function's; eager adds it
+        attention_mask = torch.zeros_like(attention_mask, dtype=query.dtype).masked_fill_(~attention_mask, float("-inf"))
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
 
 
 def grouped_attention(
@@ -98,6 +123,8 @@ def grouped_attention(
     need_colsums: bool = False,
     block_queries: int | None = None,
     window: tuple[int, torch.Tensor, torch.Tensor] | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of grouped queries over one head group's kept keys.
 
@@ -111,29 +138,34 @@ def grouped_attention(
     a block's logits would pass COLSUM_BLOCK_ELEMENTS); any block size gives the same result.
     window: `(w, key_pos (B, H, L), query_pos (B, T))` for several queries on a sliding-window layer: query `q`
     sees only slots at positions `k > q - w` (the model's window, per query).
+    softcap: scores `s` become `softcap * tanh(s / softcap)` before the mask and softmax (Gemma-2).
+    sinks (H, G): learned sink logits of the group's query heads (GPT-OSS), one more softmax term without a value;
+    the column sums stay those of the real keys. Both run on the torch path (neither SDPA nor the fused decode
+    kernel applies them).
     Returns out (B, H, G, T, D) and, with need_colsums, the column sums (B, H, L) in fp32.
     T == 1 without prompt_mask on CUDA (or under TRITON_INTERPRET=1) runs the fused Triton kernel
     (`headwise.kernels.decode_attention`; switch: FUSED_DECODE); everything else the torch code below.
     """
     B, H, G, T, D = q.shape
     L = k.shape[-2]
-    if T == 1 and prompt_mask is None and _fused_decode(q):
+    plain = softcap is None and sinks is None
+    if T == 1 and prompt_mask is None and plain and _fused_decode(q):
         # One query token: every slot is in its past (causal_tail changes nothing), so the kept-slot
         # mask alone decides; same semantics as the matmul path below, in one fused kernel chain.
         from headwise.kernels.decode_attention import decode_attention_op
 
         out, colsums = decode_attention_op(q[:, :, :, 0], k, v, key_valid, scaling, need_colsums)
         return out.unsqueeze(3), (colsums if need_colsums else None)
-    if not need_colsums and window is None and (prompt_mask is not None or (key_valid is None and causal_tail)):
+    if not need_colsums and window is None and plain and (prompt_mask is not None or (key_valid is None and causal_tail)):
         return _sdpa(q, k, v, scaling, causal_tail, prompt_mask), None
     if block_queries is None:
         block_queries = max(1, min(COLSUM_BLOCK_QUERIES, COLSUM_BLOCK_ELEMENTS // max(1, B * H * G * L)))
     return _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries,
-                              window)
+                              window, softcap, sinks)
 
 
 def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, need_colsums, block_queries,
-                       window=None):
+                       window=None, softcap=None, sinks=None):
     """The torch path of `grouped_attention`: queries in blocks of `block_queries` positions, each block
     against the keys it can see, an exact row softmax, the output and the column sums added block by block.
 
@@ -171,6 +203,8 @@ def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, ne
         logits = torch.bmm(rows_q[:, start * G : stop * G], kt[..., :keys])
         if T == 1:
             logits = logits.to(acc).mul_(scaling)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap).mul_(softcap)
         blk = logits.view(B, H, c, G, keys)
         if prompt_mask is not None:  # transformers' causal mask of the first forward: nothing past `keys`
             blk.masked_fill_(~prompt_mask[:, :, start:stop, None, :keys].to(torch.bool), float("-inf"))
@@ -183,7 +217,11 @@ def _blocked_attention(q, k, v, scaling, key_valid, causal_tail, prompt_mask, ne
                 w, key_pos, query_pos = window
                 edge = query_pos[:, None, start:stop, None, None] - w
                 blk.masked_fill_(key_pos[:, :, None, None, :keys] <= edge, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
+        if sinks is None:
+            probs = torch.softmax(logits, dim=-1)
+        else:  # one more logit per row (query t, head g: rows t * G + g), dropped after the softmax
+            sink_col = sinks.to(logits.dtype)[None, :, None, :].expand(B, H, c, G).reshape(B * H, c * G, 1)
+            probs = torch.softmax(torch.cat([logits, sink_col], dim=-1), dim=-1)[..., :keys]
         if may_empty_rows:
             probs.nan_to_num_(nan=0.0)
         torch.bmm(probs.to(v.dtype), v_rows[:, :keys], out=out[:, start * G : stop * G])

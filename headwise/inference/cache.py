@@ -74,11 +74,14 @@ class HeadwiseLayer(DynamicLayer):
         self.pending = True
         return outs[0] if len(outs) == 1 else (key_states, value_states)
 
-    def attend(self, query: torch.Tensor, attention_mask, scaling: float, position_ids) -> torch.Tensor:
-        """Attention of `query` (B, Hq, T, D) over every group's kept keys; (B, T, Hq, D). Ends the step."""
+    def attend(self, query: torch.Tensor, attention_mask, scaling: float, position_ids, *,
+               softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of `query` (B, Hq, T, D) over every group's kept keys; (B, T, Hq, D). Ends the step.
+        `softcap` and `sinks` (Hq,) are the model's own (Gemma-2's logit softcap, GPT-OSS's learned sinks)."""
         B, Hq, T, D = query.shape
         G = Hq // self.num_kv_heads
         qg = query.view(B, self.num_kv_heads, G, T, D)
+        sinks_g = None if sinks is None else sinks.view(self.num_kv_heads, G)
         first = self._prev_length == 0
         prompt_mask = _bool_mask(attention_mask) if first else None
         valid_new, pos_new = self._new_tokens(prompt_mask, position_ids, B, T, query.device)
@@ -93,7 +96,8 @@ class HeadwiseLayer(DynamicLayer):
                 qi, store.keys, store.values, scaling=scaling,
                 key_valid=None if first else store.key_valid(valid_new),
                 causal_tail=True if first else store.causal_tail,
-                prompt_mask=prompt_mask, need_colsums=store.needs_scores, window=window,
+                prompt_mask=prompt_mask, need_colsums=store.needs_scores, window=window, softcap=softcap,
+                sinks=None if sinks_g is None else (sinks_g if idx is None else sinks_g.index_select(0, idx)),
             )
             store.finish(colsums, valid_new, pos_new)
             if out is None:
@@ -245,14 +249,15 @@ def use_headwise_attention(model) -> None:
         base.config._attn_implementation = name
 
 
-# What of a model's attention the caches compose with: its sliding windows (every store keeps the intersection of
-# its rule and the window); a softcap or learned sinks would need them in the decode attention too.
-CACHE_FEATURES = {"sliding_window": True, "fused_projections": True}
+# What of a model's attention the caches compose with (keyword flags of AttentionFacts.unsupported): its sliding
+# windows (every store keeps the intersection of its rule and the window), its logit softcap and learned sinks (the
+# cache attention applies them); the projections are upstream of a cache.
+CACHE_FEATURES = {"sliding_window": True, "softcap": True, "learned_sinks": True, "fused_projections": True}
 
 
 def check_model_supported(model) -> None:
-    """Refuse a model whose attention adds a rule the headwise caches and their attention do not implement (a
-    logit softcap, learned sinks): they would attend over other scores than it does."""
+    """Refuse a model whose attention adds a rule the headwise caches and their attention do not implement
+    (`CACHE_FEATURES` says which they do): they would keep or attend over other tokens than it does."""
     refuse_unsupported_attention(attention_facts(model.config, model), "kv_policy",
                                  "use kv_policy full (the model's own attention and cache)", **CACHE_FEATURES)
 

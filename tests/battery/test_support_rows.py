@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from headwise.inference.cache import CACHE_FEATURES
 from headwise.patches import METHODS
 from headwise.patches.model_attention import attention_facts
 from model_families import FAMILIES, family_model
@@ -29,13 +30,12 @@ def test_every_case_has_its_current_verdict():
     for family in FAMILIES:
         model = family_model(family)
         facts = attention_facts(model.config, model)
-        # a method declares what it composes with; the caches act after the projections and intersect every rule
-        # with the layer's sliding window
+        # a method declares what it composes with (Method.attention_features), the caches too (CACHE_FEATURES)
         expected = {}
         for name, method in METHODS.items():
             dropped = facts.unsupported(**dict.fromkeys(method.attention_features, True))
             expected[f"method {name}"] = (not dropped, dropped)
-        dropped = facts.unsupported(sliding_window=True, fused_projections=True)
+        dropped = facts.unsupported(**CACHE_FEATURES)
         expected |= {f"kv_policy {p}": (p == "full" or not dropped, dropped) for p in POLICIES}
         for consumer, (matches, dropped) in expected.items():
             row = rows.get((family, consumer))

@@ -3,6 +3,8 @@ fixed size while generating, GQA models, left-padded batches."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -18,9 +20,11 @@ _REF = "test_h2o_masked_eager"
 def _register_reference():
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
-    from transformers.models.llama.modeling_llama import eager_attention_forward
 
     def masked_eager(module, query, key, value, attention_mask, **kwargs):
+        """The family's own eager attention (Gemma-2's applies its logit softcap, GPT-OSS's its learned sinks and
+        returns the probabilities of the real keys only, the sink's dropped) under the evictions and the window."""
+        eager_attention_forward = sys.modules[type(module).__module__].eager_attention_forward
         extra = getattr(module, "_ref_evicted", None)  # (B, Hq, Tk) bool: True = evicted for this head
         if extra is not None:
             new = key.shape[-2] - extra.shape[-1]  # this forward's own tokens are never evicted
@@ -42,16 +46,19 @@ def _register_reference():
 
 def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int,
                   windows: tuple[int | None, ...] | None = None):
-    """Greedy H2O by masking a full cache; scores from HF's eager attention weights (`output_attentions`).
+    """Greedy H2O by masking a full cache; scores from the family's own eager attention weights
+    (`output_attentions`: with a softcap, capped scores; with learned sinks, the real keys' probabilities).
 
     `windows`: the model's sliding window per layer (None: none). On a windowed layer every query sees only
     `q - k < w`, and a key the next query cannot see is evicted at once: the heavy slots go to the highest
     accumulated scores among the keys still in the window.
-    Returns the tokens and, per step (prefill first), per layer, the kept positions per KV head (batch 1).
+    Returns the tokens and, per step (prefill first), per layer, the kept positions per KV head (batch 1) and the
+    accumulated scores (1, H_kv, positions so far; an evicted position's is 0).
     """
     from transformers import DynamicCache
 
     _register_reference()
+    own_implementation = model.config._attn_implementation
     model.set_attn_implementation(_REF)
     attn = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     groups = attn[0].num_key_value_groups
@@ -61,7 +68,7 @@ def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int,
         m._ref_window = windows[m.layer_idx]
     cache = DynamicCache()  # every layer keeps every key (a sliding layer would drop what the masks index)
     scores = [None] * len(attn)
-    kept_log, tokens = [], []
+    kept_log, score_log, tokens = [], [], []
     x = ids
     try:
         for step in range(steps):
@@ -90,29 +97,40 @@ def reference_h2o(model, ids: torch.Tensor, heavy: int, recent: int, steps: int,
                 m._ref_evicted = evicted.repeat_interleave(groups, dim=1)
                 kept_step.append([sorted((~evicted[0, h]).nonzero().flatten().tolist()) for h in range(evicted.shape[1])])
             kept_log.append(kept_step)
+            score_log.append([s.clone() for s in scores])
             x = out.logits[:, -1:].argmax(-1)
             tokens.append(x[0, 0].item())
     finally:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(own_implementation)
         for m in attn:
             m._ref_evicted = None
             m._ref_window = None
-    return tokens, kept_log
+    return tokens, kept_log, score_log
+
+
+def _kept_scores(cache) -> list[list[dict[int, float]]]:
+    """Per layer and KV head (batch row 0): each kept position's accumulated score in the layer's H2O store."""
+    stores = [layer.groups[0][1] for layer in cache.layers]
+    return [[dict(zip(s.pos[0, h][s.valid[0, h]].tolist(), s.score[0, h][s.valid[0, h]].tolist()))
+             for h in range(s.pos.shape[1])] for s in stores]
 
 
 def run_headwise(model, ids, policy, steps):
-    """Our cache, stepping the model by hand; returns tokens, kept positions per step and kept sizes."""
+    """Our cache, stepping the model by hand; returns tokens, kept positions per step, kept sizes, the cache and,
+    for an H2O policy, the kept positions' accumulated scores per step (`_kept_scores`)."""
     cache = make_cache(model, policy)
-    kept_log, sizes, tokens = [], [], []
+    kept_log, sizes, tokens, score_log = [], [], [], []
     x = ids
     with torch.inference_mode():
         for _ in range(steps):
             out = model(input_ids=x, past_key_values=cache, use_cache=True)
             kept_log.append([[heads for heads in cache.kept_positions(i)[0]] for i in range(len(cache.layers))])
             sizes.append(cache.kept_lengths())
+            if policy["type"] == "h2o":
+                score_log.append(_kept_scores(cache))
             x = out.logits[:, -1:].argmax(-1)
             tokens.append(x[0, 0].item())
-    return tokens, kept_log, sizes, cache
+    return tokens, kept_log, sizes, cache, score_log
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
@@ -125,27 +143,39 @@ def test_budget_covering_the_sequence_generates_exactly_full(arch):
         assert torch.equal(out, full), policy
 
 
-# tests/model_families.py: a window of 16 on every layer, on layer 1, on layer 0
-WINDOWED = ("mistral-window", "qwen2-window", "gemma3")
+# tests/model_families.py: a window of 16 on every layer, on layer 1, on layer 0 (Gemma-3; Gemma-2 with a logit
+# softcap; GPT-OSS with learned sinks)
+WINDOWED = ("mistral-window", "qwen2-window", "gemma3", "gemma2", "gpt_oss")
 CACHED_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "phi3", *WINDOWED]  # every family the caches take
 
 
 @pytest.mark.parametrize("arch", CACHED_FAMILIES)
 def test_kept_set_is_recent_plus_top_accumulated_scores_from_eager_weights(arch):
     """A 32-token prompt and 12 steps: on a windowed family the window (16) bites in the prompt's column sums
-    and at every step, where heavy hitters leave it."""
+    and at every step, where heavy hitters leave it; Gemma-2's softcap and GPT-OSS's learned sinks change the
+    probabilities the scores sum. The kept positions' accumulated scores are compared too: Gemma-2's cap of 50
+    changes these small logits too little to change a kept set (and is monotone in each row), but without it
+    the column sums move by up to about 1e-3, against a tolerance of 1e-5 (plus 1e-5 of the score)."""
     from model_families import FAMILIES, family_model
 
     model = family_model(arch) if arch in WINDOWED else tiny_model(arch)
     windows = FAMILIES[arch][2] if arch in WINDOWED else None
     ids = random_ids(1, 32, seed=3)
     heavy, recent, steps = 6, 4, 12
-    ref_tokens, ref_kept = reference_h2o(model, ids, heavy, recent, steps, windows)
-    tokens, kept, sizes, _ = run_headwise(model, ids, {"type": "h2o", "heavy": heavy, "recent": recent}, steps)
+    ref_tokens, ref_kept, ref_scores = reference_h2o(model, ids, heavy, recent, steps, windows)
+    tokens, kept, sizes, _, scores = run_headwise(model, ids, {"type": "h2o", "heavy": heavy, "recent": recent},
+                                                  steps)
     assert kept[0] == ref_kept[0]  # after the prompt: recent 4 + top-6 of the prompt's column sums
     assert kept == ref_kept  # and after every decode step (scores accumulated over generated tokens)
     assert tokens == ref_tokens
     assert all(n == [heavy + recent] for step in sizes for n in step)
+    for step, (got_step, want_step) in enumerate(zip(scores, ref_scores, strict=True)):
+        for layer, (got_heads, want) in enumerate(zip(got_step, want_step, strict=True)):
+            for h, got in enumerate(got_heads):
+                positions = sorted(got)
+                torch.testing.assert_close(torch.tensor([got[p] for p in positions]), want[0, h, positions],
+                                           rtol=1e-5, atol=1e-5, msg=lambda text: f"step {step}, layer {layer}, "
+                                           f"KV head {h}: {text}")
 
 
 def test_scores_are_column_sums_summed_over_the_gqa_group(llama):
@@ -168,7 +198,7 @@ def test_scores_are_column_sums_summed_over_the_gqa_group(llama):
 def test_cache_stays_at_the_budget_while_generating(llama):
     ids = random_ids(1, 40)
     policy = {"type": "h2o", "heavy_ratio": 0.2, "recent_ratio": 0.1}  # 8 + 4 slots for a 40-token prompt
-    tokens, kept, sizes, cache = run_headwise(llama, ids, policy, steps=15)
+    tokens, kept, sizes, cache, _ = run_headwise(llama, ids, policy, steps=15)
     assert all(step == [[12], [12]] for step in sizes)
     assert cache.get_seq_length() == 40 + 14  # cumulative: positions keep growing after eviction
     last = kept[-1][0][0]

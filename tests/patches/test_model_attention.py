@@ -112,61 +112,66 @@ def test_a_model_whose_call_disagrees_with_its_config_is_refused():
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_kv_policies_refuse_what_they_do_not_implement(family):
-    """The headwise caches compose with a sliding window (they keep the intersection of their rule and the window)
-    but not with a softcap or learned sinks, which would make them attend over other scores than the model does.
-    Fused projections do not matter to a cache."""
-    from headwise.inference.cache import make_cache
+def test_kv_policies_take_every_family_and_refuse_an_undeclared_feature(family, monkeypatch):
+    """The headwise caches compose with a window, a softcap and learned sinks (the policy battery checks the
+    numbers); a feature outside `CACHE_FEATURES` is refused when the cache is built, with the way out."""
+    from headwise.inference import cache
 
     model = family_model(family)
-    _, _, _, softcap, sinks, _ = FAMILIES[family]
-    if softcap is None and not sinks:
-        assert make_cache(model, "streaming:sink=2,recent=8") is not None
+    assert cache.make_cache(model, "streaming:sink=2,recent=8") is not None
+    monkeypatch.setattr(cache, "CACHE_FEATURES", {"fused_projections": True})
+    if family in EXACT or family == "phi3":
+        assert cache.make_cache(model, "streaming:sink=2,recent=8") is not None
         return
     with pytest.raises(HeadwiseError) as refused:
-        make_cache(model, "streaming:sink=2,recent=8")
+        cache.make_cache(model, "streaming:sink=2,recent=8")
     assert str(refused.value).startswith(f"kv_policy: {model.config.model_type} uses ")
     assert "use kv_policy full" in str(refused.value)
 
 
 @pytest.mark.slow
-def test_the_recipe_path_trains_a_windowed_model_and_refuses_an_export_policy_before_the_run_folder(tmp_path):
-    """`headwise train` on a windowed Mistral trains SinkLoRA (its layout composes with the window). On a Gemma-2
-    (logit softcap, which the KV caches do not apply), Duo, whose export is a duo KV policy, and a recipe asking
-    for a streaming export policy exit 2 with the message before the run folder exists."""
+def test_the_recipe_path_trains_a_windowed_model_and_refuses_an_export_policy_before_the_run_folder(tmp_path,
+                                                                                                     monkeypatch):
+    """`headwise train` on a windowed Mistral trains SinkLoRA (its layout composes with the window). A run whose
+    export would write a KV policy the caches cannot apply to the model is refused before the run folder exists:
+    Duo (its export is a duo policy) and a recipe asking for a streaming export policy, shown here with the
+    caches' declared features narrowed to what they had before the window composed (`CACHE_FEATURES`)."""
+    from headwise.inference import cache
+    from headwise.recipe.loader import load_recipe
+    from headwise.train.trainer import train
     from tests.conftest import run_cli, write_recipe
     from tests.inference.inference_helpers import word_tokenizer
 
     data = {"builder": "corpus", "max_length": 32, "num_samples": 2, "limit_documents": 2}
-    for family in ("mistral-window", "gemma2"):
-        family_model(family).save_pretrained(tmp_path / family)
-        word_tokenizer().save_pretrained(tmp_path / family)
+    family_model("mistral-window").save_pretrained(tmp_path / "mistral")
+    word_tokenizer().save_pretrained(tmp_path / "mistral")
     run = tmp_path / "sinklora"
-    recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "mistral-window")},
+    recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "mistral")},
                                      "method": {"name": "sinklora", "group_size": 8},
                                      "data": data, "training": {"output_dir": str(run), "max_steps": 1}})
     out = run_cli("train", str(recipe))
     assert out.returncode == 0, out.stderr
+    monkeypatch.setattr(cache, "CACHE_FEATURES", {"fused_projections": True})
     refused = {"duo": ({"name": "duo"}, {}, "train it with another method"),
                "streaming": ({"name": "sinklora", "group_size": 8}, {"kv_policy": {"type": "streaming", "recent": 8}},
                              "export.kv_policy: full")}
     for name, (method, export, way_out) in refused.items():
         run = tmp_path / name
-        recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "gemma2"), "attn_implementation": "eager"},
-                                         "method": method, "data": data, "export": export,
+        recipe = write_recipe(tmp_path, {"model": {"name": str(tmp_path / "mistral")}, "method": method,
+                                         "data": data, "export": export,
                                          "training": {"output_dir": str(run), "max_steps": 1}}, name=f"{name}.yaml")
-        out = run_cli("train", str(recipe))
-        assert out.returncode == 2, out.stderr
-        assert f"kv_policy {name}: gemma2 uses" in out.stderr and "soft-capping (50)" in out.stderr
-        assert way_out in out.stderr and not run.exists()
+        with pytest.raises(HeadwiseError, match=f"kv_policy {name}: mistral uses sliding-window attention") as e:
+            train(load_recipe(recipe))
+        assert way_out in str(e.value) and not run.exists()
 
 
 @pytest.mark.slow
 def test_a_family_without_sdpa_loads_with_its_own_attention(tmp_path):
     """`headwise.load` of a saved Gemma-2 (logit softcap, which SDPA cannot apply, so transformers refuses SDPA
-    for it) opens with eager attention and generates what the stock model generates; a KV policy that would drop
-    the softcap is refused, and asking for SDPA is refused by headwise on every transformers version (5.17 would
-    accept it and drop the softcap)."""
+    for it) opens with eager attention and computes what the stock model does, with or without a KV policy (a
+    policy that keeps every token generates the stock model's tokens: its cache attention applies the softcap);
+    asking for SDPA is refused by headwise on every transformers version (5.17 would accept it and drop the
+    softcap)."""
     import headwise
     from tests.inference.inference_helpers import word_tokenizer
 
@@ -180,8 +185,9 @@ def test_a_family_without_sdpa_loads_with_its_own_attention(tmp_path):
     stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(input_ids=ids).logits, stock(input_ids=ids).logits)
-    with pytest.raises(HeadwiseError, match="kv_policy: gemma2 uses .*soft-capping"):
-        headwise.load(str(tmp_path), device="cpu", policy="streaming:sink=2,recent=8")
+    everything = headwise.load(str(tmp_path), device="cpu", policy="h2o:heavy=100,recent=100")
+    want = stock.generate(ids, max_new_tokens=20, do_sample=False)  # 25 tokens: past the 16-token window
+    assert torch.equal(everything.generate_ids(ids, max_new_tokens=20), want)
     with pytest.raises(HeadwiseError, match="soft-capping .*SDPA cannot apply.*attn_implementation: eager"):
         headwise.load(str(tmp_path), device="cpu", attn_implementation="sdpa")
 
