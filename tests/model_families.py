@@ -30,6 +30,11 @@ FAMILIES = {
                 (WINDOW, None), None, True, "separate"),
     "phi3": ("Phi3Config", {"pad_token_id": 0}, (None, None), None, False, "fused"),
 }
+# Families that normalise each head's query (q_norm in their attention modules).
+QUERY_NORM = ("qwen3", "gemma3")
+# Refusals a method makes for its own reasons, per family: MoH's query-norm router ranks heads by a norm that a
+# per-head q_norm fixes.
+OWN_REFUSALS: dict[str, dict[str, str]] = {"moh": {family: "query normalisation (q_norm)" for family in QUERY_NORM}}
 # Families whose attention is plain causal softmax attention (every method and policy must match the reference).
 EXACT = ("llama", "mistral", "qwen2", "qwen3")
 

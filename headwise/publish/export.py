@@ -132,6 +132,7 @@ def export_run(
     except RunDirError as e:
         raise ExportError(str(e)) from e
     method = method_for(recipe.method)
+    method.inference_attention()  # a method whose attention headwise.load cannot run yet refuses before any file
     fmt = format or recipe.export.format
     if fmt not in ("adapter", "merged"):
         raise ExportError(f"--format {fmt!r}: use `adapter` or `merged`")

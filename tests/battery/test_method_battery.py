@@ -31,7 +31,7 @@ from headwise.errors import HeadwiseError
 from headwise.patches import METHODS
 from headwise.patches.base import method_for
 from headwise.patches.model_attention import attention_facts, attention_modules
-from model_families import FAMILIES, family_model
+from model_families import FAMILIES, OWN_REFUSALS, family_model
 
 T = 24  # tokens per sample: three SinkLoRA groups of 8, longer than Duo's sink + recent
 REFERENCE = "headwise_battery_reference"
@@ -128,8 +128,29 @@ def duo_rule(module, q, k, v, scaling):
     return gate * full + (1 - gate) * stream
 
 
+MOH = {"router": "query_norm", "activation": 0.75, "shared": 0.25}  # 1 shared + 2 of 3 routed of 4 heads
+
+
+def moh_rule(module, q, k, v, scaling):
+    """Every head's attention (the family's own) times its gate: the first `shared` share of the heads gate 1;
+    of the rest, the top-k by the softmax of their query norms over the norms' standard deviation across those
+    heads gate 1 in value and carry the softmax's gradient (straight-through), the others 0; k makes
+    `activation` of the heads active (MoH-LLaMA3's router, research dossier §1.5)."""
+    b, hq, t, _ = q.shape
+    n_shared = round(hq * MOH["shared"])
+    n_chosen = round(hq * MOH["activation"]) - n_shared
+    norms = q.double().norm(dim=-1)[:, n_shared:]  # (B, routed heads, T)
+    probs = torch.softmax(norms / norms.std(dim=1, keepdim=True), dim=1)
+    chosen = torch.zeros_like(probs).scatter(1, probs.topk(n_chosen, dim=1).indices, 1.0)
+    gates = torch.cat([torch.ones(b, n_shared, t, dtype=probs.dtype), chosen + (probs - probs.detach())], dim=1)
+    return _model_attention(module, q, k, v, _causal(t), scaling) * gates.unsqueeze(-1)
+
+
 RULES: dict[str, tuple[Callable, dict]] = {"full": (full_rule, {}), "sinklora": (sinklora_rule, SF),
-                                           "duo": (duo_rule, DUO)}
+                                           "duo": (duo_rule, DUO), "moh": (moh_rule, MOH)}
+# Methods whose eval mode is their own model (MoH's routing stays); the others train a patch and evaluate the stock
+# attention.
+CHANGES_THE_MODEL = ("moh",)
 
 
 def _reference_attention(module, query, key, value, attention_mask, *, scaling=None, dropout=0.0, **kwargs):
@@ -222,6 +243,12 @@ def test_method_on_family(family, method, battery_verdict):
     facts = attention_facts(stock.config, stock)
     # what the model's attention adds and the method does not declare it computes
     dropped = facts.unsupported(**{feature: True for feature in hooks.attention_features})
+    own = OWN_REFUSALS.get(method, {}).get(family)
+    if own and not dropped:
+        with pytest.raises(HeadwiseError, match=r"q_norm"):
+            hooks.prepare_model(patched)
+        battery_verdict(family, stock.config.model_type, f"method {method}", "refused", own)
+        return
     if dropped:
         with pytest.raises(HeadwiseError):
             hooks.prepare_model(patched)
@@ -270,7 +297,8 @@ def test_method_on_family(family, method, battery_verdict):
             _assert_close(gate_grads[m.layer_idx], m.battery_gate.grad, "grads", name=f"layer {m.layer_idx} gate")
 
     patched.eval()
-    stock.eval()
+    expected = reference if method in CHANGES_THE_MODEL else stock
+    expected.eval()
     with torch.no_grad():
-        _assert_close(patched(input_ids=ids).logits, stock(input_ids=ids).logits, "logits", name="eval logits")
+        _assert_close(patched(input_ids=ids).logits, expected(input_ids=ids).logits, "logits", name="eval logits")
     battery_verdict(family, stock.config.model_type, f"method {method}", "matches")

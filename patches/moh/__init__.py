@@ -1,0 +1,16 @@
+"""MoH (Mixture-of-Head attention): continue-tune a dense model into shared + routed heads.
+
+Per layer the first `shared` share of the query heads is always active and the router picks `k` of the rest per
+token (`activation` = shared + routed share, 75% by default); the head outputs are multiplied by the router's
+gates before `o_proj`, and a Switch-style balance loss on the routed heads joins the language-model loss. The
+routers (`routers.py`) say which reading of the paper and the released code each follows. This folder computes
+MoH in its masking form (every head runs); the skipping form and the export are not built yet.
+"""
+
+from headwise.patches.moh.attention import ATTENTION_NAME, MoHState, moh_attention, register
+from headwise.patches.moh.config import HeadSplit, MoHMethod, head_split
+from headwise.patches.moh.method import MoH
+from headwise.patches.moh.routers import MoHRouter, balance_loss, moh_gates
+
+__all__ = ["ATTENTION_NAME", "HeadSplit", "MoH", "MoHMethod", "MoHRouter", "MoHState", "balance_loss",
+           "head_split", "moh_attention", "moh_gates", "register"]

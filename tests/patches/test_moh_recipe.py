@@ -1,0 +1,47 @@
+"""`method: moh` through the recipe path on the tiny Llama of conftest: the learned routers train with the
+adapter (LoRA's language-model loss plus the balance loss), are saved with it and come back on resume; the
+export refuses a moh run until `headwise.load` can run its attention; the shipped SmolLM2 recipe resolves."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from headwise.errors import HeadwiseError
+from headwise.recipe.loader import load_recipe
+from tests.conftest import tiny_recipe, write_recipe
+
+pytestmark = pytest.mark.slow
+
+
+def test_learned_routers_train_save_resume_and_the_export_refuses(tmp_path, tiny_model_dir):
+    from headwise.patches.base import method_for
+    from headwise.publish.export import export_run
+    from headwise.train.trainer import build_training_model, train
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", max_steps=2, save_steps=2, learning_rate=1e-2)
+    recipe["method"] = {"name": "moh", "router": "learned", "activation": 0.75, "shared": 0.5}
+    loaded = load_recipe(write_recipe(tmp_path, recipe))
+    model = train(loaded).model
+    routers = {n: p.detach().clone() for n, p in model.named_parameters() if "moh_router" in n and p.requires_grad}
+    assert len(routers) == 2 * 3  # W_s, W_r, W_h per layer, trained
+    assert all(p.abs().sum() > 0 for p in routers.values())  # moved off their zero initialisation
+    with safe_open(str(tmp_path / "run" / "checkpoint-2" / "adapter_model.safetensors"), framework="pt") as st:
+        saved = [k for k in st.keys() if "moh_router" in k]
+    assert len(saved) == 6
+    fresh = build_training_model(loaded.recipe, method_for(loaded.recipe.method))
+    fresh.load_adapter(str(tmp_path / "run" / "checkpoint-2"), "default", is_trainable=True)
+    restored = {n: p for n, p in fresh.named_parameters() if "moh_router" in n and p.requires_grad}
+    for name, value in routers.items():
+        torch.testing.assert_close(restored[name], value, rtol=0, atol=0)
+    with pytest.raises(HeadwiseError, match="method moh: headwise export cannot write the moh attention"):
+        export_run(tmp_path / "run")
+
+
+def test_the_smollm2_recipe_routes_three_of_five_heads():
+    from headwise.patches.moh import head_split
+
+    recipe = load_recipe("moh-smollm2").recipe
+    split = head_split(recipe.method, 9, 3)  # SmolLM2-135M: 9 query heads, 3 KV heads
+    assert (split.n_shared, split.n_routed, split.k) == (4, 5, 3)
