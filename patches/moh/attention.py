@@ -23,15 +23,29 @@ HIDDEN_ATTRIBUTE = "_headwise_moh_hidden"  # the attention module's input, for t
 
 @dataclass
 class MoHState:
-    """Shared by every layer of one model: the config and, per training forward, each layer's balance loss and
-    how many tokens chose each routed unit."""
+    """Shared by every layer of one model: the config; per training forward, each layer's balance loss (with its
+    graph, for the loss); and, since the last `take_usage`, how many tokens chose each routed unit per layer."""
 
     config: MoHMethod
     balance: dict[int, torch.Tensor] = field(default_factory=dict)
-    usage: dict[int, torch.Tensor] = field(default_factory=dict)
+    chosen: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (R,) token counts, summed
+    tokens: dict[int, int] = field(default_factory=dict)  # layer -> tokens counted
 
     def clear(self) -> None:
         self.balance.clear()
+
+    def record(self, layer: int, loss: torch.Tensor, chosen: torch.Tensor) -> None:
+        self.balance[layer] = loss
+        counts = chosen.reshape(-1, chosen.shape[-1]).sum(dim=0).detach().float().cpu()
+        self.chosen[layer] = self.chosen[layer] + counts if layer in self.chosen else counts
+        self.tokens[layer] = self.tokens.get(layer, 0) + chosen.reshape(-1, chosen.shape[-1]).shape[0]
+
+    def take_usage(self) -> dict[int, torch.Tensor]:
+        """Per layer, the share of tokens that chose each routed unit since the last call; resets the counts."""
+        shares = {layer: self.chosen[layer] / max(1, self.tokens[layer]) for layer in sorted(self.chosen)}
+        self.chosen.clear()
+        self.tokens.clear()
+        return shares
 
 
 def moh_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -49,8 +63,7 @@ def moh_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
         logits = getattr(module, ROUTER_MODULE)(getattr(module, HIDDEN_ATTRIBUTE))
     gates, probs, chosen = moh_gates(state.config, query, logits, n_kv_heads=key.shape[1])
     if module.training:
-        state.balance[module.layer_idx] = balance_loss(probs, chosen)
-        state.usage[module.layer_idx] = chosen.reshape(-1, chosen.shape[-1]).sum(dim=0).detach()
+        state.record(module.layer_idx, balance_loss(probs, chosen), chosen)
     return (out * gates.to(out.dtype).unsqueeze(-1)).contiguous(), None
 
 

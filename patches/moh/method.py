@@ -17,6 +17,7 @@ from headwise.patches.moh.attention import (
 )
 from headwise.patches.moh.config import MoHMethod, head_split
 from headwise.patches.moh.routers import MoHRouter
+from headwise.patches.moh.usage import usage_callback
 from headwise.patches.training_attention import check_patchable
 
 WAY_OUT = "use a model without it, or method: full"
@@ -86,6 +87,9 @@ class MoH(Method):
             return None
         per_layer = torch.stack([loss.float() for loss in self.state.balance.values()])
         return self.config.balance_weight * per_layer.mean()
+
+    def callbacks(self, run_dir: str) -> list[Any]:
+        return [usage_callback(run_dir, self.state)]
 
     def inference_attention(self) -> dict[str, Any]:
         raise HeadwiseError("method moh: headwise export cannot write the moh attention for headwise.load yet (it "

@@ -4,6 +4,8 @@ export refuses a moh run until `headwise.load` can run its attention; the shippe
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -37,6 +39,18 @@ def test_learned_routers_train_save_resume_and_the_export_refuses(tmp_path, tiny
         torch.testing.assert_close(restored[name], value, rtol=0, atol=0)
     with pytest.raises(HeadwiseError, match="method moh: headwise export cannot write the moh attention"):
         export_run(tmp_path / "run")
+
+    # what the run wrote about its routers: per logged step and layer, the share of tokens choosing each of the 2
+    # routed heads (k = 1 of them per token, so the shares sum to 1) and the balance loss; the heatmap at the end
+    rows = [json.loads(line) for line in (tmp_path / "run" / "moh" / "usage.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for row in rows:
+        assert sorted(row["usage"]) == ["0", "1"] and sorted(row["balance"]) == ["0", "1"]
+        for shares in row["usage"].values():
+            assert len(shares) == 2 and sum(shares) == pytest.approx(1.0)
+        for value in row["balance"].values():
+            assert 0.0 < value <= 2.0  # R * sum_i P_i f_i with R = 2, sum_i f_i = 1 and P_i <= 1
+    assert (tmp_path / "run" / "moh_head_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_smollm2_recipe_routes_three_of_five_heads():
