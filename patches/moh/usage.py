@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from headwise.patches.heatmaps import save_heatmap
 from headwise.patches.moh.attention import MoHState
 
 USAGE_LOG = "moh/usage.jsonl"
@@ -17,28 +18,9 @@ USAGE_PLOT = "moh_head_usage.png"
 
 def plot_head_usage(shares: dict[int, torch.Tensor], path: str | Path, title: str) -> Path:
     """PNG heatmap: layers on y, routed units on x, the share of tokens that chose each (k / R when balanced)."""
-    import matplotlib  # heavy, and only needed at the end of a run
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    grid = torch.stack([shares[layer] for layer in sorted(shares)]).numpy()
-    n_layers, n_units = grid.shape
-    fig, ax = plt.subplots(figsize=(max(3.0, 0.45 * n_units + 2.0), max(3.0, 0.2 * n_layers + 1.5)), dpi=100)
-    try:
-        im = ax.imshow(grid, cmap="magma", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-        ax.set_xlabel("routed head (after the shared ones)")
-        ax.set_ylabel("layer")
-        ax.set_xticks(range(n_units))
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, label="share of tokens choosing it")
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
+    grid = torch.stack([shares[layer] for layer in sorted(shares)])
+    return save_heatmap(grid, path, title=title, xlabel="routed head (after the shared ones)",
+                        colorbar_label="share of tokens choosing it", cmap="magma")
 
 
 def usage_callback(run_dir: str, state: MoHState):
