@@ -53,9 +53,13 @@ def test_learned_routers_train_save_resume_and_the_export_refuses(tmp_path, tiny
     assert (tmp_path / "run" / "moh_head_usage.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_the_smollm2_recipe_routes_three_of_five_heads():
+@pytest.mark.parametrize("name,heads,kv_heads,overrides,expected", [
+    ("moh-smollm2", 9, 3, [], (1, 4, 5, 3)),  # SmolLM2-135M: 7 of 9 heads active
+    ("moh-llama3-8b", 32, 8, [], (1, 16, 16, 8)),  # MoH-LLaMA3: 16 shared + 8 of 16 routed
+    ("moh-llama3-8b", 32, 8, ["method.router=kv_group"], (4, 4, 4, 2)),  # 4 shared groups + 2 of 4
+])
+def test_the_shipped_recipes_split_the_heads_as_they_say(name, heads, kv_heads, overrides, expected):
     from headwise.patches.moh import head_split
 
-    recipe = load_recipe("moh-smollm2").recipe
-    split = head_split(recipe.method, 9, 3)  # SmolLM2-135M: 9 query heads, 3 KV heads
-    assert (split.n_shared, split.n_routed, split.k) == (4, 5, 3)
+    split = head_split(load_recipe(name, overrides).recipe.method, heads, kv_heads)
+    assert (split.group, split.n_shared, split.n_routed, split.k) == expected
