@@ -63,3 +63,24 @@ def test_the_shipped_recipes_split_the_heads_as_they_say(name, heads, kv_heads, 
 
     split = head_split(load_recipe(name, overrides).recipe.method, heads, kv_heads)
     assert (split.group, split.n_shared, split.n_routed, split.k) == expected
+
+
+def test_a_packed_sample_routes_and_attends_each_document_alone():
+    """Packed training samples (position ids restarting at every document, no attention mask: what the packing
+    builder makes) go through transformers' packed-sequence mask into SDPA: each document's logits equal its own
+    forward, so no token attends across documents."""
+    import copy
+
+    from headwise.patches.base import method_for
+    from headwise.patches.moh import MoHMethod
+    from model_families import family_model
+
+    model = family_model("llama", dtype=torch.float64)
+    method_for(MoHMethod(router="query_norm", activation=0.75, shared=0.25)).prepare_model(model)
+    model.train()
+    docs = [torch.randint(3, 128, (1, n), generator=torch.Generator().manual_seed(n)) for n in (7, 11, 6)]
+    positions = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    with torch.no_grad():
+        packed = model(input_ids=torch.cat(docs, dim=1), position_ids=positions, use_cache=False).logits
+        alone = torch.cat([copy.deepcopy(model)(input_ids=d, use_cache=False).logits for d in docs], dim=1)
+    torch.testing.assert_close(packed, alone, rtol=1e-9, atol=1e-9)
