@@ -113,6 +113,11 @@ def eval_sdpa(method: str, module, query, key, value, attention_mask, *, scaling
             f"{method} attention in eval mode got a padding mask: call the model through its own forward "
             "(headwise switches eval to SDPA with a forward pre-hook), not the attention function directly"
         )
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise HeadwiseError(
+            f"{method} attention in eval mode got a logit softcap or learned sinks, which SDPA would drop: call the "
+            "model through its own forward (its pre-hook switches eval to the model's own attention)"
+        )
     return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
 
 

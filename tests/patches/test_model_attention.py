@@ -234,3 +234,16 @@ def test_the_recipe_path_refuses_sdpa_for_a_softcap_model_before_the_run_folder(
     assert out.returncode == 2, out.stderr
     assert "gemma2 uses attention logit soft-capping (50)" in out.stderr and "attn_implementation: eager" in out.stderr
     assert not run.exists()
+
+
+def test_a_training_attention_called_directly_in_eval_refuses_what_sdpa_would_drop():
+    """The eval branch of a training attention function is SDPA; a direct call that carries a softcap or learned
+    sinks (bypassing the model's pre-hook, which switches eval to the model's own attention) is refused."""
+    from headwise.patches.sinklora.attention import sinklora_attention
+
+    model = family_model("gemma2")
+    method_for(SinkLoRAMethod(group_size=8)).prepare_model(model)
+    module = attention_modules(model)[0].eval()
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(HeadwiseError, match="softcap or learned sinks, which SDPA would drop"):
+        sinklora_attention(module, q, k, k, None, scaling=0.25, softcap=50.0)
