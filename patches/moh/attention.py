@@ -36,13 +36,14 @@ class MoHState:
 
     def record(self, layer: int, loss: torch.Tensor, chosen: torch.Tensor) -> None:
         self.balance[layer] = loss
-        counts = chosen.reshape(-1, chosen.shape[-1]).sum(dim=0).detach().float().cpu()
+        # on the model's device: a host copy here would sync the GPU on every layer of every step
+        counts = chosen.reshape(-1, chosen.shape[-1]).sum(dim=0).detach().float()
         self.chosen[layer] = self.chosen[layer] + counts if layer in self.chosen else counts
         self.tokens[layer] = self.tokens.get(layer, 0) + chosen.reshape(-1, chosen.shape[-1]).shape[0]
 
     def take_usage(self) -> dict[int, torch.Tensor]:
         """Per layer, the share of tokens that chose each routed unit since the last call; resets the counts."""
-        shares = {layer: self.chosen[layer] / max(1, self.tokens[layer]) for layer in sorted(self.chosen)}
+        shares = {layer: self.chosen[layer].cpu() / max(1, self.tokens[layer]) for layer in sorted(self.chosen)}
         self.chosen.clear()
         self.tokens.clear()
         return shares
