@@ -15,6 +15,10 @@ Public API::
     from headwise.kernels import decode_attention      # one query token per sequence (KV-cache decode)
     out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums=True)  # q (B, Hkv, G, D)
 
+    from headwise.kernels import gathered_query_attention, gathered_rows   # per-head chosen query rows only (MoH)
+    rows, counts = gathered_rows(chosen)                 # chosen (B, T, Hq) bool
+    out = gathered_query_attention(q, k, v, rows, counts)  # (B, T, Hq, D), zero where a head was not chosen
+
 Dispatch (``headwise.kernels.dispatch``): CUDA tensors run the Triton kernels (shifted-group layouts, SF and LongLoRA, take the
 regrouped dense form: cuDNN on strided per-group views, see ``SHIFTED_GROUPS_IMPL``; sliding-window
 layouts take cuDNN's diagonal band where cudnn-frontend is installed, see ``BAND_IMPL``); CPU tensors
@@ -51,6 +55,8 @@ _TRITON_NAMES = {
     "KernelConfig": "block_sparse_attention",
     "sparse_attention_triton": "block_sparse_attention",
     "decode_attention": "decode_attention",
+    "gathered_query_attention": "gathered_query",
+    "gathered_rows": "gathered_query",
 }
 
 
@@ -82,6 +88,8 @@ __all__ = [
     "build_streaming_layout",
     "check_attention_inputs",
     "decode_attention",
+    "gathered_query_attention",
+    "gathered_rows",
     "interpret_mode",
     "reference_attention",
     "shifted_group_attention",

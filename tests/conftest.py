@@ -37,6 +37,7 @@ def _decorate_kernels_for_the_interpreter() -> None:
     try:
         import headwise.kernels.block_sparse_attention  # noqa: F401  (decorates every Triton kernel)
         import headwise.kernels.decode_attention  # noqa: F401
+        import headwise.kernels.gathered_query  # noqa: F401
     finally:
         if previous is None:
             os.environ.pop("TRITON_INTERPRET", None)

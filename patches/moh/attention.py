@@ -1,9 +1,19 @@
-"""MoH as a transformers attention function: every head's attention, then the router's per-token gates.
+"""MoH as a transformers attention function: the routed heads' attention, then the router's per-token gates.
 
-This is the masking form (what every released MoH model computes): all heads run, unselected ones are multiplied
-by zero before `o_proj`. Attention itself is the model's own SDPA with transformers' mask (causal, padding,
-packed sequences, a layer's sliding window), in training and in eval alike: a MoH model is a different model, so
-eval and `generate` run it too. The layer's balance loss and head usage are recorded while training.
+Two forms compute the same outputs and gradients (`MoHMethod.compute`):
+
+- gathered (the default where it applies): the shared heads run the model's causal attention over every token
+  (SDPA), and each routed head runs only the query rows of the tokens that chose it, against all keys
+  (`headwise.kernels.gathered_query_attention`); unchosen rows are exact zeros with no gradient, so the attention
+  work falls with the activation ratio. It needs the kernel (CUDA, or Triton's interpreter) and a plain causal
+  mask (transformers hands no mask: no padding, no packed sequences, no window shorter than the sequence), and
+  the query and key lengths equal (training, a prefill without a cache);
+- masking (everywhere else, and what every released MoH model computes): every head runs through the model's
+  own SDPA with transformers' mask (padding, packed sequences, a layer's sliding window, a KV cache), and the
+  unchosen ones are multiplied by zero.
+
+Gating happens here, before `o_proj`, in training and in eval alike: a MoH model is a different model, so eval
+and `generate` run it too. The layer's balance loss and head usage are recorded while training.
 """
 
 from __future__ import annotations
@@ -12,8 +22,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from headwise.patches.moh.config import MoHMethod
+from headwise.kernels.interpreter import interpret_mode
+from headwise.patches.moh.config import MoHMethod, head_split
 from headwise.patches.moh.routers import balance_loss, moh_gates
 
 ATTENTION_NAME = "headwise_moh"  # neutral: no flash/sdpa/flex_attention in the name
@@ -57,15 +69,52 @@ def moh_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # loaded with the model
 
     state: MoHState = module.headwise_moh
-    out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                    **kwargs)
     logits = None
     if state.config.router == "learned":
         logits = getattr(module, ROUTER_MODULE)(getattr(module, HIDDEN_ATTRIBUTE))
     gates, probs, chosen = moh_gates(state.config, query, logits, n_kv_heads=key.shape[1])
     if module.training:
         state.record(module.layer_idx, balance_loss(probs, chosen), chosen)
+    if gathered_applies(state.config, query, key, attention_mask, dropout):
+        split = head_split(state.config, query.shape[1], key.shape[1])
+        chosen_heads = torch.cat([chosen.new_ones(*chosen.shape[:2], split.n_shared * split.group),
+                                  chosen.repeat_interleave(split.group, dim=-1)], dim=-1)
+        out = gathered_attention(query, key, value, chosen_heads, split.n_shared * split.group, scaling)
+    else:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                        **kwargs)
     return (out * gates.to(out.dtype).unsqueeze(-1)).contiguous(), None
+
+
+def gathered_applies(config: MoHMethod, query: torch.Tensor, key: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float) -> bool:
+    """Whether the gathered form computes exactly this call: the kernel can run, transformers handed no mask (so
+    the attention is plain causal: SDPA's `is_causal` case), no cache (equal lengths) and no attention dropout."""
+    return (config.compute == "gathered" and (query.is_cuda or interpret_mode()) and attention_mask is None
+            and query.shape[2] == key.shape[2] > 1 and not dropout)
+
+
+def gathered_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, chosen_heads: torch.Tensor,
+                       n_shared_heads: int, scaling: float | None) -> torch.Tensor:
+    """q `(B, Hq, T, D)`, k/v `(B, Hkv, T, D)`, `chosen_heads (B, T, Hq)` bool -> `(B, T, Hq, D)`, zero where a
+    head was not chosen. The shared heads (the first `n_shared_heads`, every token) run SDPA's causal attention
+    when they fill whole KV groups; every other head runs the gathered-query kernel on its chosen rows."""
+    from headwise.kernels import gathered_query_attention, gathered_rows  # Triton: imported where it runs
+
+    group = query.shape[1] // key.shape[1]
+    shared = n_shared_heads if n_shared_heads % group == 0 else 0
+    parts = []
+    if shared:
+        kv = shared // group
+        dense = F.scaled_dot_product_attention(query[:, :shared], key[:, :kv], value[:, :kv], is_causal=True,
+                                               scale=scaling, enable_gqa=group > 1)
+        parts.append(dense.transpose(1, 2))
+    if shared < query.shape[1]:
+        kv = shared // group
+        rows, counts = gathered_rows(chosen_heads[..., shared:])
+        parts.append(gathered_query_attention(query[:, shared:], key[:, kv:], value[:, kv:], rows, counts,
+                                              scale=scaling))
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def register() -> None:

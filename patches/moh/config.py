@@ -9,6 +9,7 @@ from headwise.patches.base import HeadwiseError, Section
 from pydantic import Field, model_validator
 
 Router = Literal["query_norm", "learned", "kv_group"]
+Compute = Literal["gathered", "masking"]
 
 
 class MoHMethod(Section):
@@ -28,6 +29,12 @@ class MoHMethod(Section):
                           "index); MoH-LLaMA3 uses 0.5.")
     balance_weight: float = Field(0.01, ge=0, description="Weight of the Switch-style load-balance loss on the "
                                   "routed heads, added to the language-model loss (MoH: 0.01).")
+    compute: Compute = Field(
+        "gathered", description="`gathered`: a routed head runs attention only for the query rows that chose it "
+        "(headwise's gathered-query kernel) wherever that kernel applies: a GPU, or Triton's interpreter, and a "
+        "causal mask without padding or packing (training, prefill); elsewhere the masking form runs. `masking`: "
+        "always every head, the unchosen ones multiplied by zero (what the released MoH models compute). Both give "
+        "the same outputs and gradients.")
 
     @model_validator(mode="after")
     def _shares(self) -> "MoHMethod":

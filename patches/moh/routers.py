@@ -8,7 +8,10 @@ Which reading of paper and code each follows (research dossier, moh_s2.md §1.2,
 
 - `query_norm` follows the released MoH-LLaMA3 code, not the paper: a routed head's logit is the L2 norm of its
   query divided by the standard deviation of those norms across the routed heads (a per-token temperature),
-  softmax, top-k, and a binary gate whose gradient goes to the softmax (straight-through). The code reads the
+  softmax, top-k, and a binary gate whose gradient goes to the softmax (straight-through) through the chosen
+  units only: the released code has no training loop, and an unchosen head's gradient would need that head's
+  output, the very compute the skipping path (attention.py) does not do; as in top-k expert routing, the softmax
+  still passes it on to every routed unit's logit, and the balance loss reaches all of them. The code reads the
   query before RoPE; RoPE rotates each pair of dims, so the norm of the post-RoPE query the attention function
   receives is the same. No new weights: the converted model starts from the dense one with the unselected heads
   dropped. We follow the code because it is what the authors continue-tuned LLaMA3-8B with (their issue #6: a
@@ -65,7 +68,8 @@ def _by_query_norm(split: HeadSplit, query: torch.Tensor) -> tuple[torch.Tensor,
         routed = routed / routed.std(dim=-1, keepdim=True).clamp_min(torch.finfo(routed.dtype).tiny)
     probs = torch.softmax(routed, dim=-1)
     chosen = _top_k(probs, split.k)
-    routed_gates = chosen.to(probs.dtype) + (probs - probs.detach())  # exactly 0/1 forward, the softmax's gradient back
+    # Exactly 0/1 forward; backward, the chosen units' gates pass their gradient to the softmax (see the docstring)
+    routed_gates = chosen.to(probs.dtype) * (1 + (probs - probs.detach()))
     shared = norms.new_ones(b, t, split.n_shared)
     return torch.cat([shared, routed_gates], dim=-1), probs, chosen
 

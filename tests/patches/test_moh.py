@@ -6,7 +6,7 @@ The references, per token, for Hq query heads and Hkv KV heads (G = Hq // Hkv qu
 - `query_norm` (released MoH-LLaMA3): the first round(Hq * shared) heads are shared (gate 1); each routed head's
   logit is its query's L2 norm over the std (unbiased) of those norms across the routed heads; probs = softmax;
   the top-k are chosen, k = round(Hq * activation) - n_shared; a routed gate is the 0/1 choice in the forward
-  with a straight-through gradient to probs.
+  with a straight-through gradient to probs from the chosen units (an unchosen head's output is never computed).
 - `kv_group` (headwise's own): the same on whole KV groups (a group's norm is that of its G query vectors
   concatenated); every query head of a group carries the group's gate.
 - `learned` (paper, released ViT/DiT code): p_r = softmax(W_r x), chosen = top-k(p_r), routed gate
@@ -52,7 +52,8 @@ def _norm_routing(unit_norms: torch.Tensor, n_shared: int, k: int):
     routed = unit_norms[:, n_shared:].transpose(1, 2)  # (B, T, n_routed)
     probs = torch.softmax(routed / routed.std(dim=-1, keepdim=True), dim=-1)
     chosen = _top_k_mask(probs, k)
-    routed_gates = chosen.to(probs.dtype) + (probs - probs.detach())  # forward: exactly 0/1; d gate / d probs = 1
+    # forward: exactly 0/1; d gate / d probs = 1 on the chosen units, 0 on the others (their outputs are not computed)
+    routed_gates = torch.where(chosen, 1 + (probs - probs.detach()), torch.zeros_like(probs))
     shared_gates = torch.ones(*routed_gates.shape[:2], n_shared, dtype=probs.dtype)
     return torch.cat([shared_gates, routed_gates], dim=-1), probs, chosen
 
@@ -444,3 +445,70 @@ def test_extra_loss_is_the_weighted_mean_of_the_layer_balance_losses():
         # the method may sum the layers in float32
         torch.testing.assert_close(p.grad, want_grad, rtol=1e-5, atol=1e-6 * want_grad.abs().max().item(),
                                    msg=lambda text, name=name: f"{name}: {text}")
+
+
+def _gathered_calls(monkeypatch) -> list[int]:
+    """Counts the gathered-query kernel's calls (the real kernel runs: a spy, not a stand-in)."""
+    from headwise.kernels import gathered_query
+
+    calls = []
+    apply = gathered_query.GatheredQueryAttentionFunction.apply
+
+    def counted(*args):
+        calls.append(1)
+        return apply(*args)
+
+    monkeypatch.setattr(gathered_query.GatheredQueryAttentionFunction, "apply", counted)
+    return calls
+
+
+def _random_routers(model, seed: int = 5) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".moh_router." in name:
+                p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+@pytest.mark.parametrize("router,shared", [*ROUTED, ("learned", 0.375)])
+def test_gathered_path_equals_the_masking_path(router, shared, monkeypatch):
+    """Issue 21's skipping path: with the gathered-query kernel (Triton's interpreter here, CUDA on a GPU machine)
+    each routed head computes only its chosen rows, and the logits and every gradient (routers and the
+    straight-through path into q_proj included) equal the masking form's, which computes every head; in train and
+    eval mode, on 40 tokens (several row tiles per head). With a padding mask the gathered form does not apply and
+    the masking form runs instead."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    calls = _gathered_calls(monkeypatch)
+    stock = _routed_llama().float()
+    ids = torch.randint(0, stock.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    gathered = _patched(stock, _cfg(router, shared=shared, compute="gathered"))
+    masking = _patched(stock, _cfg(router, shared=shared, compute="masking"))
+    _random_routers(gathered)
+    _random_routers(masking)
+    for model in (gathered, masking):
+        model.train()
+    got = _forward_backward(gathered, ids)
+    assert len(calls) == stock.config.num_hidden_layers, "the gathered kernel did not run in every layer"
+    n_masking = len(calls)
+    want = _forward_backward(masking, ids)
+    assert len(calls) == n_masking, "compute: masking ran the gathered kernel"
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    masking_params = dict(masking.named_parameters())
+    for name, p in gathered.named_parameters():
+        want_grad = masking_params[name].grad
+        scale = want_grad.abs().max().item()
+        assert scale > 0, name
+        # fp32 rounding of sums taken in another order, relative to the gradient's size (up to ~300 here)
+        torch.testing.assert_close(p.grad, want_grad, rtol=0, atol=1e-5 * scale,
+                                   msg=lambda text, name=name: f"{name}: {text}")
+    gathered.eval()
+    masking.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(gathered(input_ids=ids).logits, masking(input_ids=ids).logits, rtol=1e-5,
+                                   atol=1e-5)
+        before = len(calls)
+        padded = torch.ones_like(ids)
+        padded[0, :5] = 0
+        torch.testing.assert_close(gathered(input_ids=ids, attention_mask=padded).logits,
+                                   masking(input_ids=ids, attention_mask=padded).logits, rtol=1e-5, atol=1e-5)
+        assert len(calls) == before, "the gathered kernel ran under a padding mask"
