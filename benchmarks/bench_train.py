@@ -12,6 +12,10 @@ LoRA r=8 / alpha 16 on q,k,v,o with gradient checkpointing (non-reentrant), time
 - `sf@block_sparse`, `longlora@regrouped`, ...: force the shifted-group implementation of the row
   (`headwise.kernels.dispatch.SHIFTED_GROUPS_IMPL`; default `auto`). `HEADWISE_SG_MAX_PIECE_HEADS=4` in the
   environment caps the heads per dense-kernel call of the regrouped form (smaller temporaries).
+- `moh75`, `moh50`: MoH with the query-norm router at 75% active heads (16 shared + 8 of 16 routed, MoH-LLaMA3's
+  split) and at 50% (8 shared + 8 of 24), installed as `headwise train` does (`MoH(...).prepare_model`), the
+  balance loss left out (a few hundred flops); `moh75@masking` runs every head and zeroes the unchosen ones
+  (`compute: masking`), `moh75` / `moh75@gathered` the gathered-query kernel on the chosen rows only.
 - `noattn`: a ceiling measurement, not a method: attention returns V (GQA-repeated) unchanged, so
   it costs ~nothing; this is the issue's "attention made free" speed that no attention can beat.
 
@@ -86,12 +90,23 @@ def sinklora_config(method: str) -> Any:
                           train_embeddings_and_norms=False)
 
 
-def install_attention(model: torch.nn.Module, method: str) -> None:
+# MoH rows: method -> (activation, shared) of MoHMethod
+MOH_SPLITS = {"moh75": (0.75, 0.5), "moh50": (0.5, 0.25)}
+
+
+def install_attention(model: torch.nn.Module, method: str, impl: str = "") -> None:
     """Patch attention before the PEFT wrap, in the order of headwise.train.trainer.train."""
     if method in ("sf", "longlora"):
         from headwise.patches.base import method_for
 
         hooks = method_for(sinklora_config(method))
+        hooks.check_model_config(model.config)
+        hooks.prepare_model(model)
+    elif method in MOH_SPLITS:
+        from headwise.patches.moh import MoH, MoHMethod
+
+        activation, shared = MOH_SPLITS[method]
+        hooks = MoH(MoHMethod(activation=activation, shared=shared, compute=impl or "gathered"))
         hooks.check_model_config(model.config)
         hooks.prepare_model(model)
     elif method == "noattn":
@@ -100,7 +115,7 @@ def install_attention(model: torch.nn.Module, method: str) -> None:
         register_training_attention(NOATTN, value_passthrough)
         install_training_attention(model, NOATTN)
     elif method != "dense":
-        raise SystemExit(f"--methods: unknown {method!r} (dense, sf, longlora, noattn)")
+        raise SystemExit(f"--methods: unknown {method!r} (dense, sf, longlora, moh75, moh50, noattn)")
 
 
 def kernel_path(method: str, heads: int, kv_heads: int, context: int, device: str, dtype: torch.dtype) -> str | None:
@@ -154,11 +169,12 @@ def run_row(method: str, context: int, shape: dict, dtype: torch.dtype, device: 
     from peft import LoraConfig, get_peft_model
 
     method, _, impl = method.partition("@")
-    headwise.kernels.dispatch.SHIFTED_GROUPS_IMPL = impl or "auto"
+    if method in ("sf", "longlora"):
+        headwise.kernels.dispatch.SHIFTED_GROUPS_IMPL = impl or "auto"
 
     cuda = device == "cuda"
     model = build_model(shape, dtype, device)
-    install_attention(model, method)
+    install_attention(model, method, impl)
     if args.liger:  # as headwise.train.trainer does with training.liger_kernels: after the patch, before PEFT
         from headwise.train.fused_ops import apply_liger_kernels, check_liger_kernels
 
