@@ -48,4 +48,7 @@ def family_model(family: str, dtype: torch.dtype = torch.float32, seed: int = 0)
     torch.manual_seed(seed)
     config = family_config(family)
     config.initializer_range = 0.2  # weights large enough that attention patterns differ visibly between rules
-    return transformers.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    # A softcap needs the family's eager attention: transformers 5.17 still gives Gemma-2 SDPA by default, which
+    # drops the cap (5.24 gives eager); headwise picks eager for it the same way (headwise.models).
+    kw = {"attn_implementation": "eager"} if FAMILIES[family][3] else {}
+    return transformers.AutoModelForCausalLM.from_config(config, **kw).to(dtype).eval()

@@ -134,7 +134,8 @@ MOH = {"router": "query_norm", "activation": 0.75, "shared": 0.25}  # 1 shared +
 def moh_rule(module, q, k, v, scaling):
     """Every head's attention (the family's own) times its gate: the first `shared` share of the heads gate 1;
     of the rest, the top-k by the softmax of their query norms over the norms' standard deviation across those
-    heads gate 1 in value and carry the softmax's gradient (straight-through), the others 0; k makes
+    heads gate 1 in value and carry the softmax's gradient (straight-through), the others 0 with no gradient (an
+    unchosen head's output is never computed on the skipping path); k makes
     `activation` of the heads active (MoH-LLaMA3's router, research dossier §1.5)."""
     b, hq, t, _ = q.shape
     n_shared = round(hq * MOH["shared"])
@@ -142,7 +143,7 @@ def moh_rule(module, q, k, v, scaling):
     norms = q.double().norm(dim=-1)[:, n_shared:]  # (B, routed heads, T)
     probs = torch.softmax(norms / norms.std(dim=1, keepdim=True), dim=1)
     chosen = torch.zeros_like(probs).scatter(1, probs.topk(n_chosen, dim=1).indices, 1.0)
-    gates = torch.cat([torch.ones(b, n_shared, t, dtype=probs.dtype), chosen + (probs - probs.detach())], dim=1)
+    gates = torch.cat([torch.ones(b, n_shared, t, dtype=probs.dtype), chosen * (1 + (probs - probs.detach()))], dim=1)
     return _model_attention(module, q, k, v, _causal(t), scaling) * gates.unsqueeze(-1)
 
 
