@@ -224,12 +224,35 @@ def _gq_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROWS, COUNTS, qk_scale, sm_scale,
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, ROWS, COUNTS, b, h, H, n_rows, tile, offs_n, offs_d, d_ok,
+               T, W, sqt, sdot, qk_scale, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """One row tile's share of a key tile's dK, dV. Unmasked tiles hold BLOCK_M valid rows, all at or after the key
+    tile's last key (no window)."""
+    offs = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    ok = offs < tl.load(COUNTS + b * H + h)
+    pos = tl.load(ROWS + (b * H + h) * n_rows + offs, mask=ok, other=0)
+    mask = ok[:, None] & d_ok[None, :]
+    q = tl.load(q_base + pos[:, None] * sqt + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(do_base + pos[:, None] * sdot + offs_d[None, :], mask=mask, other=0.0)
+    lse2 = tl.load(LSE + (b * H + h) * n_rows + offs, mask=ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + (b * H + h) * n_rows + offs, mask=ok, other=0.0)
+    pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+    if MASKED:
+        pT = tl.where(_allowed(pos[None, :], offs_n[:, None], T, W, HAS_WINDOW) & ok[None, :], pT, 0.0)
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dsT = pT * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - delta[None, :])
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
 def _gq_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ROWS, COUNTS, TILE_RANGE, qk_scale, sm_scale,
                     sqb, sqh, sqt, skb, skh, skt, svb, svh, svt, sdob, sdot, sdoh, sdkb, sdkh, sdkt, sdvb, sdvh, sdvt,
                     T, H, n_rows, n_kblocks, W, GQA, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """One program per (key tile, KV head, batch row): dK, dV summed over the query heads of the KV head and the
-    row tiles ``TILE_RANGE[b, h, key tile]`` that can see the key tile."""
+    row tiles that can see the key tile: ``TILE_RANGE[b, h, key tile] = (first, unmasked from, unmasked to, end)``."""
     pid_n = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -243,21 +266,22 @@ def _gq_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ROWS, COUNTS, TILE_RANGE, q
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     for g in range(GQA):  # the query heads sharing this KV head: their gradients sum here
         h = kvh * GQA + g
-        span = TILE_RANGE + ((b * H + h) * n_kblocks + pid_n) * 2
+        span = TILE_RANGE + ((b * H + h) * n_kblocks + pid_n) * 4
         q_base = Q + b * sqb + h * sqh
         do_base = DO + b * sdob + h * sdoh
-        for tile in range(tl.load(span), tl.load(span + 1)):
-            offs, ok, pos, first, last = _row_tile(ROWS, COUNTS, b, h, H, n_rows, tile, BLOCK_M)
-            mask = ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + pos[:, None] * sqt + offs_d[None, :], mask=mask, other=0.0)
-            do = tl.load(do_base + pos[:, None] * sdot + offs_d[None, :], mask=mask, other=0.0)
-            lse2 = tl.load(LSE + (b * H + h) * n_rows + offs, mask=ok, other=0.0) * LOG2E
-            delta = tl.load(DELTA + (b * H + h) * n_rows + offs, mask=ok, other=0.0)
-            pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-            pT = tl.where(_allowed(pos[None, :], offs_n[:, None], T, W, HAS_WINDOW) & ok[None, :], pT, 0.0)
-            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-            dsT = pT * (tl.dot(v, tl.trans(do), input_precision=DOT_PREC) - delta[None, :])
-            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        first = tl.load(span)
+        mid0 = tl.load(span + 1)
+        mid1 = tl.load(span + 2)
+        end = tl.load(span + 3)
+        for tile in range(first, mid0):  # rows around the key tile's diagonal
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, ROWS, COUNTS, b, h, H, n_rows, tile, offs_n,
+                                offs_d, d_ok, T, W, sqt, sdot, qk_scale, BLOCK_M, True, HAS_WINDOW, DOT_PREC)
+        for tile in range(mid0, mid1):  # whole tiles of rows after every key of the tile
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, ROWS, COUNTS, b, h, H, n_rows, tile, offs_n,
+                                offs_d, d_ok, T, W, sqt, sdot, qk_scale, BLOCK_M, False, HAS_WINDOW, DOT_PREC)
+        for tile in range(mid1, end):  # the head's last, partly filled row tile
+            dk, dv = _dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, ROWS, COUNTS, b, h, H, n_rows, tile, offs_n,
+                                offs_d, d_ok, T, W, sqt, sdot, qk_scale, BLOCK_M, True, HAS_WINDOW, DOT_PREC)
     tl.store(DK + b * sdkb + kvh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :],
              (dk * sm_scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * sdvb + kvh * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty),
@@ -267,21 +291,30 @@ def _gq_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, ROWS, COUNTS, TILE_RANGE, q
 # ---------------------------------------------------------------------------------------- launchers
 
 
-def _row_tile_ranges(rows: torch.Tensor, t: int, window: int, block_m: int, block_n: int) -> torch.Tensor:
-    """``(B, H, n_kblocks, 2)`` int32: for each key tile, the row tiles [first, end) that can see one of its keys:
-    from the tile holding the first row at or after the key tile's start, to the tile past the last row within the
-    window of its last key (all rows without a window; padding sorts last)."""
+def _row_tile_ranges(rows: torch.Tensor, counts: torch.Tensor, t: int, window: int, block_m: int,
+                     block_n: int) -> torch.Tensor:
+    """``(B, H, n_kblocks, 4)`` int32: for each key tile, the row tiles that can see one of its keys,
+    ``[first, end)``, and within them ``[mid0, mid1)``, the whole tiles whose rows all come at or after the key
+    tile's last key, which need no mask (none with a window). ``first`` holds the first row at or after the key
+    tile's start; ``end`` is past the last row within the window of its last key (every row without a window).
+    Sorted rows make each a search: padding (``PAD_ROW``) sorts last."""
     n_kblocks = triton.cdiv(t, block_n)
-    starts = torch.arange(n_kblocks, device=rows.device, dtype=torch.int32) * block_n
     b, h, n = rows.shape
     flat = rows.reshape(b * h, n)
-    first = torch.searchsorted(flat, starts.expand(b * h, n_kblocks).contiguous()) // block_m
+    starts = (torch.arange(n_kblocks, device=rows.device, dtype=torch.int32) * block_n).expand(b * h, n_kblocks)
+    first = torch.searchsorted(flat, starts.contiguous()) // block_m
+    count = counts.reshape(b * h, 1).long()
     if window:
-        ends = torch.searchsorted(flat, (starts + block_n - 1 + window).expand(b * h, n_kblocks).contiguous())
+        end = (torch.searchsorted(flat, (starts + block_n - 1 + window).contiguous()) + block_m - 1) // block_m
+        mid0 = mid1 = first
     else:
-        ends = torch.searchsorted(flat, torch.full((b * h, n_kblocks), t, dtype=torch.int32, device=rows.device))
-    end = (ends + block_m - 1) // block_m
-    return torch.stack([first, end], dim=-1).to(torch.int32).reshape(b, h, n_kblocks, 2).contiguous()
+        end = ((count + block_m - 1) // block_m).expand(b * h, n_kblocks)
+        after_last_key = torch.searchsorted(flat, (starts + block_n - 1).contiguous())
+        mid0 = torch.maximum((after_last_key + block_m - 1) // block_m, first)
+        mid1 = torch.maximum(count // block_m, mid0).expand(b * h, n_kblocks)
+        mid0 = torch.minimum(mid0, mid1)
+    ranges = torch.stack([first, mid0, mid1, end], dim=-1)
+    return ranges.to(torch.int32).reshape(b, h, n_kblocks, 4).contiguous()
 
 
 def _launch_common(q, window, cfg):
@@ -324,7 +357,7 @@ def _bwd(do, q, k, v, o, lse, rows, counts, scale, window, cfg):
         do.stride(0), do.stride(1), do.stride(2), dq.stride(0), dq.stride(1), dq.stride(2), t, hq, n_rows, window,
         hq // hkv, BLOCK_M=cfg.fwd_m, BLOCK_N=cfg.fwd_n, num_warps=cfg.dq_warps, num_stages=cfg.dq_stages, **common,
     )
-    ranges = _row_tile_ranges(rows, t, window, cfg.bwd_m, cfg.bwd_n)
+    ranges = _row_tile_ranges(rows, counts, t, window, cfg.bwd_m, cfg.bwd_n)
     _gq_dkdv_kernel[(triton.cdiv(t, cfg.bwd_n), hkv, b)](
         q, k, v, do, dk, dv, lse, delta, rows, counts, ranges, scale * _LOG2E, scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
