@@ -73,7 +73,8 @@ def _world_size() -> int:
 
 
 class MethodLossMixin:
-    """Adds a method's extra loss (or its replacement loss) and the optional fused (logit-free) LM loss to a Trainer."""
+    """Adds a method's extra loss (or its replacement loss) and the optional fused (logit-free) LM loss to a Trainer,
+    and the method callbacks' entries to its training logs."""
 
     method: Method
     fused_loss: Any = None
@@ -88,23 +89,68 @@ class MethodLossMixin:
             # A per-micro-batch mean: scale for accumulation unless the Trainer believes the loss is
             # already normalised by num_items_in_batch (then it does not divide; see Trainer.training_step).
             loss, outputs = replaced
-            scaled = (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
-                getattr(self, "compute_loss_func", None) is not None
-            )
-            if scaled and model.training:
+            if self._loss_scaled_for_accumulation(num_items_in_batch) and model.training:
                 loss = loss / self.current_gradient_accumulation_steps
             return (loss, outputs) if return_outputs else loss
-        if not return_outputs and type(self.method).extra_loss is Method.extra_loss:
-            # Ask for outputs only when they are used: TRL's SFTTrainer recomputes the logits with an
+        if type(self.method).extra_loss is Method.extra_loss:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        extras: list[torch.Tensor] = []
+        handle = self.accelerator.unwrap_model(model).register_forward_hook(
+            self._extra_loss_hook(inputs, extras), with_kwargs=True)
+        try:
+            # Outputs only when the caller wants them: TRL's SFTTrainer recomputes the logits with an
             # extra forward pass when asked for them.
-            return super().compute_loss(model, inputs, return_outputs=False, num_items_in_batch=num_items_in_batch)
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        extra = self.method.extra_loss(model, inputs, outputs)
-        if extra is not None:
-            if num_items_in_batch is not None:  # the LM loss is already scaled for accumulation
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                          num_items_in_batch=num_items_in_batch)
+        finally:
+            handle.remove()
+        loss, outputs = result if return_outputs else (result, None)
+        if extras:
+            extra = torch.stack([e.to(loss.dtype) for e in extras]).sum()
+            if self._loss_scaled_for_accumulation(num_items_in_batch):
+                # The LM loss is a share of the accumulated batch's mean and the Trainer will not divide: the
+                # extra loss, a per-micro-batch mean, takes its share of the mean over the micro-batches.
                 extra = extra / self.current_gradient_accumulation_steps
-            loss = loss + extra
+            loss = loss + extra.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def _extra_loss_hook(self, inputs: dict[str, Any], extras: list[torch.Tensor]):
+        """A forward hook for the model: the method's extra loss of each forward that builds the training loss.
+
+        The extra loss is taken right after such a forward, while the method's per-forward records (MoH's
+        per-layer balance losses) are this forward's: TRL's SFTTrainer runs a second, no-grad forward for
+        its metrics (and one more for the logits), which replaces the records with graph-less copies. So
+        only training forwards with gradients enabled count; eval and metric forwards add nothing."""
+
+        def hook(module, args, kwargs, outputs):
+            if module.training and torch.is_grad_enabled():
+                extra = self.method.extra_loss(module, inputs, outputs)
+                if extra is not None:
+                    extras.append(extra)
+
+        return hook
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """Add the method callbacks' entries (`training_log_values(args, state)`, e.g. MoH's per-layer balance
+        loss) to a training log step's logs, before the Trainer records them: a callback's `on_log` comes after
+        the log history is written and after the trackers' callbacks have sent the logs."""
+        if "loss" in logs:  # a training log step; eval logs carry eval_loss, the closing log train_loss
+            for callback in self.callback_handler.callbacks:
+                values = getattr(callback, "training_log_values", None)
+                if values is not None:
+                    logs.update(values(self.args, self.state))
+        super().log(logs, *args, **kwargs)
+
+    def _loss_scaled_for_accumulation(self, num_items_in_batch) -> bool:
+        """Whether the Trainer takes compute_loss's loss as already scaled for gradient accumulation (it
+        then does not divide it by the accumulation steps): `Trainer.training_step`'s rule."""
+        declared = getattr(self, "loss_is_scaled_for_ga", None)  # transformers >= 5.19
+        if declared is not None:
+            return declared
+        return (getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None) or (
+            getattr(self, "compute_loss_func", None) is not None
+        )
 
 
 def _make_fused_loss_func(fn, model):
