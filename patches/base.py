@@ -116,8 +116,9 @@ class Method:
         """`transformers.TrainerCallback`s (logging of gates, plots)."""
         return []
 
-    def inference_attention(self) -> dict[str, Any]:
-        """The attention `headwise.load` runs, as the `attention` mapping of headwise_inference.json."""
+    def inference_attention(self, model_config: Any | None = None) -> dict[str, Any]:
+        """The attention `headwise.load` runs, as the `attention` mapping of headwise_inference.json; with
+        `model_config`, an entry may state what it implies for that model (MoH: its head split)."""
         return {"name": "full"}
 
     def extra_modules(self) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 Every export folder holds one. It says which weights the folder holds (a PEFT adapter on a named
 base model, merged weights, or none: the unchanged base model, as DuoAttention exports), which
-attention the model runs at inference (`full` today; MoH routing and S2 layouts join when those
-methods land) and which KV-cache policy generation uses.
+attention the model runs at inference (`full`, or `moh`: Mixture-of-Head routing with the head split it
+implies) and which KV-cache policy generation uses.
 `headwise.load` reads it; `format_version` lets later releases read old exports.
 
 The KV policy is a discriminated union on `type`; each policy is its own model so a new policy is a
@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -165,7 +165,8 @@ def _format_errors(e: ValidationError, prefix: str = "") -> str:
     for err in e.errors():
         # pydantic puts the union tag after the union field (`kv_policy.h2o.heavy`); name what the user wrote
         raw = [str(x) for x in err["loc"]]
-        loc = [x for i, x in enumerate(raw) if not (x in KV_POLICY_TYPES and (i == 0 or raw[i - 1] == "kv_policy"))]
+        loc = [x for i, x in enumerate(raw) if not (x in KV_POLICY_TYPES and (i == 0 or raw[i - 1] == "kv_policy"))
+               and not (x in ATTENTION_NAMES and i > 0 and raw[i - 1] == "attention")]
         field = ".".join(([prefix] if prefix else []) + loc)
         msg = err["msg"].removeprefix("Value error, ")
         parts.append(f"{field}: {msg}" if field else msg)
@@ -218,7 +219,35 @@ class FullAttention(_Strict):
     name: Literal["full"] = "full"
 
 
-AttentionSpec = Annotated[Union[FullAttention], Field(discriminator="name")]
+class MoHHeads(_Strict):
+    """The head split a MoH export's config implies for its model, stated so that `headwise.load` can check the
+    model it loads is the one the export was made for. Units are query heads, or KV groups for `kv_group`."""
+
+    query_heads: int = Field(gt=0, description="Query heads per layer.")
+    kv_heads: int = Field(gt=0, description="KV heads per layer.")
+    unit: Literal["head", "kv_group"] = Field(description="What is routed: a query head, or a whole KV group.")
+    shared: int = Field(ge=0, description="Units always active (the first by index).")
+    routed: int = Field(ge=0, description="Units the router chooses among.")
+    active_routed: int = Field(ge=0, description="Routed units each token uses (top-k).")
+
+
+class MoHAttention(_Strict):
+    """Mixture-of-Head attention (`method: moh`): every head's SDPA output times the router's per-token gate.
+
+    `router`, `activation` and `shared` are the run's `method:` block (its `balance_weight` only weighs a training
+    loss); `heads` is the split they give on the exported model. The `learned` router's weights travel with the
+    weights: in the adapter (PEFT's modules_to_save) or, for merged weights, in `moh_routers.safetensors`."""
+
+    name: Literal["moh"] = "moh"
+    router: Literal["query_norm", "learned", "kv_group"] = Field(
+        description="`query_norm` or `kv_group` (parameter-free, by query norm), or `learned` (linear routers).")
+    activation: float = Field(gt=0, le=1, description="Share of the query heads active per token.")
+    shared: float = Field(ge=0, le=1, description="Share of the query heads always active.")
+    heads: MoHHeads
+
+
+AttentionSpec = Annotated[Union[FullAttention, MoHAttention], Field(discriminator="name")]
+ATTENTION_NAMES = ("full", "moh")
 
 
 class BaseModelRef(_Strict):
@@ -344,7 +373,8 @@ ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-def adapter_problem(folder: str | Path, model_config: Any | None) -> str | None:
+def adapter_problem(folder: str | Path, model_config: Any | None,
+                    prepare_model: Callable[[Any], None] | None = None) -> str | None:
     """Why the PEFT adapter in `folder` cannot go onto a model of `model_config`, naming the file; None when it fits.
 
     One check for every place an adapter is used (export of a run's final weights or a checkpoint, `headwise.load`,
@@ -354,6 +384,10 @@ def adapter_problem(folder: str | Path, model_config: Any | None) -> str | None:
     which gives the tensor names and shapes `adapter_model.safetensors` must hold. PEFT itself would load foreign
     tensors silently (leaving the bare base model) and wrong shapes with a long traceback. With `model_config` None
     (the base model's config is not at hand) only the config and the PEFT shape of the tensor names are checked.
+
+    `prepare_model` is the method's patch of the model the adapter was trained on (it attaches modules the adapter
+    saves, such as MoH's learned routers); left out, an export folder's own attention (`headwise_inference.json`)
+    is applied, so `headwise.load` and `headwise push` check the adapter against the model it loads onto.
     """
     # heavy (torch, peft, transformers): this module is read by recipe validation, which needs none of them
     import torch
@@ -383,12 +417,17 @@ def adapter_problem(folder: str | Path, model_config: Any | None) -> str | None:
     except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...) for a damaged file
         return f"{weights_file} is damaged or cut short ({str(e).splitlines()[0]})"
     foreign = sorted(n for n in saved if not n.startswith("base_model.model."))
+    if prepare_model is None and (folder / INFERENCE_CONFIG_NAME).is_file():
+        prepare_model = _export_attention_patch(folder)
     if model_config is not None:
         try:
             from transformers import AutoModelForCausalLM
 
             with torch.device("meta"):
-                meta = get_peft_model(AutoModelForCausalLM.from_config(model_config), peft_config)
+                meta = AutoModelForCausalLM.from_config(model_config)
+                if prepare_model is not None:
+                    prepare_model(meta)
+                meta = get_peft_model(meta, peft_config)
         except (TypeError, ValueError, KeyError, AttributeError, RuntimeError) as e:
             return (f"{config_file} does not build an adapter on the base model ({type(e).__name__}: "
                     f"{str(e).splitlines()[0] if str(e) else 'wrong field types'})")
@@ -403,3 +442,18 @@ def adapter_problem(folder: str | Path, model_config: Any | None) -> str | None:
         named = f"{len(foreign)} tensor(s) that are not this adapter's, e.g. {foreign[0]}" if foreign else "no tensors"
         return f"{weights_file} holds {named}: it is not the adapter of this model"
     return None
+
+
+def _export_attention_patch(folder: Path) -> Callable[[Any], None] | None:
+    """What `headwise.load` applies to the base model before an export's adapter (its attention, with the modules
+    the adapter fills), or None for full attention or an inference config that cannot be read (its reader says
+    why, before any adapter is checked)."""
+    try:
+        attention = InferenceConfig.read(folder).attention
+    except (HeadwiseError, OSError):
+        return None
+    if attention.name == "full":
+        return None
+    from headwise.inference.method_attention import apply_attention  # heavy: torch and the method patches
+
+    return lambda model: apply_attention(model, attention, folder / INFERENCE_CONFIG_NAME)

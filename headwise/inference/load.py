@@ -3,7 +3,8 @@
 An export folder's `headwise_inference.json` says whether it holds an adapter (then the base model
 is loaded, the recipe's RoPE parameters are applied, the method's extra modules are re-attached and
 the adapter is loaded on top), merged weights (loaded directly) or no weights (`base`: the unchanged
-base model, e.g. a DuoAttention export), which attention runs at inference and which KV-cache policy
+base model, e.g. a DuoAttention export), which attention runs at inference (a `moh` export: the MoH patch,
+applied before the adapter loads, see `headwise.inference.method_attention`) and which KV-cache policy
 generation uses (a `duo` policy prefills in chunks, see `prefill_in_chunks`). Any KV policy also
 applies to a plain model:
 
@@ -24,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from headwise.errors import HeadwiseError
 from headwise.inference.cache import check_policy, make_cache
 from headwise.inference.config import (  # noqa: F401 (KVPolicy re-exported)
+    ADAPTER_WEIGHTS_NAME,
     INFERENCE_CONFIG_NAME,
     FullPolicy,
     InferenceConfig,
@@ -32,6 +34,7 @@ from headwise.inference.config import (  # noqa: F401 (KVPolicy re-exported)
     check_weight_files,
     parse_kv_policy,
 )
+from headwise.inference.method_attention import apply_attention, check_adapter_routers, load_merged_routers
 from headwise.inference.prefill import DUO_PREFILL_CHUNK, cache_kwarg, prefill_in_chunks
 from headwise.inference.static_decode import StaticDecoder
 from headwise.models import (
@@ -139,6 +142,10 @@ class LoadedModel:
             name = "prompt" if single else f"prompt[{empty[0]}]"
             raise HeadwiseError(f"{name} {prompts[empty[0]]!r} gives no tokens with this tokenizer: give other text")
         if static or compile:
+            if self.config is not None and self.config.attention.name != "full":
+                raise HeadwiseError(f"static decoding runs the headwise_kv attention, which does not apply this "
+                                    f"export's {self.config.attention.name} attention (it would decode with the dense "
+                                    "model); generate without static/compile")
             if kwargs:
                 raise TypeError(f"static decoding is greedy and takes no generation options (got {', '.join(kwargs)})")
             decoder = StaticDecoder(self.model, self.policy, max_new_tokens=max_new_tokens,
@@ -192,6 +199,8 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
     if config.weights == "merged":
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, attn_implementation=attn_implementation,
                                                      **NO_HUB_KERNELS)
+        apply_attention(model, config.attention, path / INFERENCE_CONFIG_NAME)
+        load_merged_routers(model, path)
     else:  # adapter, or base (the unchanged base model: DuoAttention exports)
         base = config.base_model
         src = resolve_model_source(base.name, base.gguf_file, base.revision)
@@ -204,14 +213,17 @@ def _load_export(path: Path, config: InferenceConfig, dtype: str, device: str | 
         if config.max_position_embeddings:
             model_config.max_position_embeddings = config.max_position_embeddings
         if config.weights == "adapter":
-            problem = adapter_problem(path, model_config)
+            problem = adapter_problem(path, model_config)  # on the base model with the export's attention applied
             if problem:
                 raise HeadwiseError(f"{problem}; re-export the run (`headwise export RUN_DIR --overwrite`)")
         model = AutoModelForCausalLM.from_pretrained(src.path, config=model_config, dtype=torch_dtype,
                                                      attn_implementation=attn_implementation, **NO_HUB_KERNELS, **kw)
+        # before the adapter: the modules it fills (MoH's learned routers, in its modules_to_save) must be there
+        apply_attention(model, config.attention, path / INFERENCE_CONFIG_NAME)
         if config.weights == "adapter":
             from peft import PeftModel  # heavy: only for exports that hold an adapter
 
+            check_adapter_routers(model, path / ADAPTER_WEIGHTS_NAME)
             model = PeftModel.from_pretrained(model, str(path))
     if device:
         model.to(device)
@@ -253,6 +265,7 @@ def load(
     if (path / INFERENCE_CONFIG_NAME).is_file():
         config = InferenceConfig.read(path)
         check_weight_files(path)
+        check_attention_options(config, policy_obj or config.kv_policy, attn_implementation, path)
         model, tokenizer = _load_export(path, config, dtype, device, attn_implementation)
         return _with_policy(model, tokenizer, config, policy_obj or config.kv_policy)
     _refuse_run_folder(path)
@@ -282,6 +295,22 @@ def check_model_path(path_or_id: str | Path) -> None:
         raise HeadwiseError(f"{path} is a file, not a model folder; {what}")
     if not path.exists() and (path.is_absolute() or text.startswith(".")):
         raise HeadwiseError(f"{path} does not exist; {what}")
+
+
+def check_attention_options(config: InferenceConfig, policy: Any, attn_implementation: str | None,
+                            path: Path) -> None:
+    """Refuse, before any weights load, what cannot run an export's own attention: a `moh` export gates each head's
+    output per token inside its attention function, which the evicting caches (streaming, h2o, duo: they run
+    `headwise_kv`) and the eager attention do not apply; they would generate with the dense model."""
+    if config.attention.name != "moh":
+        return
+    if policy.type != "full":
+        raise HeadwiseError(f"kv_policy {policy.type} on the moh export {path}: the {policy.type} cache runs its own "
+                            "attention, which does not apply MoH's per-token head gates (it would decode with the "
+                            "dense model); load it with policy full (the export's own)")
+    if attn_implementation == "eager":
+        raise HeadwiseError(f"attn_implementation eager on the moh export {path}: MoH runs its own attention (SDPA, "
+                            "then the router's per-token gates); leave attn_implementation out or give sdpa")
 
 
 def _refuse_run_folder(path: Path) -> None:

@@ -104,7 +104,7 @@ def build_inference_config(recipe, *, weights: str, kv_policy=None) -> Inference
         base_model=BaseModelRef(name=recipe.model.name, gguf_file=recipe.model.gguf_file, revision=recipe.model.revision),
         rope_parameters=dict(rope) if rope else None,
         max_position_embeddings=recipe.model.context_length,
-        attention=method.inference_attention(),
+        attention=method.inference_attention(model_config=config),
         # A method hands its policy over as data; validated here like a user's.
         kv_policy=(parse_kv_policy(kv_policy, field=f"method {recipe.method.name}: KV policy")
                    if kv_policy is not None else recipe.export.kv_policy),
@@ -142,7 +142,7 @@ def export_run(
         raise ExportError("this run trained without LoRA (peft.type none): export it with --format merged")
     src = _weights_dir(run_dir, checkpoint)
     if fmt in ("adapter", "merged") and (src / ADAPTER_CONFIG_NAME).is_file():
-        problem = adapter_problem(src, load_config(recipe.model))
+        problem = adapter_problem(src, load_config(recipe.model), prepare_model=method.prepare_model)
         if problem:
             raise ExportError(
                 f"{problem}; the adapter cannot be exported. Export another checkpoint with --checkpoint checkpoint-N, "
@@ -237,4 +237,11 @@ def _save_merged(recipe, src: Path, dest: Path) -> None:
 
         model = AutoModelForCausalLM.from_pretrained(str(src), dtype=model.dtype, **NO_HUB_KERNELS)
     model.config.use_cache = True
-    model.save_pretrained(str(dest), safe_serialization=True)
+    # Only the weights the model's class defines: the method's own modules (MoH's learned routers) would be keys
+    # `from_pretrained` drops as unexpected; the method's export_artifacts writes what it needs of them beside.
+    import torch
+
+    with torch.device("meta"):
+        own = set(type(model)._from_config(model.config).state_dict())
+    state = {name: tensor for name, tensor in model.state_dict().items() if name in own}
+    model.save_pretrained(str(dest), safe_serialization=True, state_dict=state)

@@ -143,6 +143,11 @@ def check_export_folder(folder: Path) -> list[str]:
         missing.append("model.safetensors")
     if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json")):
         missing.append("tokenizer.json")
+    if config.weights == "merged" and config.attention.name == "moh" and config.attention.router == "learned":
+        from headwise.patches.moh.method import ROUTERS_FILE  # the merged export's learned routers
+
+        if not (folder / ROUTERS_FILE).is_file():
+            missing.append(ROUTERS_FILE)
     if missing:
         raise PushError(f"{folder} is incomplete: missing {', '.join(missing)}; re-run `headwise export --overwrite`")
     try:

@@ -4,7 +4,9 @@ Per layer the first `shared` share of the query heads is always active and the r
 token (`activation` = shared + routed share, 75% by default); the head outputs are multiplied by the router's
 gates before `o_proj`, and a Switch-style balance loss on the routed heads joins the language-model loss. The
 routers (`routers.py`) say which reading of the paper and the released code each follows. This folder computes
-MoH in its masking form (every head runs); the skipping form and the export are not built yet.
+MoH in its masking form (every head runs); the skipping form is not built yet. `MoH.inference_attention` and
+`MoH.export_artifacts` (method.py) write what `headwise.load` needs to run a moh export (the attention entry, the
+learned routers of merged weights).
 """
 
 from headwise.patches.moh.attention import ATTENTION_NAME, MoHState, moh_attention, register

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from headwise.patches.base import HeadwiseError, Section
 from pydantic import Field, model_validator
@@ -42,6 +42,15 @@ class MoHMethod(Section):
             raise ValueError(f"shared ({self.shared}) exceeds activation ({self.activation}): the shared heads are "
                              "part of the active ones")
         return self
+
+    def check_recipe(self, recipe: Any) -> None:
+        """Rules across sections (called by the recipe's validation): the export's KV policy must be `full`. The
+        evicting caches (streaming, h2o, duo) run their own attention, which does not apply the router's per-token
+        gates: `headwise.load` would refuse the export, so the run is refused before it trains."""
+        policy = recipe.export.kv_policy.type
+        if policy != "full":
+            raise ValueError(f"export.kv_policy {policy} with method moh: the {policy} cache runs its own attention, "
+                             "which does not apply MoH's per-token head gates; set export.kv_policy: full")
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,6 +22,9 @@ from headwise.patches.moh.usage import usage_callback
 from headwise.patches.training_attention import check_patchable
 
 WAY_OUT = "use a model without it, or method: full"
+ROUTERS_FILE = "moh_routers.safetensors"  # a merged export's learned routers, keyed by module path
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's file name (the core's ADAPTER_WEIGHTS_NAME)
+PEFT_PREFIX = "base_model.model."  # PEFT's prefix of a wrapped model's module paths
 # Families whose attention normalises each head's query (q_norm, RMSNorm over head_dim), known from the config
 # alone; with the modules at hand, an attention module with a `q_norm` is the ground truth.
 QUERY_NORM_FAMILIES = ("qwen3", "qwen3_moe", "gemma3", "gemma3_text", "olmo2")
@@ -91,12 +95,63 @@ class MoH(Method):
     def callbacks(self, run_dir: str) -> list[Any]:
         return [usage_callback(run_dir, self.state)]
 
-    def inference_attention(self) -> dict[str, Any]:
-        raise HeadwiseError("method moh: headwise export cannot write the moh attention for headwise.load yet (it "
-                            "would load the dense model); the trained adapter and routers are in the run folder")
+    def inference_attention(self, model_config: Any | None = None) -> dict[str, Any]:
+        """The `moh` attention entry of headwise_inference.json: the router and shares (`balance_weight` weighs a
+        training loss only, `compute` picks between two forms with the same outputs: neither is written), and,
+        given the model's config, the head split they imply for it (what `headwise.load` checks the model
+        against)."""
+        entry: dict[str, Any] = {"name": "moh", "router": self.config.router, "activation": self.config.activation,
+                                 "shared": self.config.shared}
+        if model_config is not None:
+            facts = attention_facts(model_config)
+            split = head_split(self.config, facts.num_heads, facts.num_kv_heads)
+            entry["heads"] = {"query_heads": facts.num_heads, "kv_heads": facts.num_kv_heads,
+                              "unit": "kv_group" if self.config.router == "kv_group" else "head",
+                              "shared": split.n_shared, "routed": split.n_routed, "active_routed": split.k}
+        return entry
+
+    def export_artifacts(self, weights_dir: Any, out_dir: Any) -> None:
+        """Make the learned routers travel with the export. An adapter export holds them (PEFT's modules_to_save):
+        checked here. Merged weights cannot (the model's class has no router modules, so `from_pretrained` would
+        drop them): they are written to `moh_routers.safetensors`, keyed by module path
+        (`model.layers.0.self_attn.moh_router.routed.weight`), from the run's adapter or full weights. The KV
+        policy stays the recipe's (None)."""
+        if self.config.router != "learned":
+            return
+        out_dir = Path(out_dir)
+        adapter = out_dir / ADAPTER_WEIGHTS_NAME
+        if adapter.is_file():
+            if not _router_tensors([adapter]):
+                raise HeadwiseError(f"{adapter} holds no learned router ({ROUTER_MODULE}) weights: the run did not "
+                                    "save them with its adapter; train again")
+            return
+        sources = sorted(Path(weights_dir).glob("*.safetensors"))
+        routers = _router_tensors(sources)
+        if not routers:
+            raise HeadwiseError(f"{weights_dir} holds no learned router ({ROUTER_MODULE}) weights in "
+                                f"{', '.join(p.name for p in sources) or 'any safetensors file'}: the merged export "
+                                "would run routers at their zero initialisation; export another checkpoint or train "
+                                "again")
+        from safetensors.torch import save_file
+
+        save_file(routers, str(out_dir / ROUTERS_FILE))
 
 
 def _normalises_queries(model_type: str, model: torch.nn.Module | None) -> bool:
     if model is not None and attention_modules(model):
         return any(hasattr(m, "q_norm") for m in attention_modules(model))
     return model_type in QUERY_NORM_FAMILIES
+
+
+def _router_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    """The learned routers' tensors in safetensors `files` (a PEFT adapter's or a model's), keyed by their module
+    path in the model (PEFT's `base_model.model.` prefix dropped)."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                if f".{ROUTER_MODULE}." in f".{name}":
+                    tensors[name.removeprefix(PEFT_PREFIX)] = f.get_tensor(name).contiguous()
+    return tensors

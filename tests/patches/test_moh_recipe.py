@@ -1,6 +1,6 @@
 """`method: moh` through the recipe path on the tiny Llama of conftest: the learned routers train with the
-adapter (LoRA's language-model loss plus the balance loss), are saved with it and come back on resume; the
-export refuses a moh run until `headwise.load` can run its attention; the shipped SmolLM2 recipe resolves."""
+adapter (LoRA's language-model loss plus the balance loss), are saved with it and come back on resume, and the
+export writes the moh attention (tests/patches/test_moh_export.py loads it back); the shipped recipes resolve."""
 
 from __future__ import annotations
 
@@ -10,14 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from headwise.errors import HeadwiseError
 from headwise.recipe.loader import load_recipe
 from tests.conftest import tiny_recipe, write_recipe
 
 pytestmark = pytest.mark.slow
 
 
-def test_learned_routers_train_save_resume_and_the_export_refuses(tmp_path, tiny_model_dir):
+def test_learned_routers_train_save_resume_and_export(tmp_path, tiny_model_dir):
     from headwise.patches.base import method_for
     from headwise.publish.export import export_run
     from headwise.train.trainer import build_training_model, train
@@ -37,8 +36,9 @@ def test_learned_routers_train_save_resume_and_the_export_refuses(tmp_path, tiny
     restored = {n: p for n, p in fresh.named_parameters() if "moh_router" in n and p.requires_grad}
     for name, value in routers.items():
         torch.testing.assert_close(restored[name], value, rtol=0, atol=0)
-    with pytest.raises(HeadwiseError, match="method moh: headwise export cannot write the moh attention"):
-        export_run(tmp_path / "run")
+    export = export_run(tmp_path / "run")
+    attention = json.loads((export / "headwise_inference.json").read_text())["attention"]
+    assert (attention["name"], attention["router"]) == ("moh", "learned")
 
     # what the run wrote about its routers: per logged step and layer, the share of tokens choosing each of the 2
     # routed heads (k = 1 of them per token, so the shares sum to 1) and the balance loss; the heatmap at the end
