@@ -855,6 +855,102 @@ def status_duo(c: Citer) -> str:
             f"{_duo_vs_full_512k(c)} than with full attention")
 
 
+# --- MoH quality -------------------------------------------------------------------------------------------------
+
+MOH_BENCHMARK = "moh_smollm2"  # the `benchmark` field benchmarks/moh_smollm2.py writes
+MOH_NOT_MEASURED = ("No rows yet: `python benchmarks/moh_smollm2.py` (one GPU, about 8 minutes) appends them to "
+                    "`benchmarks/results/quality.jsonl`.")
+MOH_ORDER = [(None, None), ("query_norm", 0.75), ("kv_group", 0.67), ("learned", 0.75), ("query_norm", 0.5)]
+
+
+def _moh_key(r: Row) -> tuple:
+    return (r["method"], r.get("router"), r.get("activation"), r.get("shared"), r["context"], r["steps"])
+
+
+def _moh_rows(c: Citer) -> list[Row]:
+    """The latest measured row of every model, context and step count (smoke-test rows never count), steps 0 first,
+    then in MOH_ORDER."""
+    rows = [r for r in c.results.rows("quality") if r.get("benchmark") == MOH_BENCHMARK and not r.get("smoke")]
+    order = {k: i for i, k in enumerate(MOH_ORDER)}
+    return sorted(latest(rows, _moh_key), key=lambda r: (r["context"], r["steps"], order.get(
+        (r.get("router"), r.get("activation")), len(order)), r.line))
+
+
+def _moh_model(r: Row) -> str:
+    if r.get("router") is None:
+        return "dense"
+    return f"MoH `{r['router']}` ({r['activation']:g} / {r['shared']:g})"
+
+
+def _moh_active(r: Row) -> str:
+    h = r["heads"]
+    text = f"{r['active_heads']}/{h['query_heads']}"
+    if r.get("router") is not None:
+        unit = "KV groups" if h["unit"] == "kv_group" else "heads"
+        text += f": {h['shared']} shared + {h['active_routed']} of {h['routed']} {unit}"
+    return text
+
+
+def _tokens(n: int) -> str:
+    return "0" if not n else f"{n / 1e6:.2f}M"
+
+
+@region("moh-smollm2-quality")
+def moh_smollm2_quality(c: Citer) -> str:
+    """SmolLM2-135M perplexity: dense, each router right after conversion, and after the same continue-tuning."""
+    rows = c.cite(_moh_rows(c))
+    if not rows:
+        return MOH_NOT_MEASURED
+    lines = [("| model (activation / shared) | active query heads | steps | tokens seen | perplexity (held out) | "
+              "vs dense at the same steps |"), "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r.get("ratio_vs_dense") is None else f"{r['ratio_vs_dense']:.3f}x"
+        lines.append(f"| {_moh_model(r)} | {_moh_active(r)} | {r['steps']} | {_tokens(r['tokens_seen'])} | "
+                     f"{r['value']:.2f} | {ratio} |")
+    return "\n".join(lines)
+
+
+@region("moh-75-vs-dense", inline=True)
+def moh_75_vs_dense(c: Citer) -> str:
+    """MoH `query_norm` at 75% after continue-tuning, against the dense model tuned alike (the issue's target)."""
+    rows = _moh_rows(c)
+    tuned = [r for r in rows if r.get("router") == "query_norm" and r.get("activation") == 0.75 and r["steps"] > 0
+             and r.get("ratio_vs_dense") is not None]
+    if not tuned:
+        return "not measured yet"
+    moh = max(tuned, key=lambda r: r.line)
+    dense = [r for r in rows if r.get("router") is None and r["steps"] == moh["steps"]
+             and r["context"] == moh["context"]]
+    above = moh["ratio_vs_dense"] - 1
+    text = f"{abs(above):.1%} {'above' if above >= 0 else 'below'}"
+    return (f"{c.link(text, [moh, *dense])} the dense model's perplexity after the same {moh['steps']} steps "
+            f"({_tokens(moh['tokens_seen'])} tokens)")
+
+
+# --- MoH speed ---------------------------------------------------------------------------------------------------
+
+
+def _moh_speed_rows(c: Citer) -> list[Row]:
+    rows = [r for r in c.results.rows("kernels") if str(r.get("layout", "")).startswith("moh:")]
+    return sorted(latest(rows, lambda r: (r["layout"], r["T"], r["pass"], r["activation"])),
+                  key=lambda r: (r["pass"] != "fwd+bwd", r["T"], -r["activation"], r["layout"]))
+
+
+@region("moh-speed")
+def moh_speed(c: Citer) -> str:
+    """One layer's MoH attention (router included) against dense SDPA on a Llama-3-8B shape (bench_moh.py)."""
+    rows = c.cite(_moh_speed_rows(c))
+    if not rows:
+        return "No rows yet: `python benchmarks/bench_moh.py` (one GPU, about 3 minutes)."
+    lines = ["| pass | context | router | active heads | dense SDPA | masking form | gathered form | gathered / dense "
+             "| target |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['pass']} | {r['T'] // 1024}K | `{r['layout'].split(':', 1)[1]}` | {r['active_heads']}/{r['H']} "
+                     f"| {r['ms_dense']:.2f} ms | {r['ms_masking']:.2f} ms | {r['ms_gathered']:.2f} ms "
+                     f"| {r['ratio_gathered']:.2f}x | {r['target_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
 # --- GPU test runs -----------------------------------------------------------------------------------------------
 
 

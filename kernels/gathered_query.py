@@ -20,6 +20,7 @@ full tiles (the MoE-style dispatch of the research dossier, moh_s2.md §1.6).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -61,11 +62,17 @@ def gathered_rows(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[..., :t].contiguous(), picked.sum(dim=-1, dtype=torch.int32)
 
 
+# At D = 128 the dK/dV pass gains from a third pipeline stage: on an H200 (benchmarks/tune_gathered.py, 16 heads over
+# 4 KV heads, half the rows chosen) 22.9 -> 20.8 ms fwd+bwd at 32K and 2.10 -> 1.95 ms at 8K; the forward tiles
+# that were tried were no faster than GPU_CONFIGS' (within 5%).
+GATHERED_D128 = dataclasses.replace(GPU_CONFIGS[128], dkdv_stages=3)
+
+
 def _pick_config(head_dim: int, device) -> KernelConfig:
     if interpret_mode() or torch.device(device).type != "cuda":
         return INTERPRET_CONFIG
     d = triton.next_power_of_2(head_dim)
-    return GPU_CONFIGS[64 if d <= 64 else 128 if d <= 128 else 256]
+    return GATHERED_D128 if d == 128 else GPU_CONFIGS[64 if d <= 64 else 256]
 
 
 # ------------------------------------------------------------------------------------------ kernels

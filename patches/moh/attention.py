@@ -47,6 +47,10 @@ class MoHState:
         self.balance.clear()
 
     def record(self, layer: int, loss: torch.Tensor, chosen: torch.Tensor) -> None:
+        if layer in self.balance:
+            # activation checkpointing's recompute in the backward runs the layer again: the loss has been taken,
+            # and keeping the recomputed graph alive until the next forward would only hold memory
+            return
         self.balance[layer] = loss
         # on the model's device: a host copy here would sync the GPU on every layer of every step
         counts = chosen.reshape(-1, chosen.shape[-1]).sum(dim=0).detach().float()

@@ -58,10 +58,11 @@ def _top_k(probs: torch.Tensor, k: int) -> torch.Tensor:
 
 def _by_query_norm(split: HeadSplit, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     b, hq, t, d = query.shape
-    # (B, T, units): the norm of each unit's query (a KV group's: of its heads' queries concatenated), in fp32 or
-    # the model's wider dtype
-    norms = query.to(torch.promote_types(query.dtype, torch.float32)).transpose(1, 2).reshape(b, t, split.n_units, split.group * d).norm(dim=-1)
-    routed = norms[..., split.n_shared:]
+    # (B, T, routed units): the norm of each routed unit's query (a KV group's: of its heads' queries concatenated),
+    # accumulated in fp32 or the model's wider dtype without a widened copy of the queries; shared units need none
+    routed_query = query[:, split.n_shared * split.group:].view(b, split.n_routed, split.group, t, d)
+    acc = torch.promote_types(query.dtype, torch.float32)
+    routed = torch.linalg.vector_norm(routed_query, dim=(2, 4), dtype=acc).transpose(1, 2)
     # Dividing by the spread makes the logits scale-free; with exactly two routed units they become +-1/sqrt(2)
     # whatever the norms, so the softmax (and the straight-through gradient) is then constant.
     if split.n_routed > 1:
@@ -70,7 +71,7 @@ def _by_query_norm(split: HeadSplit, query: torch.Tensor) -> tuple[torch.Tensor,
     chosen = _top_k(probs, split.k)
     # Exactly 0/1 forward; backward, the chosen units' gates pass their gradient to the softmax (see the docstring)
     routed_gates = chosen.to(probs.dtype) * (1 + (probs - probs.detach()))
-    shared = norms.new_ones(b, t, split.n_shared)
+    shared = routed.new_ones(b, t, split.n_shared)
     return torch.cat([shared, routed_gates], dim=-1), probs, chosen
 
 

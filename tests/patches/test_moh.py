@@ -514,3 +514,20 @@ def test_gathered_path_equals_the_masking_path(router, shared, monkeypatch):
         torch.testing.assert_close(gathered(input_ids=ids, attention_mask=padded).logits,
                                    masking(input_ids=ids, attention_mask=padded).logits, rtol=1e-5, atol=1e-5)
         assert len(calls) == before, "the gathered kernel ran under a padding mask"
+
+
+def test_checkpointing_recompute_records_each_layer_once():
+    """With activation checkpointing the backward runs every layer again: the layer's balance loss and head usage
+    are those of the training forward, counted once (the recompute's graph is not kept)."""
+    stock = _routed_llama()
+    hooks = MoH(_cfg("query_norm", shared=0.5))
+    model = copy.deepcopy(stock)
+    hooks.prepare_model(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    ids = _ids(model)
+    logits = model(input_ids=ids, use_cache=False).logits
+    recorded = dict(hooks.state.balance)
+    logits.sum().backward()
+    assert hooks.state.balance == recorded  # the same tensor objects: the recompute recorded nothing
+    assert hooks.state.tokens == {layer: ids.numel() for layer in range(model.config.num_hidden_layers)}
