@@ -531,3 +531,31 @@ def test_checkpointing_recompute_records_each_layer_once():
     logits.sum().backward()
     assert hooks.state.balance == recorded  # the same tensor objects: the recompute recorded nothing
     assert hooks.state.tokens == {layer: ids.numel() for layer in range(model.config.num_hidden_layers)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 attention kernels on a GPU")
+@pytest.mark.parametrize("router,activation,shared", [("kv_group", 0.67, 0.33), ("query_norm", 0.75, 0.5)])
+def test_gathered_path_in_bf16_on_smollm2_shapes(router, activation, shared):
+    """SmolLM2-135M's attention shape (9 query heads over 3 KV heads, head_dim 64) in bf16 on 2048 tokens: the
+    gathered form's layer output is finite and equals the masking form's to bf16 rounding, both for shared heads
+    that fill whole KV groups (kv_group: SDPA on a head slice with GQA) and for those that do not (query_norm)."""
+    from headwise.patches.moh.attention import gathered_attention
+    from headwise.patches.moh.config import head_split
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    b, hq, hkv, t, d = 1, 9, 3, 2048, 64
+
+    def leaf(heads):
+        return torch.randn(b, t, heads, d, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+
+    q, k, v = leaf(hq), leaf(hkv), leaf(hkv)
+    cfg = _cfg(router, activation=activation, shared=shared)
+    split = head_split(cfg, hq, hkv)
+    _, _, chosen = moh_gates(cfg, q, n_kv_heads=hkv)
+    chosen_heads = torch.cat([chosen.new_ones(b, t, split.n_shared * split.group),
+                              chosen.repeat_interleave(split.group, dim=-1)], dim=-1)
+    got = gathered_attention(q, k, v, chosen_heads, split.n_shared * split.group, None).float()
+    want = _causal_attention(q.float(), k.float(), v.float(), d ** -0.5).transpose(1, 2) * chosen_heads[..., None]
+    assert torch.isfinite(got).all(), [int((~torch.isfinite(got[..., h, :])).sum()) for h in range(hq)]
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
