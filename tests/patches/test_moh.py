@@ -255,7 +255,7 @@ def _causal_attention(q, k, v, scaling):
     g = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
     t = q.shape[2]
-    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     scores = (q @ k.transpose(-1, -2) * scaling).masked_fill(~causal, float("-inf"))
     return torch.softmax(scores, dim=-1) @ v
 
