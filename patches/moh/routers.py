@@ -64,9 +64,12 @@ def _by_query_norm(split: HeadSplit, query: torch.Tensor) -> tuple[torch.Tensor,
     acc = torch.promote_types(query.dtype, torch.float32)
     routed = torch.linalg.vector_norm(routed_query, dim=(2, 4), dtype=acc).transpose(1, 2)
     # Dividing by the spread makes the logits scale-free; with exactly two routed units they become +-1/sqrt(2)
-    # whatever the norms, so the softmax (and the straight-through gradient) is then constant.
+    # whatever the norms, so the softmax (and the straight-through gradient) is then constant. The mean is taken
+    # off first: the softmax does not change (it ignores a shift), but the logits stay bounded by sqrt(R - 1), and
+    # tied norms (bf16 queries make exact ties common with few units) give 0 / 0 -> uniform, not inf / inf -> NaN.
     if split.n_routed > 1:
-        routed = routed / routed.std(dim=-1, keepdim=True).clamp_min(torch.finfo(routed.dtype).tiny)
+        spread = routed.std(dim=-1, keepdim=True).clamp_min(torch.finfo(routed.dtype).tiny)
+        routed = (routed - routed.mean(dim=-1, keepdim=True)) / spread
     probs = torch.softmax(routed, dim=-1)
     chosen = _top_k(probs, split.k)
     # Exactly 0/1 forward; backward, the chosen units' gates pass their gradient to the softmax (see the docstring)

@@ -559,3 +559,15 @@ def test_gathered_path_in_bf16_on_smollm2_shapes(router, activation, shared):
     want = _causal_attention(q.float(), k.float(), v.float(), d ** -0.5).transpose(1, 2) * chosen_heads[..., None]
     assert torch.isfinite(got).all(), [int((~torch.isfinite(got[..., h, :])).sum()) for h in range(hq)]
     torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("router,hkv", [("query_norm", HQ), ("kv_group", 4)])
+def test_tied_query_norms_route_uniformly(router, hkv):
+    """Routed units whose query norms tie exactly (bf16 queries make this common with two units: SmolLM2's kv_group
+    split gave NaN perplexity) get equal probabilities and finite gates, not inf / inf."""
+    query = torch.full((1, HQ, 3, 4), 20.0)  # every unit's norm ties, and is large enough (> 4) that norm / fp32's tiny overflows
+    cfg = _cfg(router, shared=0.25, activation=0.75)
+    gates, probs, chosen = moh_gates(cfg, query, n_kv_heads=hkv)
+    assert torch.isfinite(gates).all() and torch.isfinite(probs).all()
+    torch.testing.assert_close(probs, torch.full_like(probs, 1 / probs.shape[-1]))
+    assert bool((chosen.sum(-1) == _split(_units(router, hkv), 0.75, 0.25)[1]).all())
