@@ -247,8 +247,16 @@ def _kernel_key(r: dict) -> tuple:
 def latest_rows(path: Path) -> list[dict]:
     """The last row per (layout, T, Hkv, pass, qkv_memory) of a kernels.jsonl, ordered by layout, pass, T,
     then KV heads (`bench_kernels.py` appends one row per shape and run, so the file holds every run)."""
-    rows = latest(read_rows(Path(path), f"{RESULTS_PREFIX}/{Path(path).name}"), _kernel_key)
+    rows = latest(layout_rows(read_rows(Path(path), f"{RESULTS_PREFIX}/{Path(path).name}")), _kernel_key)
     return _kernel_order(rows)
+
+
+MOH_LAYOUT_PREFIX = "moh:"  # bench_moh.py's rows in kernels.jsonl: one MoH layer, not a layout of the kernel family
+
+
+def layout_rows(rows: Iterable[Row]) -> list[Row]:
+    """The rows of kernels.jsonl that time a layout of the block-sparse family (bench_kernels.py's), without MoH's."""
+    return [r for r in rows if not str(r.get("layout", "")).startswith(MOH_LAYOUT_PREFIX)]
 
 
 def _kernel_order(rows: list) -> list:
@@ -293,7 +301,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def _kernel_latest(c: Citer) -> list[Row]:
-    return _kernel_order(latest(c.results.rows("kernels"), _kernel_key))
+    return _kernel_order(latest(layout_rows(c.results.rows("kernels")), _kernel_key))
 
 
 @region("kernels-latest")
@@ -307,7 +315,7 @@ KERNEL_COLUMNS = [(8192, "fwd+bwd"), (16384, "fwd+bwd"), (32768, "fwd+bwd"), (13
 
 def _vs_flex(c: Citer, layout: str, T: int, pas: str) -> tuple[str, list[Row]]:
     """Flex over ours from the latest run of each shape that timed FlexAttention (runs with --no-flex have none)."""
-    timed = latest((r for r in c.results.rows("kernels") if r.get("ms_flex") is not None), _kernel_key)
+    timed = latest((r for r in layout_rows(c.results.rows("kernels")) if r.get("ms_flex") is not None), _kernel_key)
     rows = [r for r in _kernel_order(timed) if (r["layout"], r["T"], r["pass"]) == (layout, T, pas)
             and r.get("qkv_memory", "bthd") == "bthd"]
     by_hkv = {r["Hkv"]: r for r in rows}
@@ -450,10 +458,18 @@ def _train_setting(r: Row) -> str:
     return "default"
 
 
-def _train_rows(c: Citer) -> list[Row]:
-    """The latest row per (setting, context, method) on today's path: fused LoRA forward, full pieces."""
+def _run_methods(r: Row) -> set[str]:
+    """The methods a bench_train.py run measured (its `--methods`, implementation suffixes dropped): a dense row is
+    the baseline of the methods beside it."""
+    found = re.search(r"--methods[ =](\S+)", r.get("command", ""))
+    return {m.partition("@")[0] for m in found.group(1).split(",")} if found else set()
+
+
+def _train_rows(c: Citer, methods: dict[str, str] = TRAIN_METHODS) -> list[Row]:
+    """The latest row per (setting, context, method) on today's path (fused LoRA forward, full pieces), from runs
+    that measured one of `methods` beside dense."""
     rows = [r for r in c.results.rows("train") if r.get("peft_forward") == "fused" and r.get("max_piece_heads") is None
-            and r["method"] in TRAIN_METHODS]
+            and r["method"] in methods and _run_methods(r) & (set(methods) - {"dense"})]
     return latest(rows, lambda r: (_train_setting(r), r["context"], r["method"]))
 
 
@@ -931,7 +947,7 @@ def moh_75_vs_dense(c: Citer) -> str:
 
 
 def _moh_speed_rows(c: Citer) -> list[Row]:
-    rows = [r for r in c.results.rows("kernels") if str(r.get("layout", "")).startswith("moh:")]
+    rows = [r for r in c.results.rows("kernels") if str(r.get("layout", "")).startswith(MOH_LAYOUT_PREFIX)]
     return sorted(latest(rows, lambda r: (r["layout"], r["T"], r["pass"], r["activation"])),
                   key=lambda r: (r["pass"] != "fwd+bwd", r["T"], -r["activation"], r["layout"]))
 
@@ -948,6 +964,26 @@ def moh_speed(c: Citer) -> str:
         lines.append(f"| {r['pass']} | {r['T'] // 1024}K | `{r['layout'].split(':', 1)[1]}` | {r['active_heads']}/{r['H']} "
                      f"| {r['ms_dense']:.2f} ms | {r['ms_masking']:.2f} ms | {r['ms_gathered']:.2f} ms "
                      f"| {r['ratio_gathered']:.2f}x | {r['target_ratio']:.2f}x |")
+    return "\n".join(lines)
+
+
+MOH_TRAIN_METHODS = {"dense": "dense SDPA", "moh75": "MoH 75% (16 shared + 8 of 16)",
+                     "moh75@masking": "MoH 75%, masking form", "moh50": "MoH 50% (8 shared + 8 of 24)",
+                     "moh50@masking": "MoH 50%, masking form"}
+
+
+@region("moh-train-speed")
+def moh_train_speed(c: Citer) -> str:
+    """One LoRA training step of a Llama-3-8B shape with MoH (query-norm router, gathered form) beside dense."""
+    rows = sorted(_train_rows(c, MOH_TRAIN_METHODS), key=lambda r: (r["context"], list(MOH_TRAIN_METHODS).index(
+        r["method"])))
+    if not rows:
+        return "No rows yet: `python benchmarks/bench_train.py --contexts 32768 --methods dense,moh75,moh50`."
+    lines = ["| context | method | s/step | tokens/s | peak GiB | vs dense (same run) |", "|---|---|---|---|---|---|"]
+    for r in c.cite(rows):
+        ratio = "1.00x" if r["method"] == "dense" else f"{r['ratio_to_dense']}x"
+        lines.append(f"| {_k(r['context'])} | {MOH_TRAIN_METHODS[r['method']]} | {r['s_per_step']:.3f} "
+                     f"| {r['tokens_per_s']:,.0f} | {r['peak_mem_gib']:.2f} | {ratio} |")
     return "\n".join(lines)
 
 
