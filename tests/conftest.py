@@ -18,6 +18,10 @@ import yaml
 from suite_rules import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks of this conftest)
 
 REPO = Path(__file__).resolve().parents[1]
+# `python -m pytest` puts the working directory (the checkout) on sys.path, where the top-level `kernels/` folder
+# (the sources of headwise.kernels) would shadow the PyPI package `kernels` that transformers >= 5.25 imports.
+# headwise itself is imported from its installation.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
 
 
 def _decorate_kernels_for_the_interpreter() -> None:
