@@ -18,10 +18,24 @@ import yaml
 from suite_rules import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks of this conftest)
 
 REPO = Path(__file__).resolve().parents[1]
-# `python -m pytest` puts the working directory (the checkout) on sys.path, where the top-level `kernels/` folder
-# (the sources of headwise.kernels) would shadow the PyPI package `kernels` that transformers >= 5.25 imports.
-# headwise itself is imported from its installation.
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
+
+
+def _import_the_pypi_kernels_package() -> None:
+    """`python -m pytest` puts the working directory (the checkout) on sys.path, where the top-level `kernels/`
+    folder (the sources of headwise.kernels) would shadow the PyPI package `kernels` that transformers >= 5.25
+    imports. Import the installed one first, with the checkout off sys.path, so `import kernels` finds it in
+    sys.modules; the checkout stays on sys.path for the tests' own `tests.` imports."""
+    saved = sys.path[:]
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO]
+    try:
+        import kernels  # noqa: F401  (PyPI's; absent before transformers 5.25, which does not import it then)
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_the_pypi_kernels_package()
 
 
 def _decorate_kernels_for_the_interpreter() -> None:
