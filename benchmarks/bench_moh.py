@@ -65,6 +65,18 @@ def attention_fns(cfg, q, k, v):
     return {"dense": dense, "masking": masking, "gathered": gathered}, split
 
 
+def random_attention_inputs(t: int, hq: int, hkv: int, d: int, generator: torch.Generator):
+    """bf16 q `(1, hq, t, d)`, k/v `(1, hkv, t, d)` leaves as transformers hands them ((B, T, H, D) buffers seen as
+    (B, H, T, D)), and an output gradient `(1, t, hq, d)`, on the GPU."""
+
+    def leaf(heads):
+        x = torch.randn(1, t, heads, d, device="cuda", dtype=torch.bfloat16, generator=generator)
+        return x.transpose(1, 2).detach().requires_grad_()
+
+    q, k, v = leaf(hq), leaf(hkv), leaf(hkv)
+    return q, k, v, torch.randn(1, t, hq, d, device="cuda", dtype=torch.bfloat16, generator=generator)
+
+
 def time_ms(fn, do, leaves, passes: str) -> float:
     import triton
 
@@ -98,14 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                   triton=__import__("triton").__version__, command=command,
                   date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
     for t in (int(x) for x in args.contexts.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(0)
-
-        def leaf(heads):
-            return torch.randn(1, t, heads, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) \
-                .detach().requires_grad_()
-
-        q, k, v = leaf(H), leaf(HKV), leaf(HKV)
-        do = torch.randn(1, t, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        q, k, v, do = random_attention_inputs(t, H, HKV, D, torch.Generator(device="cuda").manual_seed(0))
         for passes in args.passes.split(","):
             dense_ms = None
             for activation in (float(x) for x in args.activations.split(",")):

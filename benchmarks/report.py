@@ -967,6 +967,19 @@ def moh_speed(c: Citer) -> str:
     return "\n".join(lines)
 
 
+@region("status-moh", inline=True)
+def status_moh(c: Citer) -> str:
+    """README: MoH's layer time at 32K against dense (75% and 50% active) and its tuned SmolLM2 perplexity."""
+    rows = {r["activation"]: r for r in _moh_speed_rows(c)
+            if (r["layout"], r["T"], r["pass"]) == ("moh:query_norm", 32768, "fwd+bwd")}
+    if 0.75 not in rows or 0.5 not in rows:
+        return "not measured yet"
+    times = f"{rows[0.75]['ratio_gathered']:.2f}x / {rows[0.5]['ratio_gathered']:.2f}x"
+    return (f"one layer's attention at 32K forward + backward takes {c.link(times, [rows[0.75], rows[0.5]])} of dense "
+            f"SDPA's time at 75% / 50% active heads; on SmolLM2-135M, MoH `query_norm` at 75% ends "
+            f"{moh_75_vs_dense(c)}")
+
+
 MOH_TRAIN_METHODS = {"dense": "dense SDPA", "moh75": "MoH 75% (16 shared + 8 of 16)",
                      "moh75@masking": "MoH 75%, masking form", "moh50": "MoH 50% (8 shared + 8 of 24)",
                      "moh50@masking": "MoH 50%, masking form"}

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_moh import time_ms  # noqa: E402
+from bench_moh import random_attention_inputs, time_ms  # noqa: E402
 from results_io import emit_row, utc_now  # noqa: E402
 
 H, HKV, D = 16, 4, 128
@@ -62,13 +62,7 @@ def main(argv: list[str] | None = None) -> int:
                   command=command)
     for t in (int(x) for x in args.contexts.split(",")):
         g = torch.Generator(device="cuda").manual_seed(0)
-
-        def leaf(heads):
-            return torch.randn(1, t, heads, D, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2) \
-                .detach().requires_grad_()
-
-        q, k, v = leaf(H), leaf(HKV), leaf(HKV)
-        do = torch.randn(1, t, H, D, device="cuda", dtype=torch.bfloat16, generator=g)
+        q, k, v, do = random_attention_inputs(t, H, HKV, D, g)
         chosen = torch.rand(1, t, H, device="cuda", generator=g) < args.density
         rows, counts = gathered_rows(chosen)
         dense = {

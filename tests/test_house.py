@@ -12,6 +12,7 @@ import ast
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -179,8 +180,11 @@ BLOCK_TRITON = textwrap.dedent("""
 """)
 
 
-def _run_without_triton(code: str, *args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+def _run_without_triton(code: str, *args: str) -> subprocess.CompletedProcess:
     script = BLOCK_TRITON + textwrap.dedent(code)
+    # `python -c` puts its working directory on sys.path: run outside the checkout, whose kernels/ folder would
+    # shadow the PyPI package `kernels` that transformers >= 5.25 imports
+    cwd = tempfile.gettempdir()
     env = {**os.environ, "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=cwd, env=env,
                           timeout=300)

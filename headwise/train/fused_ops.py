@@ -67,17 +67,23 @@ def apply_liger_kernels(model: torch.nn.Module) -> None:
         patched = getattr(modeling, name)
         if patched is value:
             continue
-        if inspect.isfunction(value) and inspect.isfunction(patched):
+        # a function, or (transformers >= 5.25, with the `kernels` package) a callable module that the Hub's kernels
+        # can replace, such as `apply_rotary_pos_emb`: Liger's replacement then runs on CUDA tensors only
+        if _is_function_like(value) and _is_function_like(patched):
             setattr(modeling, name, _on_cuda_only(patched, value))
         else:
             setattr(modeling, name, value)
+
+
+def _is_function_like(value: Any) -> bool:
+    return callable(value) and not inspect.isclass(value)
 
 
 def _on_cuda_only(fused: Callable, original: Callable) -> Callable:
     """`fused` for CUDA tensors, `original` otherwise (decided by the first tensor argument)."""
     original = getattr(original, "__wrapped_original__", original)  # a second apply does not nest
 
-    @functools.wraps(original)
+    @functools.wraps(original, updated=())  # a callable module's __dict__ (its parameters) stays its own
     def dispatch(*args: Any, **kwargs: Any) -> Any:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         return (fused if first is not None and first.is_cuda else original)(*args, **kwargs)
