@@ -132,6 +132,23 @@ def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, kb, pos, offs_n, offs_d, d_ok, T
 
 
 @triton.jit
+def _query_tile_setup(Q, K, V, ROWS, COUNTS, b, h, H, n_rows, tile, sqb, sqh, sqt, skb, skh, svb, svh, W, GQA,
+                      HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    """What a row-tile program (forward, dQ) starts from: its rows, their queries, its KV head's K and V, and the
+    key tiles it visits ([lo, full) unmasked, [full, hi) masked)."""
+    offs, ok, pos, first, last = _row_tile(ROWS, COUNTS, b, h, H, n_rows, tile, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + b * sqb + h * sqh + pos[:, None] * sqt + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
+                other=0.0)
+    kvh = h // GQA
+    lo, full, hi = _key_range(first, last, W, BLOCK_N, HAS_WINDOW)
+    return offs, ok, pos, offs_n, offs_d, d_ok, q, K + b * skb + kvh * skh, V + b * svb + kvh * svh, lo, full, hi
+
+
+@triton.jit
 def _gq_fwd_kernel(Q, K, V, O, LSE, ROWS, COUNTS, qk_scale, sqb, sqh, sqt, skb, skh, skt, svb, svh, svt,
                    sob, sot, soh, T, H, n_rows, W, GQA, HAS_WINDOW: tl.constexpr, HEAD_DIM: tl.constexpr,
                    BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -140,16 +157,9 @@ def _gq_fwd_kernel(Q, K, V, O, LSE, ROWS, COUNTS, qk_scale, sqb, sqh, sqt, skb, 
     b = tl.program_id(2).to(tl.int64)
     if tile * BLOCK_M >= tl.load(COUNTS + b * H + h):
         return
-    offs, ok, pos, first, last = _row_tile(ROWS, COUNTS, b, h, H, n_rows, tile, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
-    q = tl.load(Q + b * sqb + h * sqh + pos[:, None] * sqt + offs_d[None, :], mask=ok[:, None] & d_ok[None, :],
-                other=0.0)
-    kvh = h // GQA
-    k_base = K + b * skb + kvh * skh
-    v_base = V + b * svb + kvh * svh
-    lo, full, hi = _key_range(first, last, W, BLOCK_N, HAS_WINDOW)
+    offs, ok, pos, offs_n, offs_d, d_ok, q, k_base, v_base, lo, full, hi = _query_tile_setup(
+        Q, K, V, ROWS, COUNTS, b, h, H, n_rows, tile, sqb, sqh, sqt, skb, skh, svb, svh, W, GQA, HAS_WINDOW, HEAD_DIM,
+        BLOCK_D, BLOCK_M, BLOCK_N)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -206,19 +216,13 @@ def _gq_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, ROWS, COUNTS, qk_scale, sm_scale,
     b = tl.program_id(2).to(tl.int64)
     if tile * BLOCK_M >= tl.load(COUNTS + b * H + h):
         return
-    offs, ok, pos, first, last = _row_tile(ROWS, COUNTS, b, h, H, n_rows, tile, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = _d_mask(offs_d, HEAD_DIM, BLOCK_D)
+    offs, ok, pos, offs_n, offs_d, d_ok, q, k_base, v_base, lo, full, hi = _query_tile_setup(
+        Q, K, V, ROWS, COUNTS, b, h, H, n_rows, tile, sqb, sqh, sqt, skb, skh, svb, svh, W, GQA, HAS_WINDOW, HEAD_DIM,
+        BLOCK_D, BLOCK_M, BLOCK_N)
     mask = ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * sqb + h * sqh + pos[:, None] * sqt + offs_d[None, :], mask=mask, other=0.0)
     do = tl.load(DO + b * sdob + pos[:, None] * sdot + h * sdoh + offs_d[None, :], mask=mask, other=0.0)
     lse2 = tl.load(LSE + (b * H + h) * n_rows + offs, mask=ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + (b * H + h) * n_rows + offs, mask=ok, other=0.0)
-    kvh = h // GQA
-    k_base = K + b * skb + kvh * skh
-    v_base = V + b * svb + kvh * svh
-    lo, full, hi = _key_range(first, last, W, BLOCK_N, HAS_WINDOW)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for kb in range(lo, full):
         dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, kb, pos, offs_n, offs_d, d_ok, T, W, skt, svt, qk_scale,
