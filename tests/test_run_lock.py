@@ -28,8 +28,11 @@ def _launch(recipe_path: Path, log: Path) -> subprocess.Popen:
     """`headwise train` in the background; its output goes to `log` (a pipe left unread could fill and stall it)."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     with open(log, "w") as out:
+        # A suite started in the background (`pytest &` from a script) inherits SIGINT ignored, and so would the
+        # run: it must take Ctrl-C as a terminal's foreground job does, so SIGINT is reset before the exec.
         return subprocess.Popen([sys.executable, "-m", "headwise", "train", str(recipe_path)], env=env,
-                                stdout=out, stderr=subprocess.STDOUT, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_until(condition, proc: subprocess.Popen, log: Path, what: str, timeout: float = 300) -> None:
