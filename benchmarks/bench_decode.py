@@ -11,6 +11,8 @@ bandwidth bound of the row: (bytes of weights read per token + bytes of kept KV)
     python benchmarks/bench_decode.py --contexts 131072 --policies full-hf
     # where a 50%-streaming Duo cache dominates the weights (KV 131 KB/token on this shape; 512K full = 68.7 GB):
     python benchmarks/bench_decode.py --mode compile --contexts 262144,524288 --policies full,duo
+    # MoH at decode (full cache; the model routed, see below):
+    python benchmarks/bench_decode.py --contexts 32768,131072 --policies full,moh-kv75,moh-kv50,moh-q75
     # CPU smoke test of the whole script (tiny shape, nothing written unless --out):
     python benchmarks/bench_decode.py --tiny
 
@@ -19,6 +21,14 @@ Policies: `full` (every token, static buffer), `streaming` (4 sinks + recent, 20
 chosen at random with seed 0; sink 128 + recent 256, as DuoAttention), and `full-hf` (the plain
 transformers loop: DynamicCache, SDPA, one Python-driven forward per token; the reference the
 issue measured at 61.5 ms/token at 32K).
+
+MoH rows (`full` cache, the model converted with `headwise.patches.moh`, as `headwise.load` runs a moh export):
+`moh-kv75` / `moh-kv50` route whole KV groups (`kv_group`: 4 shared + 2 of 4 routed groups, and 2 shared + 2 of
+6), so each decode step reads the K/V of 75% / 50% of the KV heads (the fused kernel skips the rest);
+`moh-q75` routes query heads (MoH-LLaMA3's query-norm router, 16 shared + 8 of 16 routed), where a KV head is
+skipped only when none of its 4 query heads is chosen. The router runs on the random model's queries, so which
+groups a step reads changes from token to token. `kv_read_share` is the share of the KV heads a step reads (the
+routers pick exactly that many groups for kv rows; for `moh-q75` an upper bound of 1) and the bound counts only those.
 
 Prefill: by default the caches are filled synthetically (random keys/values at the shapes the
 policy keeps after a prompt of `context` tokens; random H2O scores), because decode speed depends
@@ -38,7 +48,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# not the checkout itself: its kernels/ folder would shadow the PyPI package transformers imports
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import emit_row, utc_now  # noqa: E402
 
@@ -63,6 +73,25 @@ def policies(shape: dict, seed: int = 0) -> dict[str, dict]:
         "duo": {"type": "duo", "retrieval_heads": mask.view(shape["num_hidden_layers"], -1).tolist(),
                 "sink": 4 if small else 128, "recent": 16 if small else 256},
     }
+
+
+# MoH rows: name -> (router, activation, shared)
+MOH_ROWS = {"moh-kv75": ("kv_group", 0.75, 0.5), "moh-kv50": ("kv_group", 0.5, 0.25), "moh-q75": ("query_norm", 0.75, 0.5)}
+
+
+def set_moh(model, row: str | None) -> float:
+    """Route `model` as MoH row `row` (see MOH_ROWS), or take MoH off (None); returns the share of KV heads a
+    decode step reads."""
+    from headwise.patches.moh import MoH, MoHMethod
+
+    if row is None:
+        for module in model.modules():
+            if hasattr(module, "headwise_moh"):
+                del module.headwise_moh
+        return 1.0
+    router, activation, shared = MOH_ROWS[row]
+    MoH(MoHMethod(router=router, activation=activation, shared=shared)).prepare_model(model)
+    return activation if router == "kv_group" else 1.0
 
 
 def build_model(shape: dict, dtype: torch.dtype, device: str, max_positions: int = 262144):
@@ -194,7 +223,8 @@ def run_hf_loop(model, context, args, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policies", default="full,streaming,h2o,duo", help="comma-separated: full,streaming,h2o,duo,full-hf")
+    p.add_argument("--policies", default="full,streaming,h2o,duo",
+                   help="comma-separated: full,streaming,h2o,duo,full-hf, and the MoH rows " + ",".join(MOH_ROWS))
     p.add_argument("--contexts", default=None, help="comma-separated prompt lengths (default 32768,131072; --tiny: 256,512)")
     p.add_argument("--new-tokens", type=int, default=128, help="decode steps timed per row")
     p.add_argument("--warmup", type=int, default=8)
@@ -236,13 +266,17 @@ def main(argv=None) -> int:
     for context in contexts:
         for name in args.policies.split(","):
             name = name.strip()
-            if name not in table and name != "full-hf":
+            if name not in table and name != "full-hf" and name not in MOH_ROWS:
                 p.error(f"--policies: unknown {name!r}")
             policy = table.get(name, {"type": "full"})
+            read_share = set_moh(model, name if name in MOH_ROWS else None)
             row = run_row(model, name, policy, context, args, device)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-            bound = args.hbm / (wbytes + row["kv_kept_bytes"])
-            record = dict(policy=name, policy_config=policy if name != "duo" else {**policy, "retrieval_heads": "random 50%"},
+            bound = args.hbm / (wbytes + read_share * row["kv_kept_bytes"])
+            config = {**policy, "retrieval_heads": "random 50%"} if name == "duo" else policy
+            if name in MOH_ROWS:
+                config = {**policy, "moh": dict(zip(("router", "activation", "shared"), MOH_ROWS[name]))}
+            record = dict(policy=name, policy_config=config, kv_read_share=read_share,
                           model_shape=shape_name, context=context, batch=args.batch,
                           tokens_per_s=round(row["tokens_per_s"], 2), ms_per_token=round(row["ms_per_token"], 3),
                           peak_mem_gib=None if peak is None else round(peak, 2), kv_bytes=row["kv_bytes"],

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# not the checkout itself: its kernels/ folder would shadow the PyPI package transformers imports
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import emit_row, utc_now  # noqa: E402
 

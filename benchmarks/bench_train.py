@@ -56,7 +56,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import LLAMA3_8B, TINY  # noqa: E402  (also puts the checkout on sys.path)
+from bench_decode import LLAMA3_8B, TINY  # noqa: E402
 from results_io import append_rows, utc_now  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]

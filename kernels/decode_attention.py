@@ -97,10 +97,10 @@ def num_splits(bh: int, length: int, block_n: int, device: torch.device) -> int:
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, VALID, O, LSE, M_PART, L_PART, ACC_PART, LOGITS,
+def _decode_split_kernel(Q, K, V, VALID, ACTIVE, O, LSE, M_PART, L_PART, ACC_PART, LOGITS,
                          qk_scale, H, G, L, split_len, n_splits,
-                         sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, smh, sml, sob, soh, sog,
-                         HAS_VALID: tl.constexpr, SINGLE: tl.constexpr, NEED_LOGITS: tl.constexpr,
+                         sqb, sqh, sqg, skb, skh, skl, svb, svh, svl, smb, smh, sml, sab, sah, sob, soh, sog,
+                         HAS_VALID: tl.constexpr, HAS_ACTIVE: tl.constexpr, SINGLE: tl.constexpr, NEED_LOGITS: tl.constexpr,
                          UPCAST: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                          BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PREC: tl.constexpr):
     """One KV head x one slice of keys: online softmax of the G query rows over the slice.
@@ -109,6 +109,8 @@ def _decode_split_kernel(Q, K, V, VALID, O, LSE, M_PART, L_PART, ACC_PART, LOGIT
     whose running max is still -inf uses 0 as its reference, so exp2 gives 0, never NaN.
     SINGLE (one split): normalise and write out / lse here. Else write m, l (log2 units) and the
     unnormalised acc of the slice to the partial buffers ``(B*H, n_splits, G[, D])``.
+    HAS_ACTIVE: a KV head whose ``ACTIVE`` flag is 0 walks no keys (its K and V are never read) and ends as a
+    row without a valid key: output 0.
     """
     pid_bh = tl.program_id(0).to(tl.int64)
     pid_s = tl.program_id(1)
@@ -130,6 +132,8 @@ def _decode_split_kernel(Q, K, V, VALID, O, LSE, M_PART, L_PART, ACC_PART, LOGIT
     m_base = VALID + b * smb + h * smh
     start = pid_s * split_len
     end = tl.minimum(start + split_len, L)
+    if HAS_ACTIVE:
+        end = tl.where(tl.load(ACTIVE + b * sab + h * sah) != 0, end, start)
     m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
@@ -241,6 +245,7 @@ def decode_attention(
     scaling: float,
     need_colsums: bool = False,
     *,
+    head_active: Optional[torch.Tensor] = None,
     n_splits: Optional[int] = None,
     block_n: Optional[int] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -254,6 +259,9 @@ def decode_attention(
         scaling: softmax scale (``1/sqrt(D)`` for plain attention).
         need_colsums: also return the column sums of the softmax probabilities summed over the G query
             heads (what H2O accumulates).
+        head_active: ``(B, H)`` bool, the KV heads to compute; the others read neither K nor V and give
+            output 0 (MoH decode, where a token's router left every query head of a KV head out). None:
+            all. Not with ``need_colsums`` (a skipped head has no probabilities to sum).
         n_splits: key-axis splits (default: from L and the SM count, see ``num_splits``); clipped to
             the key tiles and ``MAX_SPLITS``.
         block_n: key tile (default: ``GPU_LAUNCH``'s, or 16 under the interpreter).
@@ -271,6 +279,9 @@ def decode_attention(
         raise ValueError(f"decode_attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
     if key_valid is not None and key_valid.shape != (B, H, L):
         raise ValueError(f"decode_attention: key_valid {tuple(key_valid.shape)} is not {(B, H, L)}")
+    if head_active is not None and (head_active.shape != (B, H) or need_colsums):
+        raise ValueError(f"decode_attention: head_active {tuple(head_active.shape)} must be {(B, H)}, and "
+                         "cannot go with need_colsums")
     dev = q.device
     if dev.type != "cuda" and not interpret_mode():
         raise ValueError("decode_attention: needs CUDA tensors (or TRITON_INTERPRET=1 on CPU); on CPU use "
@@ -305,6 +316,11 @@ def decode_attention(
         smb, smh, sml = valid.stride()
     else:
         valid, (smb, smh, sml) = q, (0, 0, 0)  # never read
+    if head_active is not None:
+        active = (head_active if head_active.dtype == torch.bool else head_active != 0).view(torch.uint8)
+        sab, sah = active.stride()
+    else:
+        active, (sab, sah) = q, (0, 0)  # never read
     f32 = dict(dtype=torch.float32, device=dev)
     lse = torch.empty(bh * G, **f32) if need_colsums else None
     logits = torch.empty(bh * G * L, **f32) if need_colsums else None
@@ -316,13 +332,13 @@ def decode_attention(
         acc_part = torch.empty(bh * splits * G * D, **f32)
     dummy = out
     _decode_split_kernel[(bh, splits)](
-        q, k, v, valid, out, lse if lse is not None else dummy,
+        q, k, v, valid, active, out, lse if lse is not None else dummy,
         m_part if m_part is not None else dummy, l_part if l_part is not None else dummy,
         acc_part if acc_part is not None else dummy, logits if logits is not None else dummy,
         float(scaling) * _LOG2E, H, G, L, split_len, splits,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), smb, smh, sml, out.stride(0), out.stride(1), out.stride(2),
-        HAS_VALID=key_valid is not None, SINGLE=single, NEED_LOGITS=need_colsums, UPCAST=upcast,
+        v.stride(0), v.stride(1), v.stride(2), smb, smh, sml, sab, sah, out.stride(0), out.stride(1), out.stride(2),
+        HAS_VALID=key_valid is not None, HAS_ACTIVE=head_active is not None, SINGLE=single, NEED_LOGITS=need_colsums, UPCAST=upcast,
         HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=bn,
         DOT_PREC="ieee" if k.dtype == torch.float32 or upcast else "tf32",
         num_warps=warps, num_stages=stages,
@@ -345,18 +361,19 @@ def decode_attention(
 
 
 def _decode_attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: Optional[torch.Tensor],
-                           scaling: float, need_colsums: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                           scaling: float, need_colsums: bool,
+                           head_active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``decode_attention`` as one opaque torch operator (``headwise::decode_attention``), so
     ``torch.compile`` (the static decoder's ``mode="compile"``) fuses the model's elementwise chains
     around it without tracing into the launcher's host arithmetic. Same arguments; the column sums come
     back as an empty tensor when ``need_colsums`` is false (an operator's outputs cannot be None).
     ``decode_attention`` is looked up in the module's globals at call time, so a reloaded module (the
     kernel tests reload it under the interpreter) runs its own kernels through the operator registered first."""
-    out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums)
+    out, colsums = decode_attention(q, k, v, key_valid, scaling, need_colsums, head_active=head_active)
     return out, colsums if colsums is not None else torch.empty(0, dtype=torch.float32, device=q.device)
 
 
-def _decode_attention_fake(q, k, v, key_valid, scaling, need_colsums):
+def _decode_attention_fake(q, k, v, key_valid, scaling, need_colsums, head_active=None):
     B, H, G, D = q.shape
     cols = (B, H, k.shape[2]) if need_colsums else (0,)
     return q.new_empty(B, H, G, D), q.new_empty(cols, dtype=torch.float32)

@@ -15,6 +15,11 @@ The column sums never need a T x T matrix: queries go in blocks, each block agai
 see (up to its last query under the causal mask), so the row softmax is exact, the column sums add up
 block by block, and the work is that of causal attention. They are summed over the query heads of each
 GQA group and over the block's queries; padding queries contribute nothing.
+
+A MoH model (`headwise.patches.moh`: the module carries `headwise_moh`) keeps its router under a headwise cache:
+the gates multiply each head's output, and at decode the fused kernel skips the KV heads that no chosen query head
+of the token uses (with `kv_group` routing, the groups the router left out), so their K and V are never read.
+Outside a cache such a module runs MoH's own attention.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from headwise.errors import HeadwiseError
+from headwise.patches.moh import moh_attention, moh_head_gates
 
 ATTENTION_NAME = "headwise_kv"  # no flash/sdpa/flex_attention in the name: transformers special-cases those
 # Query positions per block of the torch path (column sums, masked prefill; see `_blocked_attention`). A
@@ -78,14 +84,24 @@ def bound_layer(module):
 
 
 def headwise_kv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    moh = getattr(module, "headwise_moh", None) is not None
     layer = bound_layer(module)
     if layer is None or not layer.pending:
+        if moh:
+            return moh_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         return _without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    gates = head_active = None
+    if moh:
+        B, Hq, T, _ = query.shape
+        gates, chosen_heads = moh_head_gates(module, query, key.shape[1])
+        if T == 1:  # (B, Hkv): a KV head is needed when any query head of its group is chosen
+            head_active = chosen_heads[:, 0].view(B, key.shape[1], Hq // key.shape[1]).any(dim=-1)
     # Gemma-2's logit softcap and GPT-OSS's learned sinks, as the model hands them to its attention function
-    return layer.attend(query, attention_mask, scaling, kwargs.get("position_ids"), softcap=kwargs.get("softcap"),
-                        sinks=kwargs.get("s_aux")), None
+    out = layer.attend(query, attention_mask, scaling, kwargs.get("position_ids"), softcap=kwargs.get("softcap"),
+                       sinks=kwargs.get("s_aux"), head_active=head_active)
+    return (out if gates is None else out * gates.to(out.dtype).unsqueeze(-1)), None
 
 
 def _without_cache(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
@@ -125,6 +141,7 @@ def grouped_attention(
     window: tuple[int, torch.Tensor, torch.Tensor] | None = None,
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
+    head_active: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of grouped queries over one head group's kept keys.
 
@@ -142,6 +159,8 @@ def grouped_attention(
     sinks (H, G): learned sink logits of the group's query heads (GPT-OSS), one more softmax term without a value;
     the column sums stay those of the real keys. Both run on the torch path (neither SDPA nor the fused decode
     kernel applies them).
+    head_active (B, H) bool: the KV heads whose output the caller uses (MoH decode gates the others to zero); the
+    fused decode kernel reads no K or V of the others and gives them 0, the torch path computes them all.
     Returns out (B, H, G, T, D) and, with need_colsums, the column sums (B, H, L) in fp32.
     T == 1 without prompt_mask on CUDA (or under TRITON_INTERPRET=1) runs the fused Triton kernel
     (`headwise.kernels.decode_attention`; switch: FUSED_DECODE); everything else the torch code below.
@@ -154,7 +173,8 @@ def grouped_attention(
         # mask alone decides; same semantics as the matmul path below, in one fused kernel chain.
         from headwise.kernels.decode_attention import decode_attention_op
 
-        out, colsums = decode_attention_op(q[:, :, :, 0], k, v, key_valid, scaling, need_colsums)
+        out, colsums = decode_attention_op(q[:, :, :, 0], k, v, key_valid, scaling, need_colsums,
+                                           None if need_colsums else head_active)
         return out.unsqueeze(3), (colsums if need_colsums else None)
     if not need_colsums and window is None and plain and (prompt_mask is not None or (key_valid is None and causal_tail)):
         return _sdpa(q, k, v, scaling, causal_tail, prompt_mask), None

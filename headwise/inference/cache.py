@@ -75,9 +75,11 @@ class HeadwiseLayer(DynamicLayer):
         return outs[0] if len(outs) == 1 else (key_states, value_states)
 
     def attend(self, query: torch.Tensor, attention_mask, scaling: float, position_ids, *,
-               softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
+               softcap: float | None = None, sinks: torch.Tensor | None = None,
+               head_active: torch.Tensor | None = None) -> torch.Tensor:
         """Attention of `query` (B, Hq, T, D) over every group's kept keys; (B, T, Hq, D). Ends the step.
-        `softcap` and `sinks` (Hq,) are the model's own (Gemma-2's logit softcap, GPT-OSS's learned sinks)."""
+        `softcap` and `sinks` (Hq,) are the model's own (Gemma-2's logit softcap, GPT-OSS's learned sinks).
+        `head_active` (B, Hkv) bool: the KV heads whose output is used (MoH decode); others may come back as 0."""
         B, Hq, T, D = query.shape
         G = Hq // self.num_kv_heads
         qg = query.view(B, self.num_kv_heads, G, T, D)
@@ -98,6 +100,8 @@ class HeadwiseLayer(DynamicLayer):
                 causal_tail=True if first else store.causal_tail,
                 prompt_mask=prompt_mask, need_colsums=store.needs_scores, window=window, softcap=softcap,
                 sinks=None if sinks_g is None else (sinks_g if idx is None else sinks_g.index_select(0, idx)),
+                head_active=None if head_active is None else (head_active if idx is None
+                                                              else head_active.index_select(1, idx)),
             )
             store.finish(colsums, valid_new, pos_new)
             if out is None:

@@ -142,10 +142,6 @@ class LoadedModel:
             name = "prompt" if single else f"prompt[{empty[0]}]"
             raise HeadwiseError(f"{name} {prompts[empty[0]]!r} gives no tokens with this tokenizer: give other text")
         if static or compile:
-            if self.config is not None and self.config.attention.name != "full":
-                raise HeadwiseError(f"static decoding runs the headwise_kv attention, which does not apply this "
-                                    f"export's {self.config.attention.name} attention (it would decode with the dense "
-                                    "model); generate without static/compile")
             if kwargs:
                 raise TypeError(f"static decoding is greedy and takes no generation options (got {', '.join(kwargs)})")
             decoder = StaticDecoder(self.model, self.policy, max_new_tokens=max_new_tokens,
@@ -300,14 +296,16 @@ def check_model_path(path_or_id: str | Path) -> None:
 def check_attention_options(config: InferenceConfig, policy: Any, attn_implementation: str | None,
                             path: Path) -> None:
     """Refuse, before any weights load, what cannot run an export's own attention: a `moh` export gates each head's
-    output per token inside its attention function, which the evicting caches (streaming, h2o, duo: they run
-    `headwise_kv`) and the eager attention do not apply; they would generate with the dense model."""
+    output per token inside its attention function, which the eager attention does not apply (it would generate
+    with the dense model), and the evicting caches (streaming, h2o, duo) are not built for it: they choose the tokens
+    they keep over every head, also the ones the router leaves out. The full policy, static decoding included,
+    runs MoH's gates (`headwise.inference.attention`)."""
     if config.attention.name != "moh":
         return
     if policy.type != "full":
-        raise HeadwiseError(f"kv_policy {policy.type} on the moh export {path}: the {policy.type} cache runs its own "
-                            "attention, which does not apply MoH's per-token head gates (it would decode with the "
-                            "dense model); load it with policy full (the export's own)")
+        raise HeadwiseError(f"kv_policy {policy.type} on the moh export {path}: the evicting caches choose the tokens "
+                            "they keep over every head, also the ones MoH's router leaves out, and are not built for "
+                            "moh; load it with policy full (the export's own)")
     if attn_implementation == "eager":
         raise HeadwiseError(f"attn_implementation eager on the moh export {path}: MoH runs its own attention (SDPA, "
                             "then the router's per-token gates); leave attn_implementation out or give sdpa")

@@ -73,21 +73,32 @@ def moh_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tenso
     from transformers.integrations.sdpa_attention import sdpa_attention_forward  # loaded with the model
 
     state: MoHState = module.headwise_moh
-    logits = None
-    if state.config.router == "learned":
-        logits = getattr(module, ROUTER_MODULE)(getattr(module, HIDDEN_ATTRIBUTE))
-    gates, probs, chosen = moh_gates(state.config, query, logits, n_kv_heads=key.shape[1])
-    if module.training:
-        state.record(module.layer_idx, balance_loss(probs, chosen), chosen)
+    gates, chosen_heads = moh_head_gates(module, query, key.shape[1])
     if gathered_applies(state.config, query, key, attention_mask, dropout):
         split = head_split(state.config, query.shape[1], key.shape[1])
-        chosen_heads = torch.cat([chosen.new_ones(*chosen.shape[:2], split.n_shared * split.group),
-                                  chosen.repeat_interleave(split.group, dim=-1)], dim=-1)
         out = gathered_attention(query, key, value, chosen_heads, split.n_shared * split.group, scaling)
     else:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                         **kwargs)
     return (out * gates.to(out.dtype).unsqueeze(-1)).contiguous(), None
+
+
+def moh_head_gates(module: torch.nn.Module, query: torch.Tensor, n_kv_heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's decision for one layer's call: gates `(B, T, Hq)` and the heads each token uses, `chosen_heads
+    (B, T, Hq)` bool (shared heads always). `query (B, Hq, T, D)`. While the module trains, the layer's balance loss
+    and head usage are recorded. Also what a decode-time cache's attention applies (`headwise.inference.attention`):
+    a KV head none of whose query heads is chosen needs no K/V reads."""
+    state: MoHState = module.headwise_moh
+    logits = None
+    if state.config.router == "learned":
+        logits = getattr(module, ROUTER_MODULE)(getattr(module, HIDDEN_ATTRIBUTE))
+    gates, probs, chosen = moh_gates(state.config, query, logits, n_kv_heads=n_kv_heads)
+    if module.training:
+        state.record(module.layer_idx, balance_loss(probs, chosen), chosen)
+    split = head_split(state.config, query.shape[1], n_kv_heads)
+    chosen_heads = torch.cat([chosen.new_ones(*chosen.shape[:2], split.n_shared * split.group),
+                              chosen.repeat_interleave(split.group, dim=-1)], dim=-1)
+    return gates, chosen_heads
 
 
 def gathered_applies(config: MoHMethod, query: torch.Tensor, key: torch.Tensor,

@@ -45,12 +45,14 @@ class MoHMethod(Section):
 
     def check_recipe(self, recipe: Any) -> None:
         """Rules across sections (called by the recipe's validation): the export's KV policy must be `full`. The
-        evicting caches (streaming, h2o, duo) run their own attention, which does not apply the router's per-token
-        gates: `headwise.load` would refuse the export, so the run is refused before it trains."""
+        evicting caches (streaming, h2o, duo) are not built for MoH (they choose the tokens they keep over every
+        head, also the ones the router leaves out): `headwise.load` would refuse the export, so the run is refused
+        before it trains."""
         policy = recipe.export.kv_policy.type
         if policy != "full":
-            raise ValueError(f"export.kv_policy {policy} with method moh: the {policy} cache runs its own attention, "
-                             "which does not apply MoH's per-token head gates; set export.kv_policy: full")
+            raise ValueError(f"export.kv_policy {policy} with method moh: the evicting caches choose the tokens they "
+                             "keep over every head, also the ones MoH's router leaves out, and are not built for moh; "
+                             "set export.kv_policy: full")
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,29 @@ def test_invalid_slots_are_not_read(device):
         assert torch.equal(out, out2) and torch.equal(cols, cols2)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_inactive_heads_are_skipped(device, monkeypatch, splits, dtype):
+    """head_active (MoH decode): the active KV heads match the references as if every head ran, the inactive ones
+    give exactly 0, and their K and V are never read (NaN and inf there leave every output unchanged)."""
+    q, k, v, valid = _inputs(2, 4, 3, 45, 64, dtype, device, seed=40 + splits)
+    active = torch.tensor([[True, False, True, False], [False, False, False, True]], device=device)
+    out, _ = decode_attention(q, k, v, valid, 0.125, head_active=active, n_splits=splits)
+    ref32, _ = _reference(q, k, v, valid, 0.125)
+    ref_lp, _ = _torch_path(q, k, v, valid, 0.125, False, monkeypatch)
+    assert not tolerance_violation("active heads", out[active], ref32[active], ref_lp[active], 2, 1e-5)
+    assert torch.all(out[~active] == 0)
+    k2, v2 = k.clone(), v.clone()
+    k2[~active] = float("nan")
+    v2[~active] = float("inf")
+    out2, _ = decode_attention(q, k2, v2, valid, 0.125, head_active=active, n_splits=splits)
+    assert torch.equal(out2, out)
+    with pytest.raises(ValueError, match="head_active"):
+        decode_attention(q, k, v, valid, 0.125, True, head_active=active)
+    with pytest.raises(ValueError, match="head_active"):
+        decode_attention(q, k, v, valid, 0.125, head_active=active[:, :2])
+
+
 @pytest.mark.parametrize("dtype,d", [(torch.float16, 96), (torch.bfloat16, 256), (torch.float32, 256)], ids=str)
 def test_other_head_dims_and_fp16(device, monkeypatch, dtype, d):
     q, k, v, valid = _inputs(1, 2, 3, 40, d, dtype, device, seed=d)

@@ -4,8 +4,9 @@
 the model: written here by hand), the learned routers travel (in the adapter, or beside merged weights in
 `moh_routers.safetensors`), and `headwise.load` gives back the trained model: its logits equal the in-memory
 model's, greedy decoding with the KV cache equals a greedy loop of full forwards without a cache, and it is MoH
-(the same weights through plain SDPA give other logits). What cannot run MoH's gates (an evicting KV policy, static
-decoding, eager attention) and damaged exports are refused with a clear error, never run dense.
+(the same weights through plain SDPA give other logits); static decoding gives the same tokens, and at decode the
+fused kernel skips the KV groups a kv_group router leaves out. What cannot run MoH's gates (eager attention), what
+is not built for MoH (an evicting KV policy) and damaged exports are refused with a clear error, never run dense.
 
 The tiny Llama of conftest (4 query heads over 2 KV heads, 2 layers), trained two steps, on the CPU in fp32.
 """
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import headwise
 from headwise.errors import HeadwiseError
+from headwise.inference.static_decode import StaticDecoder
 from headwise.recipe.loader import load_recipe
 from tests.conftest import tiny_recipe, write_recipe
 
@@ -168,6 +170,35 @@ def test_the_export_loads_back_the_trained_moh_model(runs, tmp_path, router, fmt
     decoded = loaded.generate_ids(ids, max_new_tokens=8)
     assert decoded.shape == (2, ids.shape[1] + 8)
     assert torch.equal(decoded, _greedy_without_cache(run.model, ids, 8))
+    # static decoding runs headwise's cache and attention, which apply MoH's gates too
+    static = StaticDecoder(loaded.model, loaded.policy, max_new_tokens=8, mode="eager").generate(ids)
+    assert torch.equal(static, decoded[:, ids.shape[1]:])
+
+
+def test_decode_skips_the_kv_heads_the_router_leaves_out(runs, tmp_path, monkeypatch):
+    """kv_group at 50% on 2 KV groups: each decode token uses one group. The fused decode kernel (Triton's
+    interpreter here) gets the router's choice and reads no K/V of the other group; the tokens equal those of the
+    greedy loop without a cache."""
+    from headwise.kernels import decode_attention as kernel
+    from headwise.publish.export import export_run
+
+    run = runs("kv_group")
+    loaded = headwise.load(export_run(run.folder, out_dir=tmp_path / "export"), dtype="float32", device="cpu")
+    seen = []
+    original = kernel.decode_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("head_active"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(kernel, "decode_attention", spy)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    ids = _prompt()
+    static = StaticDecoder(loaded.model, loaded.policy, max_new_tokens=6, mode="eager").generate(ids)
+    assert torch.equal(static, _greedy_without_cache(run.model, ids, 6)[:, ids.shape[1]:])
+    # 5 decode steps (the first token comes from the prompt) x 2 layers, each with one of the 2 groups per row
+    assert len(seen) == 10 and all(a is not None and a.shape == (2, 2) for a in seen)
+    assert all(torch.equal(a.sum(dim=1), torch.ones(2, dtype=torch.long)) for a in seen)
 
 
 def test_a_left_padded_batch_decodes_each_prompt_as_alone(learned_exports):
@@ -263,11 +294,11 @@ def test_a_bad_moh_entry_names_the_field(learned_exports, tmp_path, change, mess
 
 
 def test_what_would_run_the_dense_model_is_refused(learned_exports, tmp_path):
-    """The evicting caches and static decoding run the headwise_kv attention, eager runs the model's own: none
-    applies MoH's gates, so each is refused with the way out rather than decoding with the dense model."""
+    """Eager runs the model's own attention (without MoH's gates) and the evicting caches are not built for MoH:
+    each is refused with the way out rather than decoding with another model."""
     export = learned_exports["adapter"]
-    with pytest.raises(HeadwiseError, match="kv_policy h2o on the moh export .*does not apply MoH's per-token head "
-                                            "gates.*load it with policy full"):
+    with pytest.raises(HeadwiseError, match="kv_policy h2o on the moh export .*leaves out, and are not built for "
+                                            "moh; load it with policy full"):
         headwise.load(export, dtype="float32", device="cpu", policy="h2o:heavy_ratio=0.1,recent_ratio=0.1")
     with pytest.raises(HeadwiseError, match="attn_implementation eager on the moh export"):
         headwise.load(export, dtype="float32", device="cpu", attn_implementation="eager")
@@ -275,14 +306,10 @@ def test_what_would_run_the_dense_model_is_refused(learned_exports, tmp_path):
     _edit_inference_config(out, lambda c: c.update(kv_policy={"type": "streaming", "sink": 4, "recent": 64}))
     with pytest.raises(HeadwiseError, match="kv_policy streaming on the moh export"):
         headwise.load(out, dtype="float32", device="cpu")
-    loaded = headwise.load(export, dtype="float32", device="cpu")
-    with pytest.raises(HeadwiseError, match="static decoding runs the headwise_kv attention, which does not apply "
-                                            "this export's moh attention"):
-        loaded.generate("Once upon a time", max_new_tokens=4, static=True)
 
 
 def test_a_moh_recipe_exporting_an_evicting_kv_policy_is_refused_before_training():
-    with pytest.raises(HeadwiseError, match="export.kv_policy h2o with method moh: the h2o cache runs its own "
-                                            "attention.*set export.kv_policy: full"):
+    with pytest.raises(HeadwiseError, match="export.kv_policy h2o with method moh: the evicting caches .*not built "
+                                            "for moh; set export.kv_policy: full"):
         load_recipe("moh-smollm2", ["export.kv_policy.type=h2o", "export.kv_policy.heavy_ratio=0.1",
                                     "export.kv_policy.recent_ratio=0.1"])
