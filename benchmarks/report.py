@@ -601,8 +601,10 @@ DECODE_POLICIES = [("full", "full (static buffer)"), ("streaming", "streaming (4
 
 
 def _decode(c: Citer, mode: str, contexts: Sequence[int]) -> dict[tuple[str, int], Row]:
+    """The newest KV-policy rows per (policy, context); runs that measured MoH have their own table (moh-decode)."""
+    moh_runs = {r["command"] for r in c.results.rows("decode") if r["policy"] in MOH_DECODE_ROWS and r["policy"] != "full"}
     rows = [r for r in c.results.rows("decode") if r.get("decode_mode") == mode and r["context"] in contexts
-            and (mode == "hf-loop" or r.get("fused_decode"))]
+            and (mode == "hf-loop" or r.get("fused_decode")) and r["command"] not in moh_runs]
     return {(r["policy"], r["context"]): r for r in latest(rows, lambda r: (r["policy"], r["context"]))}
 
 
@@ -975,9 +977,52 @@ def status_moh(c: Citer) -> str:
     if 0.75 not in rows or 0.5 not in rows:
         return "not measured yet"
     times = f"{rows[0.75]['ratio_gathered']:.2f}x / {rows[0.5]['ratio_gathered']:.2f}x"
-    return (f"one layer's attention at 32K forward + backward takes {c.link(times, [rows[0.75], rows[0.5]])} of dense "
+    text = (f"one layer's attention at 32K forward + backward takes {c.link(times, [rows[0.75], rows[0.5]])} of dense "
             f"SDPA's time at 75% / 50% active heads; on SmolLM2-135M, MoH `query_norm` at 75% ends "
             f"{moh_75_vs_dense(c)}")
+    decode = _moh_decode_rows(c)
+    keys = [("compile", name, 131072) for name in ("full", "moh-kv75", "moh-kv50")]
+    if all(key in decode for key in keys):
+        dense, kv75, kv50 = (decode[key] for key in keys)
+        speed = f"{kv75['tokens_per_s'] / dense['tokens_per_s']:.2f}x / {kv50['tokens_per_s'] / dense['tokens_per_s']:.2f}x"
+        text += (f"; at 128K a compiled decode step with `kv_group` routing at 75% / 50% runs "
+                 f"{c.link(speed, [dense, kv75, kv50])} dense's tokens/s (Llama-3-8B shape)")
+    return text
+
+
+MOH_DECODE_ROWS = {"full": "dense (full cache)", "moh-kv75": "MoH `kv_group` 75% (4 shared + 2 of 4 groups)",
+                   "moh-kv50": "MoH `kv_group` 50% (2 shared + 2 of 6 groups)",
+                   "moh-q75": "MoH `query_norm` 75% (16 shared + 8 of 16 heads)"}
+
+
+def _moh_decode_rows(c: Citer) -> dict[tuple[str, str, int], Row]:
+    """(decode mode, row, context) -> the newest row of a run that measured MoH (the dense row of the same run)."""
+    runs = {r["command"] for r in c.results.rows("decode") if r["policy"] in MOH_DECODE_ROWS and r["policy"] != "full"}
+    rows = [r for r in c.results.rows("decode") if r["command"] in runs and r["policy"] in MOH_DECODE_ROWS]
+    return {(r["decode_mode"], r["policy"], r["context"]): r
+            for r in latest(rows, lambda r: (r["decode_mode"], r["policy"], r["context"]))}
+
+
+@region("moh-decode")
+def moh_decode(c: Citer) -> str:
+    """Decode of a Llama-3-8B shape with MoH against dense: the fused kernel skips the KV heads the router leaves out."""
+    rows = _moh_decode_rows(c)
+    if not rows:
+        return "No rows yet: `python benchmarks/bench_decode.py --contexts 32768,131072 --policies full,moh-kv75,moh-kv50`."
+    lines = ["| step | context | model | KV heads read | ms per token | bound ms | tokens/s vs dense |",
+             "|---|---|---|---|---|---|---|"]
+    for mode, label in (("compile", "compiled"), ("cuda_graph", "CUDA graph")):
+        for T in sorted({key[2] for key in rows if key[0] == mode}):
+            dense = rows.get((mode, "full", T))
+            for name, model in MOH_DECODE_ROWS.items():
+                r = rows.get((mode, name, T))
+                if r is None or dense is None:
+                    continue
+                c.cite([r])
+                share = "all" if name == "full" else ("up to all" if name == "moh-q75" else f"{r['kv_read_share']:.0%}")
+                lines.append(f"| {label} | {_k(T)} | {model} | {share} | {r['ms_per_token']:.2f} | "
+                             f"{r['bound_ms_per_token']:.2f} | {r['tokens_per_s'] / dense['tokens_per_s']:.2f}x |")
+    return "\n".join(lines)
 
 
 MOH_TRAIN_METHODS = {"dense": "dense SDPA", "moh75": "MoH 75% (16 shared + 8 of 16)",
